@@ -1,0 +1,65 @@
+# kubiot — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Debian/Ubuntu packages the tests and the local stack run for real.
+SYSTEM_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-contrib prometheus openssl
+SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl promtool openssl
+
+.PHONY: help dev test test-unit lint crds system-deps venv bench clean
+
+help:
+	@echo "make dev          run the whole platform on this machine (the local stack)"
+	@echo "make test         install what is missing, then run every test"
+	@echo "make test-unit    only the fast tests that start no servers"
+	@echo "make lint         ruff and mypy"
+	@echo "make crds         regenerate crds/ and docs/telemetry.schema.json from the models"
+	@echo "make bench        run the benchmarks in bench/"
+
+system-deps:
+	@missing=0; \
+	for cmd in $(SYSTEM_COMMANDS); do command -v $$cmd >/dev/null || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages: $(SYSTEM_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing system packages; run: sudo apt-get install -y $(SYSTEM_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: system-deps venv
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PYTHON) -m pytest -m unit $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+crds: venv
+	$(PYTHON) -m kubiot_operator.crd.generate crds docs/telemetry.schema.json
+
+dev: system-deps venv
+	@$(PYTHON) -c "import kubiot_operator.local.stack" 2>/dev/null \
+	  && $(PYTHON) -m kubiot_operator.local.stack \
+	  || echo "the local stack is not built yet: see docs/ for what runs today"
+
+bench: system-deps venv
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .kubiot .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""kubiot ingest: streams MQTT telemetry of one tenant into PostgreSQL/TimescaleDB."""

@@ -1,0 +1,382 @@
+"""The topic contract: every MQTT topic, broker username and access rule kubiot knows.
+
+This module is the single place that says which topics exist, who may publish or subscribe
+to them, and how identities are named on the broker. Broker backends, the operator, the ingest
+service and the device simulator all derive their topics from here; docs/topics.md documents it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+#: Tenant, device and gateway names: Kubernetes DNS labels. They carry no `.`, `/`, `+`, `#` or
+#: `$`, so they are safe as topic levels and keep broker usernames unambiguous.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 63
+_NAME_RE = re.compile(NAME_PATTERN)
+
+#: The operator's own broker identity. It has no `.`, so it can never equal a tenant identity.
+OPERATOR_USERNAME = "kubiot-operator"
+
+DEVICES = "devices"
+GATEWAYS = "gateways"
+
+
+class ContractError(ValueError):
+    """A name or topic does not fit the topic contract."""
+
+
+class Direction(StrEnum):
+    DEVICE_TO_CLOUD = "device-to-cloud"
+    CLOUD_TO_DEVICE = "cloud-to-device"
+
+
+class Channel(StrEnum):
+    """The first topic level under a device or gateway root."""
+
+    TELEMETRY = "telemetry"
+    STATE_REPORTED = "state/reported"
+    STATE_DESIRED = "state/desired"
+    PRESENCE = "presence"
+    OTA_JOB = "ota/job"
+    OTA_STATUS = "ota/status"
+    COMMAND = "cmd"
+    COMMAND_RESULT = "cmd-result"
+
+
+class IdentityKind(StrEnum):
+    DEVICE = "device"
+    GATEWAY = "gateway"
+    INGEST = "ingest"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One row of the topic contract: a topic filter relative to an identity's root."""
+
+    channel: Channel
+    pattern: str
+    direction: Direction
+    qos: int
+    retained: bool
+    meaning: str
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(Channel.TELEMETRY, "telemetry", Direction.DEVICE_TO_CLOUD, 1, False,
+              "JSON measurements: one sample object or an array of them (a batch)"),
+    TopicSpec(Channel.TELEMETRY, "telemetry/{stream}", Direction.DEVICE_TO_CLOUD, 1, False,
+              "the same, for a named stream (for example `telemetry/vibration`)"),
+    TopicSpec(Channel.STATE_REPORTED, "state/reported", Direction.DEVICE_TO_CLOUD, 1, True,
+              "device twin, reported half"),
+    TopicSpec(Channel.STATE_DESIRED, "state/desired", Direction.CLOUD_TO_DEVICE, 1, True,
+              "device twin, desired half (from the Device's `spec.desired`)"),
+    TopicSpec(Channel.PRESENCE, "presence", Direction.DEVICE_TO_CLOUD, 1, True,
+              "`online` on connect, and `offline` as the device's last will"),
+    TopicSpec(Channel.OTA_JOB, "ota/job", Direction.CLOUD_TO_DEVICE, 1, True,
+              "signed firmware job: version, url, sha256, size, signature"),
+    TopicSpec(Channel.OTA_STATUS, "ota/status", Direction.DEVICE_TO_CLOUD, 1, False,
+              "firmware progress: downloading, installing, succeeded, failed (with reason)"),
+    TopicSpec(Channel.COMMAND, "cmd/{name}", Direction.CLOUD_TO_DEVICE, 1, False,
+              "a command for the device (ping, reboot, ...)"),
+    TopicSpec(Channel.COMMAND_RESULT, "cmd/{name}/result", Direction.DEVICE_TO_CLOUD, 1, False,
+              "the device's answer to a command"),
+)
+
+PRESENCE_ONLINE = "online"
+PRESENCE_OFFLINE = "offline"
+
+
+def topic_spec(channel: Channel) -> TopicSpec:
+    """The contract row for a channel (the first one, for telemetry)."""
+    return next(spec for spec in TOPICS if spec.channel is channel)
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a valid tenant, device or gateway name, else raise ContractError."""
+    if len(name) > NAME_MAX_LENGTH or not _NAME_RE.match(name):
+        raise ContractError(
+            f"{what} {name!r} must be a DNS label: lower-case letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {NAME_MAX_LENGTH} characters"
+        )
+    return name
+
+
+# --- roots and topics -------------------------------------------------------------------------
+
+def tenant_root(tenant: str) -> str:
+    return validate_name(tenant, "tenant")
+
+
+def device_root(tenant: str, device: str) -> str:
+    """`{tenant}/devices/{device}`: every topic of a device lives below it."""
+    return f"{tenant_root(tenant)}/{DEVICES}/{validate_name(device, 'device')}"
+
+
+def gateway_root(tenant: str, gateway: str) -> str:
+    """`{tenant}/gateways/{gateway}`: every topic of a gateway's own lives below it."""
+    return f"{tenant_root(tenant)}/{GATEWAYS}/{validate_name(gateway, 'gateway')}"
+
+
+def telemetry_topic(root: str, stream: str | None = None) -> str:
+    if stream is None:
+        return f"{root}/telemetry"
+    return f"{root}/telemetry/{validate_name(stream, 'stream')}"
+
+
+def state_reported_topic(root: str) -> str:
+    return f"{root}/state/reported"
+
+
+def state_desired_topic(root: str) -> str:
+    return f"{root}/state/desired"
+
+
+def presence_topic(root: str) -> str:
+    return f"{root}/presence"
+
+
+def ota_job_topic(root: str) -> str:
+    return f"{root}/ota/job"
+
+
+def ota_status_topic(root: str) -> str:
+    return f"{root}/ota/status"
+
+
+def command_topic(root: str, name: str) -> str:
+    return f"{root}/cmd/{validate_name(name, 'command')}"
+
+
+def command_result_topic(root: str, name: str) -> str:
+    return f"{command_topic(root, name)}/result"
+
+
+# --- broker usernames --------------------------------------------------------------------------
+
+def device_username(tenant: str, device: str) -> str:
+    """`{tenant}.{device}`; also the CN of the device's certificate."""
+    return f"{validate_name(tenant, 'tenant')}.{validate_name(device, 'device')}"
+
+
+def gateway_username(tenant: str, gateway: str) -> str:
+    """`{tenant}.gw.{gateway}`: three labels, so it never equals a device's two."""
+    return f"{validate_name(tenant, 'tenant')}.gw.{validate_name(gateway, 'gateway')}"
+
+
+def ingest_username(tenant: str) -> str:
+    """`{tenant}.svc.ingest`: the tenant's ingest service."""
+    return f"{validate_name(tenant, 'tenant')}.svc.ingest"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a broker username belongs to."""
+
+    kind: IdentityKind
+    tenant: str
+    name: str
+
+
+def parse_username(username: str) -> Identity:
+    """Invert the username functions above; raise ContractError for anything else."""
+    parts = username.split(".")
+    try:
+        if len(parts) == 2:
+            return Identity(IdentityKind.DEVICE, validate_name(parts[0]), validate_name(parts[1]))
+        if len(parts) == 3 and parts[1] == "gw":
+            return Identity(IdentityKind.GATEWAY, validate_name(parts[0]), validate_name(parts[2]))
+        if len(parts) == 3 and parts[1:] == ["svc", "ingest"]:
+            return Identity(IdentityKind.INGEST, validate_name(parts[0]), "ingest")
+    except ContractError as exc:
+        raise ContractError(f"{username!r} is not a kubiot broker username: {exc}") from exc
+    raise ContractError(f"{username!r} is not a kubiot broker username")
+
+
+def certificate_uri(tenant: str, kind: IdentityKind, name: str) -> str:
+    """The URI SAN that names an identity in its certificate: `kubiot://{tenant}/{kind}s/{name}`."""
+    return f"kubiot://{validate_name(tenant, 'tenant')}/{kind.value}s/{validate_name(name)}"
+
+
+# --- parsing topics ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """A concrete topic taken apart by the contract."""
+
+    tenant: str
+    kind: IdentityKind  # DEVICE or GATEWAY: whose root the topic is under
+    name: str
+    channel: Channel
+    stream: str | None = None  # telemetry stream, or command name
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Take a concrete topic apart, or raise ContractError when it is not in the contract."""
+    levels = topic.split("/")
+    if len(levels) < 4 or levels[1] not in (DEVICES, GATEWAYS):
+        raise ContractError(f"topic {topic!r} is not under a device or gateway root")
+    tenant, collection, name, *rest = levels
+    try:
+        validate_name(tenant, "tenant")
+        validate_name(name, "device" if collection == DEVICES else "gateway")
+    except ContractError as exc:
+        raise ContractError(f"topic {topic!r}: {exc}") from exc
+    kind = IdentityKind.DEVICE if collection == DEVICES else IdentityKind.GATEWAY
+    channel, stream = _parse_channel(rest, topic)
+    return ParsedTopic(tenant, kind, name, channel, stream)
+
+
+def _parse_channel(rest: list[str], topic: str) -> tuple[Channel, str | None]:
+    match rest:
+        case ["telemetry"]:
+            return Channel.TELEMETRY, None
+        case ["telemetry", stream] if _NAME_RE.match(stream):
+            return Channel.TELEMETRY, stream
+        case ["state", "reported"]:
+            return Channel.STATE_REPORTED, None
+        case ["state", "desired"]:
+            return Channel.STATE_DESIRED, None
+        case ["presence"]:
+            return Channel.PRESENCE, None
+        case ["ota", "job"]:
+            return Channel.OTA_JOB, None
+        case ["ota", "status"]:
+            return Channel.OTA_STATUS, None
+        case ["cmd", name] if _NAME_RE.match(name):
+            return Channel.COMMAND, name
+        case ["cmd", name, "result"] if _NAME_RE.match(name):
+            return Channel.COMMAND_RESULT, name
+    raise ContractError(f"topic {topic!r} names no channel of the topic contract")
+
+
+# --- access rules ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AccessRules:
+    """The topic filters one broker identity may publish to and subscribe to; all else is denied."""
+
+    publish: frozenset[str]
+    subscribe: frozenset[str]
+
+    def __or__(self, other: AccessRules) -> AccessRules:
+        return AccessRules(self.publish | other.publish, self.subscribe | other.subscribe)
+
+    def may_publish(self, topic: str) -> bool:
+        return any(topic_matches(f, topic) for f in self.publish)
+
+    def may_subscribe(self, topic_filter: str) -> bool:
+        """True when `topic_filter` is one of, or narrower than, an allowed filter."""
+        return any(filter_covers(f, topic_filter) for f in self.subscribe)
+
+
+def _endpoint_rules(root: str) -> AccessRules:
+    """What a device (or a gateway for itself) may do under its own root."""
+    return AccessRules(
+        publish=frozenset({
+            telemetry_topic(root),
+            f"{root}/telemetry/+",
+            state_reported_topic(root),
+            presence_topic(root),
+            ota_status_topic(root),
+            f"{root}/cmd/+/result",
+        }),
+        subscribe=frozenset({
+            state_desired_topic(root),
+            ota_job_topic(root),
+            f"{root}/cmd/+",
+        }),
+    )
+
+
+def device_access(tenant: str, device: str) -> AccessRules:
+    """A device touches only its own topics."""
+    return _endpoint_rules(device_root(tenant, device))
+
+
+def gateway_access(tenant: str, gateway: str, children: Iterable[str]) -> AccessRules:
+    """A gateway's own topics plus, on their behalf, those of the devices it serves."""
+    rules = _endpoint_rules(gateway_root(tenant, gateway))
+    for child in sorted(set(children)):
+        rules = rules | device_access(tenant, child)
+    return rules
+
+
+def _collections(tenant: str) -> tuple[str, ...]:
+    root = tenant_root(tenant)
+    return (f"{root}/{DEVICES}/+", f"{root}/{GATEWAYS}/+")
+
+
+def ingest_access(tenant: str) -> AccessRules:
+    """The tenant's ingest service reads what devices and gateways send; it publishes nothing."""
+    subscribe = set()
+    for base in _collections(tenant):
+        subscribe |= {f"{base}/telemetry", f"{base}/telemetry/+", f"{base}/presence",
+                      f"{base}/state/reported"}
+    return AccessRules(publish=frozenset(), subscribe=frozenset(subscribe))
+
+
+def operator_access(tenant: str) -> AccessRules:
+    """The operator sends desired state, firmware jobs and commands; it reads reports."""
+    publish, subscribe = set(), set()
+    for base in _collections(tenant):
+        publish |= {f"{base}/state/desired", f"{base}/ota/job", f"{base}/cmd/+"}
+        subscribe |= {f"{base}/presence", f"{base}/state/reported", f"{base}/ota/status",
+                      f"{base}/cmd/+/result"}
+    return AccessRules(publish=frozenset(publish), subscribe=frozenset(subscribe))
+
+
+def ingest_shared_subscriptions(tenant: str, group: str | None = None) -> list[str]:
+    """Shared subscriptions for the ingest replicas of a tenant, so they split the load."""
+    share = group or f"kubiot-ingest-{tenant_root(tenant)}"
+    return [f"$share/{share}/{f}" for f in sorted(ingest_access(tenant).subscribe)]
+
+
+# --- MQTT filter algebra -----------------------------------------------------------------------
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching of a concrete topic against a filter (`+` one level, `#` the rest)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels, t_levels = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """True when some concrete topic matches both filters."""
+    a_levels, b_levels = a.split("/"), b.split("/")
+    for i in range(max(len(a_levels), len(b_levels))):
+        x = a_levels[i] if i < len(a_levels) else None
+        y = b_levels[i] if i < len(b_levels) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != "+" and y != "+" and x != y:
+            return False
+    return True
+
+
+def filter_covers(wide: str, narrow: str) -> bool:
+    """True when every topic matching `narrow` also matches `wide`."""
+    w_levels, n_levels = wide.split("/"), narrow.split("/")
+    for i, level in enumerate(w_levels):
+        if level == "#":
+            return True
+        if i >= len(n_levels):
+            return False
+        if level == "+":
+            if n_levels[i] == "#":
+                return False
+            continue
+        if level != n_levels[i]:
+            return False
+    return len(w_levels) == len(n_levels)

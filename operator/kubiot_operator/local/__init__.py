@@ -1,0 +1,1 @@
+"""Running kubiot without Kubernetes: local servers and the local reconcile loop."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: waiting for conditions and starting real servers."""

@@ -1,0 +1,201 @@
+"""The topic contract: exact allow-lists, and no identity reaching past its own roots."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubiot_operator import contract
+from kubiot_operator.contract import (
+    AccessRules,
+    Channel,
+    ContractError,
+    IdentityKind,
+    device_access,
+    filter_covers,
+    filters_overlap,
+    gateway_access,
+    ingest_access,
+    operator_access,
+    topic_matches,
+)
+
+names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
+
+
+def test_device_allow_list_is_exactly_its_own_topics() -> None:
+    assert device_access("acme", "pump-1") == AccessRules(
+        publish=frozenset({
+            "acme/devices/pump-1/telemetry",
+            "acme/devices/pump-1/telemetry/+",
+            "acme/devices/pump-1/state/reported",
+            "acme/devices/pump-1/presence",
+            "acme/devices/pump-1/ota/status",
+            "acme/devices/pump-1/cmd/+/result",
+        }),
+        subscribe=frozenset({
+            "acme/devices/pump-1/state/desired",
+            "acme/devices/pump-1/ota/job",
+            "acme/devices/pump-1/cmd/+",
+        }),
+    )
+
+
+def test_gateway_allow_list_is_its_own_topics_plus_its_childrens() -> None:
+    rules = gateway_access("acme", "edge-1", ["ble-1", "ble-2"])
+    own = {
+        "acme/gateways/edge-1/telemetry", "acme/gateways/edge-1/telemetry/+",
+        "acme/gateways/edge-1/state/reported", "acme/gateways/edge-1/presence",
+        "acme/gateways/edge-1/ota/status", "acme/gateways/edge-1/cmd/+/result",
+    }
+    children = device_access("acme", "ble-1") | device_access("acme", "ble-2")
+    assert rules.publish == own | children.publish
+    assert rules.subscribe == {
+        "acme/gateways/edge-1/state/desired", "acme/gateways/edge-1/ota/job",
+        "acme/gateways/edge-1/cmd/+",
+    } | children.subscribe
+    assert rules.may_publish("acme/devices/ble-2/telemetry/vibration")
+    assert not rules.may_publish("acme/devices/pump-1/telemetry")
+
+
+def test_two_tenants_share_no_topic() -> None:
+    acme = device_access("acme", "pump-1") | ingest_access("acme") | operator_access("acme")
+    globex = device_access("globex", "pump-1") | ingest_access("globex")
+    for a in acme.publish | acme.subscribe:
+        for b in globex.publish | globex.subscribe:
+            assert not filters_overlap(a, b), (a, b)
+
+
+def test_ingest_reads_telemetry_presence_and_reports_and_publishes_nothing() -> None:
+    rules = ingest_access("acme")
+    assert rules.publish == frozenset()
+    assert rules.may_subscribe("acme/devices/+/telemetry/+")
+    assert rules.may_subscribe("acme/gateways/+/presence")
+    assert not rules.may_subscribe("acme/devices/+/state/desired")
+    assert not rules.may_subscribe("acme/#")
+    assert contract.ingest_shared_subscriptions("acme")[0].startswith(
+        "$share/kubiot-ingest-acme/acme/"
+    )
+
+
+def test_topic_metadata_follows_the_contract_table() -> None:
+    assert contract.topic_spec(Channel.STATE_DESIRED).retained
+    assert contract.topic_spec(Channel.PRESENCE).retained
+    assert not contract.topic_spec(Channel.TELEMETRY).retained
+    assert all(spec.qos == 1 for spec in contract.TOPICS)
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("acme/devices/pump-1/telemetry", (IdentityKind.DEVICE, "pump-1", Channel.TELEMETRY, None)),
+        ("acme/devices/pump-1/telemetry/vib", (IdentityKind.DEVICE, "pump-1", Channel.TELEMETRY,
+                                               "vib")),
+        ("acme/gateways/edge/presence", (IdentityKind.GATEWAY, "edge", Channel.PRESENCE, None)),
+        ("acme/devices/d/cmd/reboot/result", (IdentityKind.DEVICE, "d", Channel.COMMAND_RESULT,
+                                              "reboot")),
+    ],
+)
+def test_parse_topic(topic: str, expected: tuple[object, ...]) -> None:
+    parsed = contract.parse_topic(topic)
+    assert parsed.tenant == "acme"
+    assert (parsed.kind, parsed.name, parsed.channel, parsed.stream) == expected
+
+
+@pytest.mark.parametrize("topic", [
+    "acme/devices/pump-1", "acme/things/pump-1/telemetry", "acme/devices/Pump/telemetry",
+    "acme/devices/pump-1/telemetry/a/b", "acme/devices/pump-1/state", "acme/devices/+/presence",
+])
+def test_parse_topic_refuses_what_is_not_in_the_contract(topic: str) -> None:
+    with pytest.raises(ContractError):
+        contract.parse_topic(topic)
+
+
+def test_usernames_round_trip_and_never_collide() -> None:
+    assert contract.device_username("acme", "pump-1") == "acme.pump-1"
+    assert contract.parse_username("acme.pump-1") == contract.Identity(
+        IdentityKind.DEVICE, "acme", "pump-1")
+    assert contract.parse_username("acme.gw.edge") == contract.Identity(
+        IdentityKind.GATEWAY, "acme", "edge")
+    assert contract.parse_username("acme.svc.ingest").kind is IdentityKind.INGEST
+    # A device called "gw" and a gateway called anything still differ.
+    assert contract.device_username("acme", "gw") != contract.gateway_username("acme", "gw")
+    with pytest.raises(ContractError):
+        contract.parse_username(contract.OPERATOR_USERNAME)
+
+
+@pytest.mark.parametrize("bad", ["", "A", "a.b", "a/b", "+", "#", "-a", "a-", "x" * 64, "$sys"])
+def test_names_must_be_dns_labels(bad: str) -> None:
+    with pytest.raises(ContractError, match="DNS label"):
+        contract.device_root("acme", bad)
+
+
+def test_mqtt_filter_algebra() -> None:
+    assert topic_matches("a/+/c", "a/b/c")
+    assert topic_matches("a/#", "a")
+    assert not topic_matches("a/+", "a/b/c")
+    assert not topic_matches("#", "$SYS/broker/uptime")
+    assert filters_overlap("a/+/c", "a/b/#")
+    assert not filters_overlap("a/b/c", "a/b/d")
+    assert filter_covers("a/#", "a/b/+")
+    assert not filter_covers("a/+", "a/#")
+    assert not filter_covers("a/b", "a/b/c")
+
+
+# --- properties ------------------------------------------------------------------------------
+
+@given(tenant=names, other_tenant=names, device=names, other_device=names)
+def test_no_device_reaches_another_device_or_tenant(
+    tenant: str, other_tenant: str, device: str, other_device: str
+) -> None:
+    rules = device_access(tenant, device)
+    own_root = contract.device_root(tenant, device) + "/#"
+    for f in rules.publish | rules.subscribe:
+        assert filter_covers(own_root, f)
+        if other_tenant != tenant:
+            assert not filters_overlap(f, f"{other_tenant}/#")
+        if other_device != device:
+            assert not filters_overlap(f, contract.device_root(tenant, other_device) + "/#")
+        assert not filters_overlap(f, contract.gateway_root(tenant, device) + "/#")
+
+
+@given(tenant=names, other_tenant=names, gateway=names,
+       children=st.sets(names, max_size=5), stranger=names)
+def test_a_gateway_reaches_only_itself_and_its_children(
+    tenant: str, other_tenant: str, gateway: str, children: set[str], stranger: str
+) -> None:
+    rules = gateway_access(tenant, gateway, children)
+    roots = [contract.gateway_root(tenant, gateway) + "/#"] + [
+        contract.device_root(tenant, c) + "/#" for c in children
+    ]
+    for f in rules.publish | rules.subscribe:
+        assert any(filter_covers(root, f) for root in roots), f
+        if other_tenant != tenant:
+            assert not filters_overlap(f, f"{other_tenant}/#")
+        if stranger not in children:
+            assert not filters_overlap(f, contract.device_root(tenant, stranger) + "/#")
+
+
+@given(tenant=names, other_tenant=names)
+def test_service_identities_stay_inside_their_tenant(tenant: str, other_tenant: str) -> None:
+    rules = ingest_access(tenant) | operator_access(tenant)
+    for f in rules.publish | rules.subscribe:
+        assert filter_covers(f"{tenant}/#", f)
+        if other_tenant != tenant:
+            assert not filters_overlap(f, f"{other_tenant}/#")
+
+
+@given(filter_a=st.lists(st.sampled_from(["a", "b", "+"]), min_size=1, max_size=4),
+       filter_b=st.lists(st.sampled_from(["a", "b", "+", "#"]), min_size=1, max_size=4),
+       topic=st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=5))
+def test_filter_algebra_agrees_with_matching(
+    filter_a: list[str], filter_b: list[str], topic: list[str]
+) -> None:
+    if "#" in filter_b[:-1]:
+        filter_b = filter_b[: filter_b.index("#") + 1]
+    a, b, t = "/".join(filter_a), "/".join(filter_b), "/".join(topic)
+    if topic_matches(a, t) and topic_matches(b, t):
+        assert filters_overlap(a, b)
+    if filter_covers(b, a) and topic_matches(a, t):
+        assert topic_matches(b, t)
