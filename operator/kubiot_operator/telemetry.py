@@ -37,7 +37,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")]
 TextValue = Annotated[str, StringConstraints(max_length=MAX_TEXT_VALUE_LENGTH)]
 # Strict types keep `true` a boolean and `"1"` a string: nothing is silently coerced.
-MetricValue = StrictBool | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)] | TextValue
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+MetricValue = StrictBool | StrictInt | FiniteFloat | TextValue
 
 
 def _as_utc(ts: datetime) -> datetime:
@@ -111,7 +112,8 @@ def parse_payload(raw: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> lis
     return samples
 
 
-_UNION_TAGS = frozenset({"Sample", "list[Sample]", "bool", "int", "float", "str", "constrained-str"})
+_UNION_TAGS = frozenset(
+    {"Sample", "list[Sample]", "bool", "int", "float", "str", "constrained-str"})
 
 
 def _rejection(exc: ValidationError) -> TelemetryRejected:

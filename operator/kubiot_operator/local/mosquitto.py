@@ -126,7 +126,7 @@ def render_config(cfg: MosquittoConfig) -> str:
 
 
 def dynsec_password(password: str, salt: bytes | None = None) -> dict[str, Any]:
-    """The password fields of a dynamic-security client (PBKDF2-SHA512, as Mosquitto 2 stores it)."""
+    """The password fields of a dynamic-security client: PBKDF2-SHA512, as Mosquitto stores it."""
     salt = salt if salt is not None else secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, DYNSEC_ITERATIONS, 64)
     return {

@@ -1,0 +1,55 @@
+"""Device: one connected thing with its identity, desired state and what it reports."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints
+
+from kubiot_operator.models.common import CertificateSummary, Conditions, KubiotModel
+from kubiot_operator.models.identity import IdentitySpec
+
+Model = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+FirmwareVersion = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
+
+
+class DeviceSpec(KubiotModel):
+    model: Model | None = Field(None, description="Hardware model; firmware releases can "
+                                "select devices by it.")
+    suspended: bool = Field(False, description="Suspend the device: the broker refuses it and "
+                            "its certificate is revoked until it is resumed.")
+    identity: IdentitySpec = Field(IdentitySpec())
+    desired: dict[str, Any] | None = Field(
+        None, description="Desired state, published retained to the device's `state/desired`.")
+
+
+class DevicePhase(StrEnum):
+    PENDING = "Pending"
+    READY = "Ready"
+    SUSPENDED = "Suspended"
+    FAILED = "Failed"
+
+
+class FirmwareStatus(KubiotModel):
+    current: FirmwareVersion | None = Field(None, description="Version the device reports.")
+    target: FirmwareVersion | None = Field(None, description="Version a release sends it.")
+    release: str | None = Field(None, description="The FirmwareRelease driving the target.")
+    state: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="Last `ota/status` the device reported.")
+
+
+class DeviceStatus(KubiotModel):
+    observed_generation: int | None = None
+    phase: DevicePhase | None = None
+    conditions: Conditions | None = None
+    username: str | None = Field(None, description="Broker username, also the certificate CN.")
+    topic_root: str | None = None
+    online: bool | None = None
+    last_seen: datetime | None = None
+    gateway: str | None = Field(None, description="The gateway serving this device, if any.")
+    certificate: CertificateSummary | None = None
+    firmware: FirmwareStatus | None = None
+    reported: dict[str, Any] | None = Field(
+        None, description="Last state the device reported on `state/reported`.")

@@ -1,0 +1,128 @@
+"""Every example manifest is admitted; broken copies are refused with the field named."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubiot_operator.crd.validate import ResourceInvalid, validate_resource
+from kubiot_operator.models import kind_named
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "manifests" / "examples"
+
+
+def _resources() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and str(document.get("apiVersion", "")).startswith("kubiot.io/"):
+                found.append(document)
+    return found
+
+
+RESOURCES = _resources()
+
+
+def _id(resource: dict[str, Any]) -> str:
+    return f"{resource['kind']}/{resource['metadata']['name']}"
+
+
+def _example(kind: str, name: str | None = None) -> dict[str, Any]:
+    for resource in RESOURCES:
+        if resource["kind"] == kind and name in (None, resource["metadata"]["name"]):
+            return copy.deepcopy(resource)
+    raise LookupError(kind)
+
+
+def test_examples_cover_every_kind_and_a_realistic_fleet() -> None:
+    kinds = [r["kind"] for r in RESOURCES]
+    assert {"Tenant", "Gateway", "Device", "FirmwareRelease"} <= set(kinds)
+    assert kinds.count("Device") >= 4
+    gateway = _example("Gateway")
+    selected = gateway["spec"]["selector"]["matchLabels"]
+    children = [r for r in RESOURCES if r["kind"] == "Device"
+                and selected.items() <= r["metadata"].get("labels", {}).items()]
+    assert 0 < len(children) < kinds.count("Device"), "some devices sit behind the gateway"
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=_id)
+def test_example_is_admitted_by_its_crd_and_parsed_by_its_model(resource: dict[str, Any]) -> None:
+    defaulted = validate_resource(resource)
+    kind_named(resource["kind"]).spec.model_validate(defaulted["spec"])
+
+
+def _rejection(resource: dict[str, Any]) -> str:
+    with pytest.raises(ResourceInvalid) as caught:
+        validate_resource(resource)
+    return str(caught.value)
+
+
+Mutation = Callable[[dict[str, Any]], None]
+
+BROKEN: list[tuple[str, str, Mutation, str]] = [
+    # (kind, what is broken, mutation, the field the message must name)
+    ("Tenant", "wrong type", lambda r: r["spec"]["quotas"].update(maxDevices="many"),
+     "spec.quotas.maxDevices"),
+    ("Tenant", "unknown enum value", lambda r: r["spec"]["ca"].update(keyAlgorithm="DSA-1024"),
+     "spec.ca.keyAlgorithm"),
+    ("Tenant", "out of range", lambda r: r["spec"]["ingest"].update(replicas=-1),
+     "spec.ingest.replicas"),
+    ("Tenant", "conflicting fields (CEL)",
+     lambda r: r["spec"]["certificates"].update(renewBeforeDays=400),
+     "spec.certificates.renewBeforeDays"),
+    ("Device", "wrong type", lambda r: r["spec"].update(suspended="yes"), "spec.suspended"),
+    ("Device", "unknown enum value", lambda r: r["spec"].update(identity={"type": "Magic"}),
+     "spec.identity.type"),
+    ("Device", "CSR type without a CSR (CEL)", lambda r: r["spec"].update(identity={"type": "CSR"}),
+     "spec.identity.csr"),
+    ("Device", "unknown field", lambda r: r["spec"].update(colour="red"), "spec.colour"),
+    ("Device", "name that cannot be a topic level",
+     lambda r: r["metadata"].update(name="Flow.Meter"), "metadata.name"),
+    ("Gateway", "missing required field", lambda r: r["spec"].pop("selector"), "spec.selector"),
+    ("Gateway", "selector operator without values (CEL)",
+     lambda r: r["spec"]["selector"].update(matchExpressions=[{"key": "a", "operator": "In"}]),
+     "spec.selector.matchExpressions[0]"),
+    ("FirmwareRelease", "missing required field", lambda r: r["spec"]["artifact"].pop("sha256"),
+     "spec.artifact.sha256"),
+    ("FirmwareRelease", "wrong type", lambda r: r["spec"]["artifact"].update(size="1MB"),
+     "spec.artifact.size"),
+    ("FirmwareRelease", "unknown enum value",
+     lambda r: r["spec"]["strategy"].update(onFailure="Ignore"), "spec.strategy.onFailure"),
+    ("FirmwareRelease", "bad digest", lambda r: r["spec"]["artifact"].update(sha256="abc"),
+     "spec.artifact.sha256"),
+    ("FirmwareRelease", "count and percent together (CEL)",
+     lambda r: r["spec"]["strategy"].update(failureBudget={"count": 1, "percent": 5}),
+     "spec.strategy.failureBudget"),
+    ("FirmwareRelease", "waves that never reach everyone (CEL)",
+     lambda r: r["spec"]["strategy"].update(waves=[10, 50]), "spec.strategy.waves"),
+]
+
+
+@pytest.mark.parametrize(("kind", "what", "mutate", "field"), BROKEN,
+                         ids=[f"{k}-{w}" for k, w, _, _ in BROKEN])
+def test_broken_copy_is_rejected_naming_the_field(
+    kind: str, what: str, mutate: Mutation, field: str
+) -> None:
+    resource = _example(kind)
+    mutate(resource)
+    assert field in _rejection(resource)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    device = _example("Device")
+    device["spec"].update(suspended="no", model="bad model name!")
+    message = _rejection(device)
+    assert "spec.suspended" in message and "spec.model" in message
+
+
+def test_wrong_api_version_or_kind_is_refused() -> None:
+    device = _example("Device")
+    device["apiVersion"] = "kubiot.io/v1"
+    assert "apiVersion" in _rejection(device)
+    device["apiVersion"], device["kind"] = "kubiot.io/v1alpha1", "Thing"
+    assert "kind" in _rejection(device)
