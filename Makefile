@@ -16,7 +16,7 @@ help:
 	@echo "make test         install what is missing, then run every test"
 	@echo "make test-unit    only the fast tests that start no servers"
 	@echo "make lint         ruff and mypy"
-	@echo "make crds         regenerate crds/ and docs/telemetry.schema.json from the models"
+	@echo "make crds         regenerate crds/ and the generated docs from the models"
 	@echo "make bench        run the benchmarks in bench/"
 
 system-deps:
@@ -51,7 +51,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 crds: venv
-	$(PYTHON) -m kubiot_operator.crd.generate crds docs/telemetry.schema.json
+	$(PYTHON) -m kubiot_operator.crd.generate crds docs
 
 dev: system-deps venv
 	@$(PYTHON) -c "import kubiot_operator.local.stack" 2>/dev/null \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kubiot_operator import contract
 from kubiot_operator.contract import (
     AccessRules,
@@ -198,3 +199,14 @@ def test_filter_algebra_agrees_with_matching(
         assert filters_overlap(a, b)
     if filter_covers(b, a) and topic_matches(a, t):
         assert topic_matches(b, t)
+
+
+def test_docs_list_every_topic_and_the_example_devices_rules() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "topics.md").read_text()
+    for spec in contract.TOPICS:
+        assert f"| `{spec.pattern}` |" in text, spec.pattern
+    rules = device_access("acme", "pump-1")
+    for topic_filter in rules.publish | rules.subscribe:
+        assert f"`{topic_filter}`" in text, topic_filter

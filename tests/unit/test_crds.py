@@ -8,7 +8,8 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from kubiot_operator.crd.generate import HEADER, crd, generated_files
+
+from kubiot_operator.crd.generate import HEADER, crd, generated_docs, generated_files
 from kubiot_operator.crd.validate import validator_for
 from kubiot_operator.models import KINDS, ResourceKind
 
@@ -23,6 +24,11 @@ def test_committed_crds_are_what_make_crds_generates() -> None:
     for name, text in expected.items():
         assert on_disk[name] == text, f"crds/{name} is stale: run `make crds`"
         assert text.startswith(HEADER)
+
+
+def test_documents_generated_from_the_models_are_current() -> None:
+    for name, text in generated_docs().items():
+        assert (ROOT / "docs" / name).read_text() == text, f"docs/{name} is stale: `make crds`"
 
 
 def _nodes(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:

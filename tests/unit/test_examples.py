@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kubiot_operator.crd.validate import ResourceInvalid, validate_resource
 from kubiot_operator.models import kind_named
 

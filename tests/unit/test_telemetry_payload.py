@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
+
 from kubiot_operator.telemetry import (
     MAX_SAMPLES_PER_BATCH,
     RejectReason,

@@ -1,4 +1,4 @@
-"""Generate crds/*.yaml from the resource models: `python -m kubiot_operator.crd.generate`."""
+"""Generate crds/*.yaml (and docs derived from the models): `make crds`."""
 
 from __future__ import annotations
 
@@ -85,8 +85,8 @@ def generated_files() -> dict[str, str]:
     return {crd_filename(kind): render(kind) for kind in KINDS}
 
 
-def write(crd_dir: Path, telemetry_schema: Path | None = None) -> list[Path]:
-    """Write the CRDs (and the telemetry JSON schema), removing stale generated CRDs."""
+def write(crd_dir: Path, docs_dir: Path | None = None) -> list[Path]:
+    """Write the CRDs (and the documents generated with them), removing stale generated CRDs."""
     crd_dir.mkdir(parents=True, exist_ok=True)
     files = generated_files()
     for stale in crd_dir.glob("*.yaml"):
@@ -96,18 +96,28 @@ def write(crd_dir: Path, telemetry_schema: Path | None = None) -> list[Path]:
     for name, text in files.items():
         (crd_dir / name).write_text(text)
         written.append(crd_dir / name)
-    if telemetry_schema is not None:
-        telemetry_schema.parent.mkdir(parents=True, exist_ok=True)
-        telemetry_schema.write_text(render_payload_json_schema())
-        written.append(telemetry_schema)
+    if docs_dir is not None:
+        for name, text in generated_docs().items():
+            (docs_dir / name).write_text(text)
+            written.append(docs_dir / name)
     return written
+
+
+def generated_docs() -> dict[str, str]:
+    """Documents under docs/ that are generated from the models."""
+    from kubiot_operator.crd import reference
+
+    return {
+        "telemetry.schema.json": render_payload_json_schema(),
+        "crd-reference.md": reference.render(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     crd_dir = Path(args[0]) if args else Path("crds")
-    schema = Path(args[1]) if len(args) > 1 else None
-    for path in write(crd_dir, schema):
+    docs_dir = Path(args[1]) if len(args) > 1 else Path("docs")
+    for path in write(crd_dir, docs_dir):
         print(f"wrote {path}")
 
 
