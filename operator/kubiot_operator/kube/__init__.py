@@ -1,0 +1,1 @@
+"""Thin adapters between kubiot and the Kubernetes API."""

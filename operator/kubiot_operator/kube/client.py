@@ -1,0 +1,230 @@
+"""A small async client for the Kubernetes REST API: get, list, create, merge-patch, delete.
+
+It speaks plain HTTP/JSON with the same credentials kopf logged in with, so the operator needs no
+second notion of "the cluster", and the tests can point it at an API emulator.
+"""
+
+from __future__ import annotations
+
+import json as json_module
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+
+class KubeError(RuntimeError):
+    """The API server refused a request; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    pass
+
+
+@dataclass(frozen=True)
+class KubeKind:
+    """Where a kind lives in the API."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced:
+            if namespace is None and name is not None:
+                raise ValueError(f"{self.plural} are namespaced: a namespace is required")
+            if namespace is not None:
+                base += f"/namespaces/{quote(namespace)}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{quote(name)}"
+        if subresource is not None:
+            base += f"/{subresource}"
+        return base
+
+
+NAMESPACES = KubeKind("", "v1", "namespaces", namespaced=False)
+SECRETS = KubeKind("", "v1", "secrets", namespaced=True)
+SERVICES = KubeKind("", "v1", "services", namespaced=True)
+DEPLOYMENTS = KubeKind("apps", "v1", "deployments", namespaced=True)
+PODDISRUPTIONBUDGETS = KubeKind("policy", "v1", "poddisruptionbudgets", namespaced=True)
+NETWORKPOLICIES = KubeKind("networking.k8s.io", "v1", "networkpolicies", namespaced=True)
+SERVICEMONITORS = KubeKind("monitoring.coreos.com", "v1", "servicemonitors", namespaced=True)
+TENANTS = KubeKind("kubiot.io", "v1alpha1", "tenants", namespaced=False)
+DEVICES = KubeKind("kubiot.io", "v1alpha1", "devices", namespaced=True)
+GATEWAYS = KubeKind("kubiot.io", "v1alpha1", "gateways", namespaced=True)
+FIRMWARERELEASES = KubeKind("kubiot.io", "v1alpha1", "firmwarereleases", namespaced=True)
+
+KINDS_BY_API = {
+    (k.api_version, kind): k
+    for k, kind in (
+        (NAMESPACES, "Namespace"), (SECRETS, "Secret"), (SERVICES, "Service"),
+        (DEPLOYMENTS, "Deployment"), (PODDISRUPTIONBUDGETS, "PodDisruptionBudget"),
+        (NETWORKPOLICIES, "NetworkPolicy"), (SERVICEMONITORS, "ServiceMonitor"),
+        (TENANTS, "Tenant"), (DEVICES, "Device"), (GATEWAYS, "Gateway"),
+        (FIRMWARERELEASES, "FirmwareRelease"),
+    )
+}
+
+
+def kind_of(obj: Mapping[str, Any]) -> KubeKind:
+    """The KubeKind of an object from its apiVersion and kind."""
+    try:
+        return KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
+    except KeyError:
+        raise ValueError(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}") from None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the API server is and how to authenticate (as kopf logged in)."""
+
+    server: str
+    token: str | None = None
+    ca_path: str | None = None
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_kopf(cls, info: Any) -> Connection:
+        """From a `kopf.ConnectionInfo`."""
+        return cls(server=info.server, token=info.token,
+                   ca_path=str(info.ca_path) if info.ca_path else None,
+                   certificate_path=str(info.certificate_path) if info.certificate_path else None,
+                   private_key_path=str(info.private_key_path) if info.private_key_path else None,
+                   insecure=bool(info.insecure))
+
+
+class KubeClient:
+    """Async CRUD on Kubernetes objects. Use as `async with KubeClient(connection) as kube:`."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KubeClient:
+        headers = {"Accept": "application/json"}
+        if self._connection.token:
+            headers["Authorization"] = f"Bearer {self._connection.token}"
+        self._session = aiohttp.ClientSession(
+            base_url=self._connection.server.rstrip("/"), headers=headers,
+            connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=64),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        if not self._connection.server.startswith("https"):
+            return False
+        if self._connection.insecure:
+            return False
+        context = ssl.create_default_context(cafile=self._connection.ca_path)
+        if self._connection.certificate_path and self._connection.private_key_path:
+            context.load_cert_chain(self._connection.certificate_path,
+                                    self._connection.private_key_path)
+        return context
+
+    async def _request(self, method: str, path: str, *, json: Any = None,
+                       params: Mapping[str, str] | None = None,
+                       content_type: str = "application/json") -> Any:
+        if self._session is None:
+            raise RuntimeError("KubeClient is used outside `async with`")
+        async with self._session.request(method, path, json=json, params=params,
+                                         headers={"Content-Type": content_type}) as response:
+            text = await response.text()
+            try:
+                body = json_module.loads(text) if text.strip() else None
+            except ValueError:
+                body = text
+            if response.status == 404:
+                raise NotFound(404, f"{method} {path}")
+            if response.status == 409:
+                raise Conflict(409, _message(body))
+            if response.status >= 400:
+                raise KubeError(response.status, f"{method} {path}: {_message(body)}")
+            return body
+
+    async def get(self, kind: KubeKind, name: str, namespace: str | None = None
+                  ) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            result: dict[str, Any] = await self._request("GET", kind.path(namespace, name))
+        except NotFound:
+            return None
+        return result
+
+    async def list(self, kind: KubeKind, namespace: str | None = None,
+                   label_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        body = await self._request("GET", kind.path(namespace), params=params)
+        items: list[dict[str, Any]] = (body or {}).get("items", [])
+        return items
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        kind = kind_of(obj)
+        namespace = obj["metadata"].get("namespace") if kind.namespaced else None
+        created: dict[str, Any] = await self._request("POST", kind.path(namespace), json=obj)
+        return created
+
+    async def patch(self, kind: KubeKind, name: str, patch: Mapping[str, Any],
+                    namespace: str | None = None, subresource: str | None = None
+                    ) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386)."""
+        patched: dict[str, Any] = await self._request(
+            "PATCH", kind.path(namespace, name, subresource), json=patch,
+            content_type="application/merge-patch+json")
+        return patched
+
+    async def delete(self, kind: KubeKind, name: str, namespace: str | None = None) -> bool:
+        """Delete; False when it was already gone."""
+        try:
+            await self._request("DELETE", kind.path(namespace, name))
+        except NotFound:
+            return False
+        return True
+
+    async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create the object, or bring an existing one's labels and content up to it."""
+        kind = kind_of(obj)
+        metadata = obj["metadata"]
+        namespace = metadata.get("namespace") if kind.namespaced else None
+        try:
+            return await self.create(obj)
+        except Conflict:
+            pass
+        patch = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        patch["metadata"] = {k: metadata[k] for k in ("labels", "annotations", "ownerReferences")
+                             if k in metadata}
+        return await self.patch(kind, metadata["name"], patch, namespace)
+
+
+def _message(body: Any) -> str:
+    if isinstance(body, dict):
+        return str(body.get("message") or body)
+    return str(body)
