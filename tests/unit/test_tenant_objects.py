@@ -1,0 +1,86 @@
+"""The objects a Tenant's ingest pipeline is made of."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubiot_operator.models.tenant import TenantSpec
+from kubiot_operator.reconcile.tenant import (
+    IngestEnvironment,
+    database_schema,
+    ingest_objects,
+    tenant_namespace,
+)
+
+ENV = IngestEnvironment(image="kubiot/ingest:1", broker_host="mosquitto.kubiot-system",
+                        broker_port=1883, platform_database_secret="kubiot-database",
+                        platform_database_key="dsn")
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["kind"]: o for o in objects}
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, Any]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {v["name"]: v.get("value", v.get("valueFrom")) for v in container["env"]}
+
+
+def test_default_tenant_gets_a_complete_ingest_pipeline() -> None:
+    objects = _by_kind(ingest_objects("acme", TenantSpec(), ENV))
+    assert set(objects) == {"Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
+                            "NetworkPolicy"}
+    assert {o["metadata"]["namespace"] for o in objects.values()} == {"acme"}
+    deployment = objects["Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    env = _env(deployment)
+    assert env["KUBIOT_INGEST_TENANT"] == "acme"
+    assert env["KUBIOT_INGEST_BROKER_USERNAME"] == "acme.svc.ingest"
+    assert env["KUBIOT_INGEST_DATABASE_DSN"] == {
+        "secretKeyRef": {"name": "kubiot-database", "key": "dsn"}}
+    assert env["KUBIOT_INGEST_DATABASE_SCHEMA"] == "tenant_acme"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert objects["Service"]["spec"]["selector"] == selector
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
+
+
+def test_tenant_spec_shapes_the_deployment() -> None:
+    spec = TenantSpec.model_validate({
+        "namespace": "acme-prod",
+        "quotas": {"maxPayloadBytes": 4096},
+        "ingest": {
+            "replicas": 5, "image": "registry.local/ingest:2", "batchSize": 5000,
+            "resources": {"limits": {"memory": "1Gi"}},
+            "database": {"secretRef": {"name": "acme-db", "key": "url"}, "schema": "acme"},
+            "influx": {"url": "http://influx:8086", "org": "acme", "bucket": "telemetry",
+                       "tokenSecretRef": {"name": "acme-influx", "key": "token"}},
+        },
+    })
+    assert tenant_namespace("acme", spec) == "acme-prod"
+    assert database_schema("acme", spec) == "acme"
+    deployment = _by_kind(ingest_objects("acme", spec, ENV))["Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["spec"]["replicas"] == 5
+    assert container["image"] == "registry.local/ingest:2"
+    assert container["resources"] == {"limits": {"memory": "1Gi"}}
+    env = _env(deployment)
+    assert env["KUBIOT_INGEST_BATCH_SIZE"] == "5000"
+    assert env["KUBIOT_INGEST_MAX_PAYLOAD_BYTES"] == "4096"
+    assert env["KUBIOT_INGEST_DATABASE_DSN"] == {"secretKeyRef": {"name": "acme-db", "key": "url"}}
+    assert env["KUBIOT_INGEST_INFLUX_TOKEN"] == {
+        "secretKeyRef": {"name": "acme-influx", "key": "token"}}
+
+
+def test_ingest_pods_run_unprivileged_with_a_read_only_root() -> None:
+    deployment = _by_kind(ingest_objects("acme", TenantSpec(), ENV))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_disabled_ingest_has_no_objects() -> None:
+    spec = TenantSpec.model_validate({"ingest": {"enabled": False}})
+    assert ingest_objects("acme", spec, ENV) == []
