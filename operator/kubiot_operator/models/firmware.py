@@ -113,6 +113,8 @@ class FirmwareReleaseStatus(KubiotModel):
     progress: Annotated[str, StringConstraints(max_length=32)] | None = Field(
         None, description="Succeeded out of targeted, for `kubectl get`.")
     manifest_sha256: str | None = Field(None, description="Digest of the signed manifest.")
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    wave_start_times: list[datetime] | None = Field(
+        None, max_length=22, description="When each wave so far started (the canary first).")
+    wave_completed_at: datetime | None = Field(
+        None, description="When every device of the current wave finished.")
     superseded_by: str | None = None
