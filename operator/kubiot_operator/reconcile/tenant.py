@@ -150,7 +150,6 @@ def _deployment(tenant: str, spec: TenantSpec, env: IngestEnvironment,
                     "containers": [{
                         "name": "ingest",
                         "image": ingest.image or env.image,
-                        "args": ["kubiot-ingest"],
                         "env": variables,
                         "ports": [{"name": "metrics", "containerPort": INGEST_METRICS_PORT}],
                         "readinessProbe": probe,
