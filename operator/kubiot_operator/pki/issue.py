@@ -1,0 +1,110 @@
+"""Issuing device and gateway certificates, and deciding when they are due for renewal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from kubiot_operator.contract import (
+    ContractError,
+    IdentityKind,
+    certificate_uri,
+    device_username,
+    gateway_username,
+)
+from kubiot_operator.models.common import CertificateSummary, KeyAlgorithm
+from kubiot_operator.pki.certificates import (
+    CLIENT_AUTH,
+    CertificateAuthority,
+    IssuedCertificate,
+    as_utc,
+    certificate_summary,
+    issued_certificate,
+    sign_leaf,
+)
+from kubiot_operator.pki.csr import verify_csr
+from kubiot_operator.pki.errors import CSRRejected, PKIError
+from kubiot_operator.pki.keys import PublicKey, generate_private_key, private_key_pem
+
+__all__ = [
+    "IssuedCertificate",
+    "certificate_summary",
+    "identity_common_name",
+    "issue_identity_certificate",
+    "needs_renewal",
+    "renewal_time",
+]
+
+
+_USERNAMES: dict[IdentityKind, Callable[[str, str], str]] = {
+    IdentityKind.DEVICE: device_username,
+    IdentityKind.GATEWAY: gateway_username,
+}
+
+
+def identity_common_name(tenant: str, kind: IdentityKind, name: str) -> str:
+    """The broker username an identity's certificate carries as its CN."""
+    username = _USERNAMES.get(kind)
+    if username is None:
+        raise PKIError("UnsupportedIdentityKind",
+                       f"certificates are issued for devices and gateways, not {kind.value}")
+    return username(tenant, name)
+
+
+def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: IdentityKind,
+                               name: str, validity_days: int,
+                               key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256,
+                               csr_pem: str | bytes | None = None,
+                               now: datetime | None = None) -> IssuedCertificate:
+    """A client certificate for a device or gateway: for a new key, or for the holder's CSR.
+
+    CN is the broker username, the URI SAN `kubiot://<tenant>/<kind>s/<name>`. With a CSR the
+    key stays with the device: `key_pem` is None and `key_algorithm` is not used.
+    """
+    if ca.tenant is not None and ca.tenant != tenant:
+        raise PKIError("TenantMismatch",
+                       f"the CA of tenant {ca.tenant!r} cannot issue for tenant {tenant!r}")
+    try:
+        common_name = identity_common_name(tenant, kind, name)
+        uri = certificate_uri(tenant, kind, name)
+    except ContractError as exc:
+        raise PKIError("InvalidName", str(exc)) from exc
+    public_key: PublicKey
+    key_pem: bytes | None = None
+    if csr_pem is not None:
+        requested = verify_csr(csr_pem, common_name).public_key()
+        if not isinstance(requested, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            raise CSRRejected("UnsupportedKeyType", "the CSR's key type is not supported")
+        public_key = requested
+    else:
+        key = generate_private_key(key_algorithm)
+        public_key = key.public_key()
+        key_pem = private_key_pem(key)
+    cert = sign_leaf(
+        ca,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+        public_key=public_key, names=[x509.UniformResourceIdentifier(uri)],
+        usages=[CLIENT_AUTH], validity_days=validity_days, now=as_utc(now),
+    )
+    return issued_certificate(cert, ca, key_pem)
+
+
+def renewal_time(not_after: datetime, renew_before_days: int) -> datetime:
+    """When a certificate expiring at `not_after` is due for renewal."""
+    return as_utc(not_after) - timedelta(days=renew_before_days)
+
+
+def needs_renewal(cert_or_summary: x509.Certificate | CertificateSummary, *,
+                  renew_before_days: int, now: datetime) -> bool:
+    """True once `now` has reached the renewal time (or when the expiry is unknown)."""
+    if isinstance(cert_or_summary, x509.Certificate):
+        not_after: datetime | None = cert_or_summary.not_valid_after_utc
+    else:
+        not_after = cert_or_summary.not_after
+    if not_after is None:
+        return True
+    return as_utc(now) >= renewal_time(not_after, renew_before_days)
