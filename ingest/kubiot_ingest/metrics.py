@@ -1,0 +1,71 @@
+"""The Prometheus metrics of the ingest service, on a registry the caller owns."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class IngestMetrics:
+    """Every metric the dashboards and alerts read, labelled with the tenant."""
+
+    def __init__(self, registry: CollectorRegistry, tenant: str) -> None:
+        self.registry = registry
+        self.tenant = tenant
+        t = ("tenant",)
+        self._received = Counter(
+            "kubiot_ingest_messages_received_total", "MQTT messages received.", t,
+            registry=registry)
+        self._rows = Counter(
+            "kubiot_ingest_rows_written_total", "Telemetry rows committed, by sink.",
+            (*t, "sink"), registry=registry)
+        self._rejected = Counter(
+            "kubiot_ingest_messages_rejected_total",
+            "Messages stored in the dead-letter table, by reason.", (*t, "reason"),
+            registry=registry)
+        self._batch_size = Histogram(
+            "kubiot_ingest_batch_size", "Messages per committed batch.", t,
+            buckets=BATCH_SIZE_BUCKETS, registry=registry)
+        self._commit = Histogram(
+            "kubiot_ingest_commit_duration_seconds", "Time to write and commit a batch.",
+            (*t, "sink"), buckets=COMMIT_BUCKETS, registry=registry)
+        self._lag = Histogram(
+            "kubiot_ingest_lag_seconds", "Commit time minus the device's sample timestamp.", t,
+            buckets=LAG_BUCKETS, registry=registry)
+        self._queue = Gauge(
+            "kubiot_ingest_queue_depth", "Messages received and not yet acknowledged.", t,
+            registry=registry)
+        self._db_errors = Counter(
+            "kubiot_ingest_database_errors_total", "Failed database operations (retried).", t,
+            registry=registry)
+        self._sink_errors = Counter(
+            "kubiot_ingest_sink_errors_total", "Failed writes to an optional sink.",
+            (*t, "sink"), registry=registry)
+        self._broker_connected = Gauge(
+            "kubiot_ingest_broker_connected", "1 while connected to the broker.", t,
+            registry=registry)
+        self._database_up = Gauge(
+            "kubiot_ingest_database_up", "1 while the database accepts writes.", t,
+            registry=registry)
+        self.received = self._received.labels(tenant)
+        self.batch_size = self._batch_size.labels(tenant)
+        self.lag = self._lag.labels(tenant)
+        self.queue_depth = self._queue.labels(tenant)
+        self.database_errors = self._db_errors.labels(tenant)
+        self.broker_connected = self._broker_connected.labels(tenant)
+        self.database_up = self._database_up.labels(tenant)
+
+    def rows_written(self, sink: str, count: int) -> None:
+        self._rows.labels(self.tenant, sink).inc(count)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.tenant, reason).inc()
+
+    def commit_duration(self, sink: str, seconds: float) -> None:
+        self._commit.labels(self.tenant, sink).observe(seconds)
+
+    def sink_error(self, sink: str) -> None:
+        self._sink_errors.labels(self.tenant, sink).inc()

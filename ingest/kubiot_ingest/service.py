@@ -1,0 +1,288 @@
+"""The ingest service: broker → inbox → batches → PostgreSQL (and InfluxDB) → acknowledgements."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry
+
+from kubiot_ingest.batcher import Batch, Batcher, single
+from kubiot_ingest.config import IngestSettings
+from kubiot_ingest.metrics import IngestMetrics
+from kubiot_ingest.records import DeadLetter, classify
+from kubiot_ingest.server import MetricsServer, build_app
+from kubiot_ingest.sinks.influx import InfluxSink
+from kubiot_ingest.sinks.postgres import DATA_ERRORS, PostgresSink
+from kubiot_ingest.subscriber import Inbox, Subscriber
+from kubiot_operator.contract import ingest_shared_subscriptions
+from kubiot_operator.telemetry import RejectReason
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL_S = 3600.0
+FIRST_RETRY_DELAY_S = 0.1
+INFLUX_ATTEMPTS = 3
+LAG_SAMPLES_PER_BATCH = 100
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class IngestService:
+    """One tenant's ingest pipeline. `run()` returns the process exit code."""
+
+    def __init__(self, settings: IngestSettings, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = IngestMetrics(self.registry, settings.tenant)
+        self.clock = clock
+        self.sink = PostgresSink(
+            settings.database_dsn.get_secret_value(), settings.schema_name,
+            retention_days=settings.retention_days,
+            compress_after_days=settings.compress_after_days,
+            ahead_days=settings.partitions_ahead_days)
+        self.influx: InfluxSink | None = None
+        if settings.influx_url and settings.influx_org and settings.influx_bucket:
+            token = settings.influx_token.get_secret_value() if settings.influx_token else None
+            self.influx = InfluxSink(settings.influx_url, settings.influx_org,
+                                     settings.influx_bucket, token, settings.tenant)
+        self._stop = asyncio.Event()
+        self._stop_deadline: float | None = None
+        self._inbox: Inbox | None = None
+        self._batcher: Batcher | None = None
+        self._committing_messages = 0
+        self._database_up = False
+        self._broker_up = False
+
+    # --- state ---------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        if not self._database_up:
+            return False, "database unavailable"
+        if not self._broker_up:
+            return False, "broker not connected"
+        return True, "ready"
+
+    def request_stop(self) -> None:
+        """Stop taking messages, flush what was taken, acknowledge it, and return from run()."""
+        if not self._stop.is_set():
+            log.info("stopping: flushing what was received")
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+            self._stop.set()
+            if self._inbox is not None:
+                self._inbox.wake()
+
+    def _set_database(self, up: bool) -> None:
+        if up != self._database_up:
+            log.log(logging.INFO if up else logging.WARNING,
+                    "database %s", "available" if up else "unavailable")
+        self._database_up = up
+        self.metrics.database_up.set(1 if up else 0)
+
+    def _set_broker(self, up: bool) -> None:
+        self._broker_up = up
+        self.metrics.broker_connected.set(1 if up else 0)
+
+    # --- run -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.metrics.database_up.set(0)
+        self.metrics.broker_connected.set(0)
+        server = MetricsServer(build_app(self.registry, self.ready),
+                               self.settings.metrics_host, self.settings.metrics_port)
+        await server.start()
+        try:
+            if not await self._connect_database():
+                return 0
+            inbox = self._inbox = Inbox(self.settings.queue_max, loop)
+            subscriber = Subscriber(
+                self.settings,
+                ingest_shared_subscriptions(self.settings.tenant, self.settings.share_group),
+                inbox, lambda up: loop.call_soon_threadsafe(self._set_broker, up))
+            subscriber.start()
+            try:
+                await self._consume(inbox, subscriber)
+            finally:
+                subscriber.stop_taking()
+                await asyncio.to_thread(subscriber.disconnect)
+                self._set_broker(False)
+        finally:
+            await self.sink.close()
+            if self.influx is not None:
+                await self.influx.close()
+            await server.stop()
+        log.info("stopped")
+        return 0
+
+    async def _connect_database(self) -> bool:
+        """Connect and migrate, retrying until it works; False if asked to stop meanwhile."""
+        delay = FIRST_RETRY_DELAY_S
+        while not self._stop.is_set():
+            try:
+                await self.sink.connect(self.clock())
+            except Exception as exc:
+                self._database_failed(exc)
+                await self._pause(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay_s)
+                continue
+            self._set_database(True)
+            log.info("database schema %s ready (%s layout)", self.settings.schema_name,
+                     self.sink.layout)
+            return True
+        return False
+
+    def _database_failed(self, exc: BaseException) -> None:
+        self._set_database(False)
+        self.metrics.database_errors.inc()
+        log.warning("database error (will retry): %s: %s", type(exc).__name__, exc)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up early when a stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _consume(self, inbox: Inbox, subscriber: Subscriber) -> None:
+        s = self.settings
+        batcher = Batcher(s.batch_size, s.batch_max_delay_s)
+        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+        # One batch commits while the next one is built: parsing overlaps the database's work,
+        # and commits (so acknowledgements) stay in the order the messages came.
+        self._batcher = batcher
+        committing: asyncio.Task[bool] | None = None
+        taking = True
+        while True:
+            if taking and self._stop.is_set():
+                subscriber.stop_taking()
+                taking = False
+            now = time.monotonic()
+            if not len(inbox) and not batcher.is_due(now):
+                if not taking and not batcher.pending_messages:
+                    break
+                deadline = batcher.deadline()
+                wake_at = next_maintenance if deadline is None else min(deadline,
+                                                                        next_maintenance)
+                if taking:
+                    await inbox.wait(max(0.0, wake_at - now))
+            # Every message adds at least one row (or is merged), so this never overfills.
+            drained = inbox.drain(batcher.room())
+            if drained:
+                self.metrics.received.inc(len(drained))
+                for message in drained:
+                    batcher.add(message, classify(message, s.tenant, s.max_payload_bytes), now)
+            flush = batcher.is_due(time.monotonic()) or (not taking and not len(inbox))
+            if flush and batcher.pending_messages:
+                if committing is not None and not await committing:
+                    return  # stopping while the database is down: the broker redelivers
+                batch = batcher.take()
+                self._committing_messages = batch.messages
+                committing = asyncio.create_task(self._commit_and_ack(batch, subscriber))
+            self._update_queue_depth()
+            if time.monotonic() >= next_maintenance:
+                next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
+                if committing is not None:
+                    await committing
+                await self._maintain()
+        if committing is not None:
+            await committing
+
+    async def _commit_and_ack(self, batch: Batch, subscriber: Subscriber) -> bool:
+        if not await self._commit(batch):
+            return False
+        subscriber.ack(batch.mids)
+        self._committing_messages = 0
+        self._update_queue_depth()
+        return True
+
+    def _update_queue_depth(self) -> None:
+        """Messages received and not yet acknowledged: inbox, batch being built, committing."""
+        building = self._batcher.pending_messages if self._batcher is not None else 0
+        inbox = len(self._inbox) if self._inbox is not None else 0
+        self.metrics.queue_depth.set(inbox + building + self._committing_messages)
+
+    async def _commit(self, batch: Batch) -> bool:
+        """Write the batch, retrying until it is committed; False if stopping runs out of time."""
+        delay = FIRST_RETRY_DELAY_S
+        while True:
+            try:
+                await self.sink.connect(self.clock())
+                started = time.perf_counter()
+                try:
+                    result = await self.sink.write(batch, self.clock())
+                except DATA_ERRORS as exc:
+                    log.warning("database refused a batch (%s); writing it message by message",
+                                exc)
+                    await self._write_each(batch)
+                    result = None
+                self.metrics.commit_duration("postgres", time.perf_counter() - started)
+                break
+            except Exception as exc:
+                self._database_failed(exc)
+                if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                    log.warning("giving up on %d messages at shutdown; the broker keeps them",
+                                batch.messages)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay_s)
+        self._set_database(True)
+        self._record(batch, None if result is None else result.telemetry_rows)
+        if self.influx is not None and batch.telemetry:
+            await self._write_influx(batch)
+        return True
+
+    async def _write_each(self, batch: Batch) -> None:
+        """Find the messages the database refuses and keep them as dead letters instead."""
+        for message, outcome in batch.entries:
+            try:
+                await self.sink.write(single(message, outcome), self.clock())
+            except DATA_ERRORS as exc:
+                letter = DeadLetter(message.received_at, message.topic, message.payload,
+                                    RejectReason.BAD_SCHEMA, f"database refused it: {exc}")
+                await self.sink.write(single(message, letter), self.clock())
+
+    def _record(self, batch: Batch, inserted: int | None) -> None:
+        m = self.metrics
+        m.batch_size.observe(batch.messages)
+        m.rows_written("postgres", len(batch.telemetry) if inserted is None else inserted)
+        for letter in batch.dead_letters:
+            m.rejected(letter.reason.value)
+        committed_at = self.clock()
+        # Observing is not free: a large batch is sampled evenly, LAG_SAMPLES_PER_BATCH at most.
+        times = batch.sample_times
+        step = max(1, len(times) // LAG_SAMPLES_PER_BATCH)
+        for sampled_at in times[::step]:
+            m.lag.observe(max(0.0, (committed_at - sampled_at).total_seconds()))
+
+    async def _write_influx(self, batch: Batch) -> None:
+        # PostgreSQL is the record: InfluxDB gets a few attempts and never holds back acks.
+        assert self.influx is not None
+        for attempt in range(INFLUX_ATTEMPTS):
+            started = time.perf_counter()
+            try:
+                written = await self.influx.write(batch.telemetry)
+            except Exception as exc:
+                self.metrics.sink_error("influx")
+                log.warning("InfluxDB write failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(FIRST_RETRY_DELAY_S * 2**attempt)
+                continue
+            self.metrics.commit_duration("influx", time.perf_counter() - started)
+            self.metrics.rows_written("influx", written)
+            return
+
+    async def _maintain(self) -> None:
+        try:
+            dropped = await self.sink.maintain(self.clock())
+        except Exception as exc:
+            self._database_failed(exc)
+            return
+        if dropped:
+            log.info("dropped expired telemetry partitions: %s", dropped)

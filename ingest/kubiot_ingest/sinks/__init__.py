@@ -1,0 +1,1 @@
+"""Where committed batches go: PostgreSQL (the record) and optionally InfluxDB."""

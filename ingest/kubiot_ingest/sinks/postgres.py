@@ -1,0 +1,157 @@
+"""The PostgreSQL sink: one connection, one transaction per batch, COPY into staging.
+
+Rows are copied into a temporary staging table and moved with `INSERT ... SELECT ... ON
+CONFLICT DO NOTHING`, so a redelivered sample never becomes a second row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from kubiot_ingest.batcher import Batch
+from kubiot_ingest.migrations import Layout, migrate, quote_ident
+from kubiot_ingest.partitions import PartitionKeeper
+from kubiot_ingest.records import TELEMETRY_COLUMNS
+
+log = logging.getLogger(__name__)
+
+STAGING_TABLE = "kubiot_telemetry_staging"
+DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "reason", "detail")
+
+#: Errors after which a later attempt can succeed: the server or the network went away.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
+#: Errors caused by the data of some message in the batch.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    telemetry_rows: int
+    dead_letters: int
+    devices: int
+
+
+class PostgresSink:
+    """Writes batches into the tenant's schema; `connect()` also migrates it."""
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, schema: str, *, retention_days: int, compress_after_days: int,
+                 ahead_days: int, connect_timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.retention_days = retention_days
+        self.compress_after_days = compress_after_days
+        self.ahead_days = ahead_days
+        self.connect_timeout = connect_timeout
+        self.layout: Layout | None = None
+        self._conn: Any = None
+        self._partitions: PartitionKeeper | None = None
+        self._ident = quote_ident(schema)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def connect(self, now: datetime) -> None:
+        """Open the connection (if needed), migrate, and prepare the partitions."""
+        if self.connected:
+            return
+        await self.close()
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
+                                     server_settings={"application_name": "kubiot-ingest"})
+        try:
+            layout, applied = await migrate(conn, self.schema)
+            if applied:
+                log.info("applied migrations %s to schema %s (%s layout)",
+                         applied, self.schema, layout.value)
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} "
+                f"(LIKE {self._ident}.telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            keeper = PartitionKeeper(self.schema, layout, self.retention_days,
+                                     self.compress_after_days, self.ahead_days)
+            await keeper.maintain(conn, now)
+        except BaseException:
+            await conn.close(timeout=1)
+            raise
+        self._conn, self.layout, self._partitions = conn, layout, keeper
+
+    async def maintain(self, now: datetime) -> list[date]:
+        """Partitions ahead and retention behind; returns the days dropped."""
+        if self._partitions is None or not self.connected:
+            return []
+        return await self._partitions.maintain(self._conn, now)
+
+    async def write(self, batch: Batch, now: datetime) -> WriteResult:
+        """Write a batch in one transaction; raises on any failure, having written nothing."""
+        conn, keeper = self._conn, self._partitions
+        if conn is None or keeper is None or conn.is_closed():
+            raise asyncpg.InterfaceError("not connected to the database")
+        try:
+            if batch.telemetry:
+                await keeper.ensure_for(conn, {row[0] for row in batch.telemetry}, now)
+            async with conn.transaction():
+                inserted = await self._write_telemetry(conn, batch)
+                await self._write_devices(conn, batch)
+                if batch.dead_letters:
+                    await conn.copy_records_to_table(
+                        "dead_letter", schema_name=self.schema, columns=DEAD_LETTER_COLUMNS,
+                        records=[(d.received_at, d.topic, d.payload, d.reason.value, d.detail)
+                                 for d in batch.dead_letters])
+        except RETRYABLE_ERRORS:
+            await self.close()
+            raise
+        return WriteResult(inserted, len(batch.dead_letters), len(batch.seen))
+
+    async def _write_telemetry(self, conn: Any, batch: Batch) -> int:
+        if not batch.telemetry:
+            return 0
+        await conn.copy_records_to_table(STAGING_TABLE, records=batch.telemetry,
+                                         columns=TELEMETRY_COLUMNS)
+        status = await conn.execute(
+            f"INSERT INTO {self._ident}.telemetry SELECT * FROM {STAGING_TABLE} "
+            "ON CONFLICT DO NOTHING")
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def _write_devices(self, conn: Any, batch: Batch) -> None:
+        updates = batch.device_updates()
+        if not updates:
+            return
+        await conn.executemany(
+            f"INSERT INTO {self._ident}.devices AS d "
+            "(device, kind, online, last_seen, reported, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, now()) "
+            "ON CONFLICT (device, kind) DO UPDATE SET "
+            " online = COALESCE(EXCLUDED.online, d.online),"
+            " last_seen = GREATEST(EXCLUDED.last_seen, d.last_seen),"
+            " reported = COALESCE(EXCLUDED.reported, d.reported),"
+            # Telemetry only moves last_seen; updated_at follows presence and reported state.
+            " updated_at = CASE WHEN EXCLUDED.online IS NULL AND EXCLUDED.reported IS NULL"
+            "  THEN d.updated_at ELSE now() END",
+            [(u.device, u.kind.value, u.online, u.seen_at, u.reported) for u in updates])
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()

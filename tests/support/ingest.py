@@ -1,0 +1,183 @@
+"""Fixture pieces for the ingest tests: a broker with the ingest's credentials, publishers,
+the service in-process or as a real `kubiot-ingest` process, and queries on what it stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from kubiot_operator.contract import (
+    AccessRules,
+    ingest_access,
+    ingest_shared_subscriptions,
+    ingest_username,
+)
+from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig
+from kubiot_operator.local.ports import free_port
+from tests.support.dynsec import client_commands, send_commands
+
+REPO = Path(__file__).resolve().parents[2]
+PUBLISHER_USERNAME = "test-publisher"
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """A running broker and the credentials the tests use on it."""
+
+    host: str
+    port: int
+    ingest_username: str
+    ingest_password: str
+    publisher_username: str
+    publisher_password: str
+
+
+@contextmanager
+def broker_for_tenant(tenant: str) -> Iterator[tuple[MosquittoBroker, BrokerAccess]]:
+    """Mosquitto with dynamic security: the ingest's client has exactly the contract's rules;
+    a publisher may publish anywhere under the tenant's root (standing in for its devices)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kubiot-mqtt-"))
+    admin_password = secrets.token_urlsafe(12)
+    config = MosquittoConfig(data_dir=data_dir, service_port=free_port(),
+                             admin_password=admin_password)
+    broker = MosquittoBroker(config)
+    broker.start()
+    try:
+        access = BrokerAccess("127.0.0.1", config.service_port, ingest_username(tenant),
+                              secrets.token_urlsafe(12), PUBLISHER_USERNAME,
+                              secrets.token_urlsafe(12))
+        send_commands(access.host, access.port, config.admin_username, admin_password,
+                      client_commands(access.ingest_username, access.ingest_password,
+                                      ingest_subscribe_rules(tenant))
+                      + client_commands(access.publisher_username, access.publisher_password,
+                                        AccessRules(frozenset({f"{tenant}/#"}), frozenset())))
+        yield broker, access
+    finally:
+        broker.stop()
+
+
+def ingest_subscribe_rules(tenant: str) -> AccessRules:
+    """The contract's rules for the ingest, plus the `$share/...` form of each filter:
+    Mosquitto 2.0 checks a shared subscription's ACL against the whole filter."""
+    rules = ingest_access(tenant)
+    shared = frozenset(ingest_shared_subscriptions(tenant))
+    return AccessRules(rules.publish, rules.subscribe | shared)
+
+
+def ingest_environment(tenant: str, access: BrokerAccess, dsn: str, **extra: Any) -> dict[str, str]:
+    """The KUBIOT_INGEST_* variables the operator would set, pointing at the test servers."""
+    values: dict[str, Any] = {
+        "TENANT": tenant,
+        "BROKER_HOST": access.host,
+        "BROKER_PORT": access.port,
+        "BROKER_USERNAME": access.ingest_username,
+        "BROKER_PASSWORD": access.ingest_password,
+        "DATABASE_DSN": dsn,
+        "DATABASE_SCHEMA": f"tenant_{tenant.replace('-', '_')}",
+        "BATCH_SIZE": 500,
+        "BATCH_MAX_DELAY_MS": 50,
+        "METRICS_PORT": free_port(),
+        "METRICS_HOST": "127.0.0.1",
+        "CLIENT_ID": f"ingest-{tenant}",
+        "RETRY_MAX_DELAY_S": 1,
+        **extra,
+    }
+    return {f"KUBIOT_INGEST_{key}": str(value) for key, value in values.items()}
+
+
+def sample(seq: int, ts: datetime | None = None, **values: Any) -> dict[str, Any]:
+    moment = ts or datetime(2026, 11, 24, 10, 0, tzinfo=UTC) + timedelta(milliseconds=seq)
+    return {"v": 1, "ts": moment.isoformat(), "seq": seq,
+            "values": values or {"flow": seq * 0.5, "on": seq % 2 == 0}}
+
+
+class Publisher:
+    """A real MQTT client publishing QoS 1 messages and waiting for their PUBACKs."""
+
+    def __init__(self, access: BrokerAccess, client_id: str | None = None) -> None:
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                   client_id=client_id or f"pub-{secrets.token_hex(4)}",
+                                   protocol=mqtt.MQTTv5)
+        self._client.username_pw_set(access.publisher_username, access.publisher_password)
+        self._client.max_inflight_messages_set(20)
+        self._client.max_queued_messages_set(0)
+        connected = threading.Event()
+        self._client.on_connect = lambda *_args: connected.set()
+        self._client.connect(access.host, access.port)
+        self._client.loop_start()
+        if not connected.wait(10):
+            raise TimeoutError("publisher did not connect")
+
+    def publish(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any],
+                retain: bool = False) -> mqtt.MQTTMessageInfo:
+        body = json.dumps(payload) if isinstance(payload, dict | list) else payload
+        return self._client.publish(topic, body, qos=1, retain=retain)
+
+    def publish_all(self, messages: Iterable[tuple[str, Any]], timeout: float = 60) -> int:
+        infos = [self.publish(topic, payload) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout)
+        return len(infos)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IngestProcess:
+    """`kubiot-ingest` as a real child process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['KUBIOT_INGEST_METRICS_PORT']}"
+
+    def start(self) -> IngestProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "kubiot_ingest.main"],
+                                        env=self.env, stdout=log, stderr=log, cwd=REPO)
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
