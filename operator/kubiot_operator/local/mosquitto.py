@@ -227,6 +227,12 @@ class MosquittoBroker:
         self.stop()
         self.start()
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its configuration, certificates and CRL in place."""
+        if self._process is None or self._process.poll() is not None:
+            raise MosquittoError("mosquitto is not running")
+        self._process.send_signal(signal.SIGHUP)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.config.log_file.read_text().splitlines()[-lines:])

@@ -1,0 +1,272 @@
+"""An in-process HTTP fake of the parts of EMQX 5's REST API that kubiot uses.
+
+It follows EMQX's published API: the built-in database authorization rules per username
+(list with `page`/`limit`/`like_username` and `meta`), the built-in database authenticator's
+users, and clients (list by username, kick). Errors are `{"code": ..., "message": ...}`.
+Tests can inject failures (429, 5xx) and read every request made.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from kubiot_operator.local.ports import free_port
+
+AUTHENTICATOR_ID = "password_based:built_in_database"
+MAX_LIMIT = 10000
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+
+
+@dataclass
+class _Failure:
+    status: int
+    code: str
+    message: str
+    method: str | None
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+def _normalise_rule(rule: Any) -> Json:
+    """Validate one rule and fill EMQX's defaults, as EMQX formats stored rules."""
+    if not isinstance(rule, dict) or not isinstance(rule.get("topic"), str):
+        raise ValueError("rule needs a topic")
+    if rule.get("permission") not in ("allow", "deny"):
+        raise ValueError(f"bad permission {rule.get('permission')!r}")
+    if rule.get("action") not in ("publish", "subscribe", "all"):
+        raise ValueError(f"bad action {rule.get('action')!r}")
+    return {"topic": rule["topic"], "permission": rule["permission"], "action": rule["action"],
+            "qos": list(rule.get("qos", [0, 1, 2])), "retain": rule.get("retain", "all")}
+
+
+@dataclass
+class EmqxFake:
+    """State and handlers; `start()` serves it on a free loopback port."""
+
+    api_key: str = "kubiot"
+    api_secret: str = "secret"
+    max_rules: int = 100
+    rules: dict[str, list[Json]] = field(default_factory=dict)
+    users: dict[str, Json] = field(default_factory=dict)
+    clients: dict[str, str] = field(default_factory=dict)  # clientid -> username
+    requests: list[Request] = field(default_factory=list)
+    _failures: deque[_Failure] = field(default_factory=deque)
+    _runner: web.AppRunner | None = None
+    url: str = ""
+
+    # --- test controls ------------------------------------------------------------------------
+
+    def fail_next(self, count: int, status: int = 503, code: str = "SERVICE_UNAVAILABLE",
+                  message: str = "try again later", method: str | None = None) -> None:
+        """The next `count` requests (of `method`, if given) get this error instead."""
+        for _ in range(count):
+            self._failures.append(_Failure(status, code, message, method))
+
+    def connect_client(self, clientid: str, username: str) -> None:
+        self.clients[clientid] = username
+
+    def writes(self) -> list[Request]:
+        return [r for r in self.requests if r.method != "GET"]
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._middleware])
+        base = "/api/v5"
+        rules = f"{base}/authorization/sources/built_in_database/rules/users"
+        users = f"{base}/authentication/{{id}}/users"
+        app.router.add_get(f"{base}/authorization/sources/built_in_database", self._source)
+        app.router.add_get(rules, self._list_rules)
+        app.router.add_post(rules, self._create_rules)
+        app.router.add_get(f"{rules}/{{username}}", self._get_rules)
+        app.router.add_put(f"{rules}/{{username}}", self._put_rules)
+        app.router.add_delete(f"{rules}/{{username}}", self._delete_rules)
+        app.router.add_get(users, self._list_users)
+        app.router.add_post(users, self._create_user)
+        app.router.add_get(f"{users}/{{user_id}}", self._get_user)
+        app.router.add_put(f"{users}/{{user_id}}", self._put_user)
+        app.router.add_delete(f"{users}/{{user_id}}", self._delete_user)
+        app.router.add_get(f"{base}/clients", self._list_clients)
+        app.router.add_delete(f"{base}/clients/{{clientid}}", self._kick)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(Request(request.method, request.path, dict(request.query)))
+        expected = "Basic " + base64.b64encode(
+            f"{self.api_key}:{self.api_secret}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return _error(401, "BAD_API_KEY_OR_SECRET", "Check api_key/api_secret")
+        for failure in list(self._failures):
+            if failure.method in (None, request.method):
+                self._failures.remove(failure)
+                return _error(failure.status, failure.code, failure.message)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    @staticmethod
+    def _page(request: web.Request, items: list[Json]) -> web.Response:
+        try:
+            page = int(request.query.get("page", "1"))
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _error(400, "INVALID_PARAMETER", "page_limit_invalid")
+        if page < 1 or not 1 <= limit <= MAX_LIMIT:
+            return _error(400, "INVALID_PARAMETER", "page_limit_invalid")
+        chunk = items[(page - 1) * limit:page * limit]
+        return web.json_response({
+            "data": chunk,
+            "meta": {"page": page, "limit": limit, "count": len(items),
+                     "hasnext": page * limit < len(items)},
+        })
+
+    def _check_authenticator(self, request: web.Request) -> web.Response | None:
+        if request.match_info["id"] != AUTHENTICATOR_ID:
+            return _error(404, "NOT_FOUND", "Authenticator not found")
+        return None
+
+    def _valid_rules(self, rules: Any) -> list[Json]:
+        if not isinstance(rules, list):
+            raise ValueError("rules must be a list")
+        if len(rules) > self.max_rules:
+            raise ValueError(f"more than max_rules ({self.max_rules}) rules")
+        return [_normalise_rule(r) for r in rules]
+
+    # --- authorization ------------------------------------------------------------------------
+
+    async def _source(self, request: web.Request) -> web.Response:
+        return web.json_response({"type": "built_in_database", "enable": True,
+                                  "max_rules": self.max_rules})
+
+    async def _list_rules(self, request: web.Request) -> web.Response:
+        like = request.query.get("like_username", "")
+        items = [{"username": u, "rules": r} for u, r in self.rules.items() if like in u]
+        return self._page(request, items)
+
+    async def _create_rules(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not isinstance(body, list):
+            return _error(400, "BAD_REQUEST", "expected a list of {username, rules}")
+        try:
+            entries = [(str(e["username"]), self._valid_rules(e["rules"])) for e in body]
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, "BAD_REQUEST", f"Bad username or bad rule schema: {exc}")
+        exists = [u for u, _ in entries if u in self.rules]
+        if exists:
+            return _error(409, "ALREADY_EXISTS", f"Users '{','.join(exists)}' already exist")
+        for username, rules in entries:
+            self.rules[username] = rules
+        return web.Response(status=204)
+
+    async def _get_rules(self, request: web.Request) -> web.Response:
+        username = request.match_info["username"]
+        if username not in self.rules:
+            return _error(404, "NOT_FOUND", "Not Found")
+        return web.json_response({"username": username, "rules": self.rules[username]})
+
+    async def _put_rules(self, request: web.Request) -> web.Response:
+        username = request.match_info["username"]
+        body = await request.json()
+        if not isinstance(body, dict) or body.get("username") != username:
+            return _error(400, "BAD_REQUEST", "Bad username or bad rule schema")
+        try:
+            self.rules[username] = self._valid_rules(body.get("rules"))
+        except ValueError as exc:
+            return _error(400, "BAD_REQUEST", f"Bad username or bad rule schema: {exc}")
+        return web.Response(status=204)
+
+    async def _delete_rules(self, request: web.Request) -> web.Response:
+        username = request.match_info["username"]
+        if self.rules.pop(username, None) is None:
+            return _error(404, "NOT_FOUND", "Username Not Found")
+        return web.Response(status=204)
+
+    # --- authentication -----------------------------------------------------------------------
+
+    async def _list_users(self, request: web.Request) -> web.Response:
+        if (missing := self._check_authenticator(request)) is not None:
+            return missing
+        like = request.query.get("like_user_id", "")
+        items = [{"user_id": u, "is_superuser": v["is_superuser"]}
+                 for u, v in self.users.items() if like in u]
+        return self._page(request, items)
+
+    async def _create_user(self, request: web.Request) -> web.Response:
+        if (missing := self._check_authenticator(request)) is not None:
+            return missing
+        body = await request.json()
+        if not isinstance(body, dict) or not body.get("user_id") or not body.get("password"):
+            return _error(400, "BAD_REQUEST", "user_id and password are required")
+        if body["user_id"] in self.users:
+            return _error(409, "ALREADY_EXISTS", "User already exists")
+        superuser = bool(body.get("is_superuser", False))
+        self.users[body["user_id"]] = {"password": body["password"], "is_superuser": superuser}
+        return web.json_response({"user_id": body["user_id"], "is_superuser": superuser},
+                                 status=201)
+
+    async def _get_user(self, request: web.Request) -> web.Response:
+        if (missing := self._check_authenticator(request)) is not None:
+            return missing
+        user_id = request.match_info["user_id"]
+        if user_id not in self.users:
+            return _error(404, "NOT_FOUND", "User not found")
+        return web.json_response({"user_id": user_id,
+                                  "is_superuser": self.users[user_id]["is_superuser"]})
+
+    async def _put_user(self, request: web.Request) -> web.Response:
+        if (missing := self._check_authenticator(request)) is not None:
+            return missing
+        user_id = request.match_info["user_id"]
+        if user_id not in self.users:
+            return _error(404, "NOT_FOUND", "User not found")
+        body = await request.json()
+        if not isinstance(body, dict) or not body.get("password"):
+            return _error(400, "BAD_REQUEST", "password is required")
+        self.users[user_id] = {"password": body["password"],
+                               "is_superuser": bool(body.get("is_superuser", False))}
+        return web.json_response({"user_id": user_id,
+                                  "is_superuser": self.users[user_id]["is_superuser"]})
+
+    async def _delete_user(self, request: web.Request) -> web.Response:
+        if (missing := self._check_authenticator(request)) is not None:
+            return missing
+        if self.users.pop(request.match_info["user_id"], None) is None:
+            return _error(404, "NOT_FOUND", "User not found")
+        return web.Response(status=204)
+
+    # --- clients ------------------------------------------------------------------------------
+
+    async def _list_clients(self, request: web.Request) -> web.Response:
+        username = request.query.get("username")
+        items = [{"clientid": c, "username": u, "connected": True}
+                 for c, u in self.clients.items() if username in (None, u)]
+        return self._page(request, items)
+
+    async def _kick(self, request: web.Request) -> web.Response:
+        if self.clients.pop(request.match_info["clientid"], None) is None:
+            return _error(404, "CLIENTID_NOT_FOUND", "Client ID not found")
+        return web.Response(status=204)
