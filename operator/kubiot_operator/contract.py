@@ -310,13 +310,36 @@ def _collections(tenant: str) -> tuple[str, ...]:
     return (f"{root}/{DEVICES}/+", f"{root}/{GATEWAYS}/+")
 
 
-def ingest_access(tenant: str) -> AccessRules:
-    """The tenant's ingest service reads what devices and gateways send; it publishes nothing."""
+def _ingest_filters(tenant: str) -> set[str]:
     subscribe = set()
     for base in _collections(tenant):
         subscribe |= {f"{base}/telemetry", f"{base}/telemetry/+", f"{base}/presence",
                       f"{base}/state/reported"}
-    return AccessRules(publish=frozenset(), subscribe=frozenset(subscribe))
+    return subscribe
+
+
+def unshared(topic_filter: str) -> str:
+    """The filter a shared subscription (`$share/<group>/<filter>`) applies to."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return topic_filter
+
+
+def ingest_share_group(tenant: str) -> str:
+    return f"kubiot-ingest-{tenant_root(tenant)}"
+
+
+def ingest_access(tenant: str) -> AccessRules:
+    """The tenant's ingest service reads what devices and gateways send; it publishes nothing.
+
+    Brokers check a shared subscription's ACL against the whole filter, `$share/<group>/`
+    included, so the shared forms of the same filters are allowed too.
+    """
+    plain = _ingest_filters(tenant)
+    shared = {f"$share/{ingest_share_group(tenant)}/{f}" for f in plain}
+    return AccessRules(publish=frozenset(), subscribe=frozenset(plain | shared))
 
 
 def operator_access(tenant: str) -> AccessRules:
@@ -329,10 +352,20 @@ def operator_access(tenant: str) -> AccessRules:
     return AccessRules(publish=frozenset(publish), subscribe=frozenset(subscribe))
 
 
+def report_filters() -> list[str]:
+    """What the operator subscribes to across every tenant: presence, reported state and
+    firmware progress of devices and gateways."""
+    filters = []
+    for collection in (DEVICES, GATEWAYS):
+        base = f"+/{collection}/+"
+        filters += [f"{base}/presence", f"{base}/state/reported", f"{base}/ota/status"]
+    return filters
+
+
 def ingest_shared_subscriptions(tenant: str, group: str | None = None) -> list[str]:
     """Shared subscriptions for the ingest replicas of a tenant, so they split the load."""
-    share = group or f"kubiot-ingest-{tenant_root(tenant)}"
-    return [f"$share/{share}/{f}" for f in sorted(ingest_access(tenant).subscribe)]
+    share = group or ingest_share_group(tenant)
+    return [f"$share/{share}/{f}" for f in sorted(_ingest_filters(tenant))]
 
 
 # --- MQTT filter algebra -----------------------------------------------------------------------

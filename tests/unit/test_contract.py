@@ -177,10 +177,18 @@ def test_a_gateway_reaches_only_itself_and_its_children(
             assert not filters_overlap(f, contract.device_root(tenant, stranger) + "/#")
 
 
+def test_ingest_may_take_its_shared_subscriptions() -> None:
+    rules = ingest_access("acme")
+    for shared in contract.ingest_shared_subscriptions("acme"):
+        assert rules.may_subscribe(shared)
+        assert rules.may_subscribe(contract.unshared(shared))
+    assert not rules.may_subscribe("$share/kubiot-ingest-acme/globex/devices/+/telemetry")
+
+
 @given(tenant=names, other_tenant=names)
 def test_service_identities_stay_inside_their_tenant(tenant: str, other_tenant: str) -> None:
     rules = ingest_access(tenant) | operator_access(tenant)
-    for f in rules.publish | rules.subscribe:
+    for f in map(contract.unshared, rules.publish | rules.subscribe):
         assert filter_covers(f"{tenant}/#", f)
         if other_tenant != tenant:
             assert not filters_overlap(f, f"{other_tenant}/#")

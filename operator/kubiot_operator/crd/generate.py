@@ -106,10 +106,12 @@ def write(crd_dir: Path, docs_dir: Path | None = None) -> list[Path]:
 def generated_docs() -> dict[str, str]:
     """Documents under docs/ that are generated from the models."""
     from kubiot_operator.crd import reference
+    from kubiot_operator.settings import settings_reference
 
     return {
         "telemetry.schema.json": render_payload_json_schema(),
         "crd-reference.md": reference.render(),
+        "operator-settings.md": settings_reference(),
     }
 
 
@@ -117,7 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     crd_dir = Path(args[0]) if args else Path("crds")
     docs_dir = Path(args[1]) if len(args) > 1 else Path("docs")
-    for path in write(crd_dir, docs_dir):
+    written = write(crd_dir, docs_dir)
+    # Further arguments are copies of crds/, such as the Helm chart's crds/ folder.
+    for copy_dir in args[2:]:
+        written += write(Path(copy_dir))
+    for path in written:
         print(f"wrote {path}")
 
 

@@ -6,8 +6,11 @@ second notion of "the cluster", and the tests can point it at an API emulator.
 
 from __future__ import annotations
 
+import base64
 import json as json_module
+import os
 import ssl
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -101,18 +104,40 @@ class Connection:
     server: str
     token: str | None = None
     ca_path: str | None = None
+    ca_data: bytes | None = None
     certificate_path: str | None = None
     private_key_path: str | None = None
+    username: str | None = None
+    password: str | None = None
     insecure: bool = False
 
     @classmethod
     def from_kopf(cls, info: Any) -> Connection:
-        """From a `kopf.ConnectionInfo`."""
+        """From a `kopf.ConnectionInfo` (inline certificate data is written to private files)."""
+        certificate_path = _path_or_file(info.certificate_path, info.certificate_data, ".crt")
+        private_key_path = _path_or_file(info.private_key_path, info.private_key_data, ".key")
+        ca_data = info.ca_data.encode() if isinstance(info.ca_data, str) else info.ca_data
         return cls(server=info.server, token=info.token,
                    ca_path=str(info.ca_path) if info.ca_path else None,
-                   certificate_path=str(info.certificate_path) if info.certificate_path else None,
-                   private_key_path=str(info.private_key_path) if info.private_key_path else None,
+                   ca_data=base64.b64decode(ca_data) if ca_data and b"BEGIN" not in ca_data
+                   else ca_data,
+                   certificate_path=certificate_path, private_key_path=private_key_path,
+                   username=info.username, password=info.password,
                    insecure=bool(info.insecure))
+
+
+def _path_or_file(path: Any, data: str | bytes | None, suffix: str) -> str | None:
+    if path:
+        return str(path)
+    if not data:
+        return None
+    raw = data.encode() if isinstance(data, str) else data
+    if b"BEGIN" not in raw:
+        raw = base64.b64decode(raw)
+    handle, name = tempfile.mkstemp(prefix="kubiot-kube-", suffix=suffix)
+    with os.fdopen(handle, "wb") as file:
+        file.write(raw)
+    return name
 
 
 class KubeClient:
@@ -126,6 +151,9 @@ class KubeClient:
         headers = {"Accept": "application/json"}
         if self._connection.token:
             headers["Authorization"] = f"Bearer {self._connection.token}"
+        elif self._connection.username and self._connection.password:
+            credentials = f"{self._connection.username}:{self._connection.password}"
+            headers["Authorization"] = f"Basic {base64.b64encode(credentials.encode()).decode()}"
         self._session = aiohttp.ClientSession(
             base_url=self._connection.server.rstrip("/"), headers=headers,
             connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=64),
@@ -144,7 +172,9 @@ class KubeClient:
             return False
         if self._connection.insecure:
             return False
-        context = ssl.create_default_context(cafile=self._connection.ca_path)
+        context = ssl.create_default_context(
+            cafile=self._connection.ca_path,
+            cadata=self._connection.ca_data.decode() if self._connection.ca_data else None)
         if self._connection.certificate_path and self._connection.private_key_path:
             context.load_cert_chain(self._connection.certificate_path,
                                     self._connection.private_key_path)

@@ -38,6 +38,10 @@ class FirmwareStatus(KubiotModel):
     release: str | None = Field(None, description="The FirmwareRelease driving the target.")
     state: Annotated[str, StringConstraints(max_length=64)] | None = Field(
         None, description="Last `ota/status` the device reported.")
+    state_version: FirmwareVersion | None = Field(
+        None, description="The job version the last `ota/status` was about.")
+    reason: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="Why the last firmware job failed, as the device reported it.")
 
 
 class DeviceStatus(KubiotModel):

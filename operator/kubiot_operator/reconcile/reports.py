@@ -40,6 +40,8 @@ class PendingReport:
     reported: dict[str, Any] | None = None
     firmware_current: str | None = None
     ota_state: str | None = None
+    ota_version: str | None = None  # the job version the last `ota/status` was about
+    ota_reason: str | None = None
     ota_detail: dict[str, Any] = field(default_factory=dict)
 
     def status_patch(self) -> dict[str, Any]:
@@ -50,8 +52,13 @@ class PendingReport:
             patch["lastSeen"] = self.last_seen.isoformat().replace("+00:00", "Z")
         if self.reported is not None:
             patch["reported"] = self.reported
-        firmware = {k: v for k, v in (("current", self.firmware_current),
-                                      ("state", self.ota_state)) if v is not None}
+        firmware: dict[str, Any] = {k: v for k, v in (("current", self.firmware_current),
+                                                      ("state", self.ota_state),
+                                                      ("stateVersion", self.ota_version))
+                                    if v is not None}
+        if self.ota_state is not None:
+            # Always written with a state, so a stale failure reason does not outlive it.
+            firmware["reason"] = self.ota_reason
         if firmware:
             patch["firmware"] = firmware
         return patch
@@ -101,6 +108,10 @@ class ReportBuffer:
                 if status is None or not isinstance(status.get("state"), str):
                     return Ignored(topic, "ota/status must be a JSON object with a state")
                 report.ota_state = status["state"][:64]
+                version = status.get("version")
+                report.ota_version = version[:64] if isinstance(version, str) else None
+                reason = status.get("reason")
+                report.ota_reason = reason[:256] if isinstance(reason, str) else None
                 report.ota_detail = status
             case _:
                 return Ignored(topic, f"{parsed.channel} is not a report")

@@ -1,0 +1,211 @@
+"""The Device controller: credential, broker access, desired state, status."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubiot_operator.brokers import BrokerError, BrokerIdentity
+from kubiot_operator.contract import (
+    IdentityKind,
+    device_access,
+    device_root,
+    device_username,
+    state_desired_topic,
+)
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.models.device import DevicePhase, DeviceSpec
+from kubiot_operator.models.gateway import GatewaySpec
+from kubiot_operator.models.tenant import TenantSpec
+from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
+from kubiot_operator.reconcile.identity import credential_secret_name
+from kubiot_operator.reconcile.selectors import selector_matches
+
+from .credentials import IDENTITY_READY, Subject, ensure_credential, revoke_credential
+from .objects import (
+    conditions_wire,
+    current_conditions,
+    generation,
+    owner_reference,
+    parse_spec,
+    tenant_of_namespace,
+    validation_message,
+)
+from .platform import Outcome, Platform
+
+ACCESS_READY = "AccessReady"
+REQUIRED = (IDENTITY_READY, ACCESS_READY)
+TENANT_RETRY_SECONDS = 3.0
+QUOTA_RECHECK_SECONDS = 60.0
+
+
+async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
+    """Bring everything a Device implies in line with its spec; return its status."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    labels = meta.get("labels") or {}
+    conditions = current_conditions(body)
+    now = platform.clock()
+    outcome = Outcome(status={"observedGeneration": generation(body)})
+
+    def finish(phase: DevicePhase, updates: list[ConditionUpdate]) -> Outcome:
+        merged = set_conditions(conditions, updates, now, generation(body))
+        merged = set_conditions(merged, [ready_update(merged, REQUIRED) if phase not in (
+            DevicePhase.SUSPENDED,) else ConditionUpdate("Ready", False, "Suspended",
+                                                        "spec.suspended is true")],
+                                now, generation(body))
+        outcome.status.update(phase=phase.value, conditions=conditions_wire(merged))
+        return outcome
+
+    try:
+        spec = parse_spec(DeviceSpec, body)
+    except ValidationError as exc:
+        message = validation_message(exc)
+        outcome.warning("InvalidSpec", message)
+        return finish(DevicePhase.FAILED, [ConditionUpdate(IDENTITY_READY, False, "InvalidSpec",
+                                                           message)])
+    found = await tenant_of_namespace(platform.objects, namespace)
+    if found is None:
+        outcome.retry_after, outcome.retry_reason = TENANT_RETRY_SECONDS, "TenantNotFound"
+        return finish(DevicePhase.PENDING, [ConditionUpdate(
+            IDENTITY_READY, False, "TenantNotFound",
+            f"namespace {namespace} belongs to no Tenant (yet)")])
+    tenant, tenant_spec = found
+    username = device_username(tenant, name)
+    root = device_root(tenant, name)
+    outcome.status.update(username=username, topicRoot=root)
+
+    quota = await _quota_refusal(platform, tenant_spec, namespace, name)
+    if quota:
+        outcome.warning("QuotaExceeded", quota)
+        outcome.retry_after, outcome.retry_reason = QUOTA_RECHECK_SECONDS, "QuotaExceeded"
+        await _forget_broker_identity(platform, username, outcome)
+        return finish(DevicePhase.FAILED, [ConditionUpdate(ACCESS_READY, False, "QuotaExceeded",
+                                                           quota)])
+
+    subject = Subject(tenant, IdentityKind.DEVICE, name, namespace, username, root)
+    credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
+                                         suspended=spec.suspended,
+                                         owner=owner_reference(body), outcome=outcome)
+    if credential.summary is not None:
+        outcome.status["certificate"] = credential.summary.to_wire()
+        if credential.summary.not_after is not None:
+            platform.metrics.certificate_expiry.labels(tenant, "device", name).set(
+                credential.summary.not_after.timestamp())
+    outcome.status["gateway"] = await _serving_gateway(platform, namespace, labels)
+
+    access = await _ensure_access(platform, tenant, username, credential.broker_credential,
+                                  spec.suspended, outcome)
+    if not spec.suspended and access.ok and spec.desired is not None:
+        await _publish_desired(platform, root, spec.desired, outcome)
+    platform.gateway_refresh(namespace)
+    if spec.suspended:
+        return finish(DevicePhase.SUSPENDED, [credential.condition, access])
+    ready = credential.condition.ok and access.ok
+    phase = DevicePhase.READY if ready else (
+        DevicePhase.PENDING if outcome.retry_after else DevicePhase.FAILED)
+    return finish(phase, [credential.condition, access])
+
+
+async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
+    """Revoke the certificate and remove broker access before the Device goes away."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    outcome = Outcome(status={})
+    found = await tenant_of_namespace(platform.objects, namespace)
+    tenant = found[0] if found else ((body.get("status") or {}).get("username") or "").split(".")[0]
+    if not tenant:
+        return outcome  # never reconciled into anything
+    username = device_username(tenant, name)
+    subject = Subject(tenant, IdentityKind.DEVICE, name, namespace, username,
+                      device_root(tenant, name))
+    secret = await platform.objects.get(SECRETS, credential_secret_name(IdentityKind.DEVICE, name),
+                                        namespace)
+    if secret is not None:
+        await revoke_credential(platform, subject, secret, outcome, reason="Deleted")
+    await platform.broker.remove_identity(username)
+    await platform.messenger.publish(state_desired_topic(subject.topic_root), b"", retain=True)
+    forget_expiry(platform, tenant, "device", name)
+    platform.gateway_refresh(namespace)
+    return outcome
+
+
+def forget_expiry(platform: Platform, tenant: str, kind: str, name: str) -> None:
+    with contextlib.suppress(KeyError):  # never issued
+        platform.metrics.certificate_expiry.remove(tenant, kind, name)
+
+
+async def _quota_refusal(platform: Platform, tenant_spec: TenantSpec, namespace: str,
+                         name: str) -> str | None:
+    """A message when this device is beyond the tenant's device quota (oldest first are in)."""
+    limit = tenant_spec.quotas.max_devices
+    if limit is None:
+        return None
+    devices = [d for d in await platform.objects.list(DEVICES, namespace)
+               if not d["metadata"].get("deletionTimestamp")]
+    order = sorted(devices, key=lambda d: (d["metadata"].get("creationTimestamp") or "",
+                                           d["metadata"]["name"]))
+    names = [d["metadata"]["name"] for d in order]
+    if name in names and names.index(name) < limit:
+        return None
+    return (f"the tenant allows {limit} devices and {len(names)} exist; this one is not "
+            "admitted until others are deleted or the quota is raised")
+
+
+async def _serving_gateway(platform: Platform, namespace: str, labels: dict[str, str]
+                           ) -> str | None:
+    for gateway in sorted(await platform.objects.list(GATEWAYS, namespace),
+                          key=lambda g: g["metadata"]["name"]):
+        try:
+            spec = parse_spec(GatewaySpec, gateway)
+        except ValidationError:
+            continue
+        if not spec.suspended and selector_matches(spec.selector, labels):
+            return str(gateway["metadata"]["name"])
+    return None
+
+
+async def _ensure_access(platform: Platform, tenant: str, username: str, credential: Any,
+                         suspended: bool, outcome: Outcome) -> ConditionUpdate:
+    try:
+        if suspended:
+            await platform.broker.set_enabled(username, False)
+            return ConditionUpdate(ACCESS_READY, False, "Suspended",
+                                   "the broker refuses the device while it is suspended")
+        if credential is None:
+            return ConditionUpdate(ACCESS_READY, False, "NoCredential",
+                                   "no broker access without a credential")
+        name = username.split(".", 1)[1]
+        await platform.broker.ensure_identity(BrokerIdentity(
+            username=username, tenant=tenant, kind=IdentityKind.DEVICE,
+            rules=device_access(tenant, name), credential=credential, enabled=True))
+    except BrokerError as exc:
+        return broker_failure(platform, exc, outcome)
+    return ConditionUpdate(ACCESS_READY, True, "RulesApplied",
+                           "the broker allows exactly the device's own topics")
+
+
+async def _forget_broker_identity(platform: Platform, username: str, outcome: Outcome) -> None:
+    try:
+        await platform.broker.remove_identity(username)
+    except BrokerError as exc:
+        broker_failure(platform, exc, outcome)
+
+
+def broker_failure(platform: Platform, exc: BrokerError, outcome: Outcome) -> ConditionUpdate:
+    """A broker error as a condition; retryable ones schedule a retry."""
+    platform.metrics.broker_errors.labels(platform.broker_kind, type(exc).__name__).inc()
+    if exc.retryable:
+        outcome.retry_after, outcome.retry_reason = 10.0, exc.reason
+    else:
+        outcome.warning(exc.reason, str(exc))
+    return ConditionUpdate(ACCESS_READY, False, exc.reason, str(exc))
+
+
+async def _publish_desired(platform: Platform, root: str, desired: dict[str, Any],
+                           outcome: Outcome) -> None:
+    payload = json.dumps(desired, sort_keys=True, separators=(",", ":")).encode()
+    await platform.messenger.publish(state_desired_topic(root), payload, retain=True)

@@ -1,0 +1,469 @@
+"""The FirmwareRelease controller: signed jobs to the devices of each wave, status from reports.
+
+The rollout decisions (waves, outcomes, abort) are made by `reconcile.rollout.plan_rollout`; this
+module gathers what it needs (the selected devices, what they report, the other releases), signs
+and publishes the jobs it asks for, and turns the plan into the release's status.
+
+Jobs are per device: the signed manifest names the device and the tenant, so a job cannot be
+replayed to another device. A job is published (retained) once per device and release; the
+Device's `status.firmware.target`/`release` record that it was sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from kubiot_operator.contract import device_root, ota_job_topic
+from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, KubeError
+from kubiot_operator.models.firmware import (
+    DeviceSelector,
+    FirmwareReleaseSpec,
+    ReleasePhase,
+    RolloutCounts,
+)
+from kubiot_operator.pki import canonical_manifest, sign_manifest
+from kubiot_operator.pki.firmware import SIGNATURE_FIELD
+from kubiot_operator.reconcile.conditions import ConditionUpdate, set_conditions
+from kubiot_operator.reconcile.rollout import (
+    DeviceFirmware,
+    DeviceOutcome,
+    RolloutPlan,
+    RolloutState,
+    plan_rollout,
+)
+from kubiot_operator.reconcile.selectors import device_selected
+
+from .objects import (
+    conditions_wire,
+    current_conditions,
+    generation,
+    parse_spec,
+    tenant_of_namespace,
+    validation_message,
+)
+from .platform import Outcome, Platform
+
+RECHECK_SECONDS = 2.0  # while devices of a wave are still working
+TENANT_RETRY_SECONDS = 10.0
+PROGRESSING = "Progressing"
+ROLLED_BACK = "RolledBack"
+COUNT_STATES = ("pending", "downloading", "installing", "succeeded", "failed", "timed_out",
+                "rolled_back")
+
+
+# --- pure decisions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    """A FirmwareRelease as the decisions need it."""
+
+    name: str
+    created: str  # creationTimestamp; RFC 3339 strings sort in time order
+    spec: FirmwareReleaseSpec
+    phase: str | None = None
+
+    @property
+    def age_key(self) -> tuple[str, str]:
+        """Creation order; the name breaks ties between releases created in the same second."""
+        return self.created, self.name
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A Device as the rollout needs it."""
+
+    name: str
+    labels: Mapping[str, str]
+    model: str | None
+    firmware: Mapping[str, Any]
+
+    @property
+    def current(self) -> str | None:
+        value = self.firmware.get("current")
+        return str(value) if value is not None else None
+
+    def sent(self, release: str, version: str) -> bool:
+        """Whether this device already has `release`'s job."""
+        return self.firmware.get("release") == release and self.firmware.get("target") == version
+
+    def as_rollout_input(self) -> DeviceFirmware:
+        state, version = self.firmware.get("state"), self.firmware.get("stateVersion")
+        return DeviceFirmware(self.name, self.current, str(state) if state else None,
+                              str(version) if version else None)
+
+    def selected_by(self, selector: DeviceSelector) -> bool:
+        return device_selected(selector, self.labels, self.model)
+
+
+def may_send(device: DeviceView, release: ReleaseView, ages: Mapping[str, tuple[str, str]],
+             phase: ReleasePhase) -> bool:
+    """Whether this release may (re)place the device's job: never over a newer release's.
+
+    A device whose job came from a release that no longer exists is left alone by a finished
+    release (it would be a silent downgrade) but taken by one still rolling out.
+    """
+    holder = device.firmware.get("release")
+    if not holder or holder == release.name:
+        return True
+    age = ages.get(str(holder))
+    if age is None:
+        return phase in (ReleasePhase.PROGRESSING, ReleasePhase.PAUSED)
+    return age < release.age_key
+
+
+def release_manifest(spec: FirmwareReleaseSpec, tenant: str, release: str) -> dict[str, Any]:
+    """The manifest every device of a release gets, before it is bound to one device."""
+    return {"version": spec.version, "url": spec.artifact.url, "sha256": spec.artifact.sha256,
+            "size": spec.artifact.size, "release": release, "tenant": tenant}
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_manifest(manifest)).hexdigest()
+
+
+def signed_job(key: Ed25519PrivateKey, manifest: Mapping[str, Any], device: str) -> bytes:
+    """The `ota/job` payload for one device: its manifest plus the signature over it."""
+    bound = {**manifest, "device": device}
+    bound[SIGNATURE_FIELD] = sign_manifest(key, bound)
+    return json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+
+
+def superseding_release(release: ReleaseView, others: Sequence[ReleaseView],
+                        devices: Sequence[DeviceView]) -> str | None:
+    """The newest release created after this one that targets any of the same devices."""
+    mine = {d.name for d in devices if d.selected_by(release.spec.selector)}
+    newer = sorted((o for o in others if o.age_key > release.age_key), key=lambda o: o.age_key,
+                   reverse=True)
+    for other in newer:
+        if any(d.name in mine and d.selected_by(other.spec.selector) for d in devices):
+            return other.name
+    return None
+
+
+def previous_release(release: ReleaseView, others: Sequence[ReleaseView], device: DeviceView
+                     ) -> ReleaseView | None:
+    """What a failed device goes back to.
+
+    The newest release created before this one that targets the device, with another version,
+    and that either Succeeded or carries the version the device still reports running.
+    """
+    older = sorted((o for o in others if o.age_key < release.age_key
+                    and o.spec.version != release.spec.version
+                    and device.selected_by(o.spec.selector)),
+                   key=lambda o: o.age_key, reverse=True)
+    for other in older:
+        if other.phase == ReleasePhase.SUCCEEDED or other.spec.version == device.current:
+            return other
+    return None
+
+
+def rollout_state(status: Mapping[str, Any], digest: str) -> RolloutState:
+    """What the status remembers; a changed manifest (new version or artifact) starts over."""
+    if not status.get("phase") or (status.get("manifestSha256") not in (None, digest)):
+        return RolloutState()
+    try:
+        phase = ReleasePhase(status["phase"])
+    except ValueError:
+        return RolloutState()
+    starts = tuple(_parse_time(t) for t in status.get("waveStartTimes") or [])
+    completed = status.get("waveCompletedAt")
+    return RolloutState(phase=phase, current_wave=int(status.get("currentWave") or 0),
+                        wave_starts=starts,
+                        wave_completed_at=_parse_time(completed) if completed else None)
+
+
+def retry_after(plan: RolloutPlan, spec: FirmwareReleaseSpec, now: datetime) -> float | None:
+    """Seconds until something can change that no watch event announces."""
+    if plan.phase is not ReleasePhase.PROGRESSING:
+        return None
+    if plan.wave_completed_at is None:
+        return RECHECK_SECONDS
+    next_wave = plan.wave_completed_at.timestamp() + spec.strategy.pause_between_waves_seconds
+    return max(0.1, next_wave - now.timestamp())
+
+
+def wire_time(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def counts_wire(counts: RolloutCounts) -> dict[str, int]:
+    return {k: int(v) for k, v in counts.model_dump(by_alias=True).items()}
+
+
+# --- the controller --------------------------------------------------------------------------
+
+
+@dataclass
+class _Release:
+    """One reconcile's facts about the release being reconciled."""
+
+    name: str
+    namespace: str
+    tenant: str
+    view: ReleaseView
+    manifest: dict[str, Any]
+    status: dict[str, Any]
+
+
+async def reconcile_release(platform: Platform, body: dict[str, Any]) -> Outcome:
+    """Advance the rollout one step and return the release's status."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    # The change handler and the periodic recheck may run at once. One at a time, each from
+    # the status the previous one wrote (written here too, before the lock is released), so a
+    # wave start or an abort is announced and counted once.
+    async with platform.lock(f"FirmwareRelease/{namespace}/{name}"):
+        latest = await platform.objects.get(FIRMWARERELEASES, name, namespace)
+        outcome = await _reconcile(platform, latest if latest is not None else body)
+        try:
+            await platform.objects.patch(FIRMWARERELEASES, name, {"status": outcome.status},
+                                         namespace, subresource="status")
+        except KubeError as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to record
+                raise
+        return outcome
+
+
+async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    previous_status: dict[str, Any] = dict(body.get("status") or {})
+    conditions = current_conditions(body)
+    now = platform.clock()
+    outcome = Outcome(status={"observedGeneration": generation(body)})
+
+    def finish(phase: ReleasePhase, updates: list[ConditionUpdate]) -> Outcome:
+        merged = set_conditions(conditions, updates, now, generation(body))
+        outcome.status.update(phase=phase.value, conditions=conditions_wire(merged))
+        return outcome
+
+    try:
+        spec = parse_spec(FirmwareReleaseSpec, body)
+    except ValidationError as exc:
+        message = validation_message(exc)
+        outcome.warning("InvalidSpec", message)
+        return finish(ReleasePhase.PENDING, [ConditionUpdate("Ready", False, "InvalidSpec",
+                                                             message)])
+    found = await tenant_of_namespace(platform.objects, namespace)
+    if found is None:
+        outcome.retry_after, outcome.retry_reason = TENANT_RETRY_SECONDS, "TenantNotFound"
+        return finish(ReleasePhase.PENDING, [ConditionUpdate(
+            "Ready", False, "TenantNotFound", f"namespace {namespace} belongs to no Tenant (yet)")])
+    tenant = found[0]
+    manifest = release_manifest(spec, tenant, name)
+    digest = manifest_digest(manifest)
+    view = ReleaseView(name, meta.get("creationTimestamp") or "", spec,
+                       previous_status.get("phase"))
+    release = _Release(name, namespace, tenant, view, manifest, previous_status)
+
+    devices = await _devices(platform, namespace)
+    targeted = [d for d in devices if d.selected_by(spec.selector)]
+    others = await _other_releases(platform, namespace, name)
+    state = before = rollout_state(previous_status, digest)
+    superseded_by = previous_status.get("supersededBy") if state.phase is \
+        ReleasePhase.SUPERSEDED else None
+    if state.phase not in (ReleasePhase.SUCCEEDED, ReleasePhase.ABORTED,
+                           ReleasePhase.SUPERSEDED):
+        superseded_by = superseding_release(view, others, devices)
+        if superseded_by is not None:
+            state = replace(state, phase=ReleasePhase.SUPERSEDED)
+
+    plan = plan_rollout(spec, str(meta.get("uid") or name), [d.as_rollout_input()
+                                                             for d in targeted], state, now)
+    key = await platform.authority.signing_key(tenant)
+    by_name = {d.name: d for d in targeted}
+    ages = {o.name: o.age_key for o in others}
+    for device in plan.send_job:
+        if may_send(by_name[device], view, ages, plan.phase):
+            await _send(platform, release, key, manifest, by_name[device])
+    handed_back, stranded = await _roll_back(platform, release, key, plan, others, by_name)
+
+    counts = _counts(plan, state, previous_status, handed_back)
+    _record_metrics(platform, tenant, name, counts)
+    _announce(outcome, plan, before, previous_status, platform, tenant, name)
+    outcome.status.update(
+        targeted=len(targeted), currentWave=plan.current_wave, wavesTotal=plan.waves_total,
+        counts=counts_wire(counts), progress=plan.progress, manifestSha256=digest,
+        waveStartTimes=[wire_time(t) for t in plan.wave_starts],
+        waveCompletedAt=wire_time(plan.wave_completed_at) if plan.wave_completed_at else None,
+        supersededBy=superseded_by)
+    retry = retry_after(plan, spec, now)
+    if plan.phase is ReleasePhase.ABORTED and state.phase is not ReleasePhase.ABORTED:
+        retry = RECHECK_SECONDS  # the devices still working when it aborted are rolled back next
+    if retry is not None:
+        outcome.retry_after, outcome.retry_reason = retry, plan.reason or plan.phase.value
+        outcome.planned = True
+    return finish(plan.phase, _conditions(plan, handed_back, stranded))
+
+
+async def delete_release(platform: Platform, body: dict[str, Any]) -> Outcome:
+    """Withdraw the job from devices that have not installed it; forget the release's metrics."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    outcome = Outcome(status={})
+    found = await tenant_of_namespace(platform.objects, namespace)
+    if found is not None:
+        tenant = found[0]
+        for state in COUNT_STATES:
+            with contextlib.suppress(KeyError):  # never reported
+                platform.metrics.rollout_devices.remove(tenant, name, state)
+        with contextlib.suppress(KeyError):
+            platform.metrics.rollouts_aborted.remove(tenant, name)
+        for device in await _devices(platform, namespace):
+            target = device.firmware.get("target")
+            if device.firmware.get("release") != name or device.current == target:
+                continue
+            await platform.messenger.publish(ota_job_topic(device_root(tenant, device.name)), b"",
+                                             retain=True)
+            await _patch_firmware(platform, namespace, device.name,
+                                  {"target": None, "release": None})
+    return outcome
+
+
+async def _devices(platform: Platform, namespace: str) -> list[DeviceView]:
+    views = []
+    for body in await platform.objects.list(DEVICES, namespace):
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        views.append(DeviceView(meta["name"], meta.get("labels") or {}, spec.get("model"),
+                                status.get("firmware") or {}))
+    return views
+
+
+async def _other_releases(platform: Platform, namespace: str, name: str) -> list[ReleaseView]:
+    views = []
+    for body in await platform.objects.list(FIRMWARERELEASES, namespace):
+        meta = body["metadata"]
+        if meta["name"] == name or meta.get("deletionTimestamp"):
+            continue
+        try:
+            spec = parse_spec(FirmwareReleaseSpec, body)
+        except ValidationError:
+            continue  # it reports its own invalid spec
+        views.append(ReleaseView(meta["name"], meta.get("creationTimestamp") or "", spec,
+                                 (body.get("status") or {}).get("phase")))
+    return views
+
+
+async def _send(platform: Platform, release: _Release, key: Ed25519PrivateKey,
+                manifest: Mapping[str, Any], device: DeviceView) -> bool:
+    """Publish `manifest`'s job to the device unless it already has it; True when sent."""
+    version, name = str(manifest["version"]), str(manifest["release"])
+    if device.sent(name, version):
+        return False
+    topic = ota_job_topic(device_root(release.tenant, device.name))
+    await platform.messenger.publish(topic, signed_job(key, manifest, device.name), retain=True)
+    await _patch_firmware(platform, release.namespace, device.name,
+                          {"target": version, "release": name})
+    return True
+
+
+async def _roll_back(platform: Platform, release: _Release, key: Ed25519PrivateKey,
+                     plan: RolloutPlan, others: Sequence[ReleaseView],
+                     by_name: Mapping[str, DeviceView]) -> tuple[int, int]:
+    """Send each failed device still holding this release's job its previous release.
+
+    Returns how many devices no longer hold this release's job, and how many have no previous
+    release to go back to.
+    """
+    handed_back = stranded = 0
+    for name in plan.roll_back:
+        device = by_name[name]
+        if device.firmware.get("release") != release.name:
+            handed_back += 1  # already rolled back, or a newer release has taken it over
+            continue
+        previous = previous_release(release.view, others, device)
+        if previous is None:
+            stranded += 1
+            continue
+        manifest = release_manifest(previous.spec, release.tenant, previous.name)
+        await _send(platform, release, key, manifest, device)
+        handed_back += 1
+    return handed_back, stranded
+
+
+async def _patch_firmware(platform: Platform, namespace: str, device: str,
+                          firmware: dict[str, Any]) -> None:
+    try:
+        await platform.objects.patch(DEVICES, device, {"status": {"firmware": firmware}},
+                                     namespace, subresource="status")
+    except KubeError as exc:
+        if exc.status != 404:  # a device deleted meanwhile needs nothing
+            raise
+
+
+def _counts(plan: RolloutPlan, state: RolloutState, previous_status: Mapping[str, Any],
+            handed_back: int) -> RolloutCounts:
+    """The plan's tally; once aborted, the tally at the abort stays, plus who was rolled back.
+
+    After a rollback a device reports on the previous release's job, so recomputing would blur
+    why it was rolled back.
+    """
+    counts = plan.counts
+    frozen = previous_status.get("counts")
+    if plan.phase is ReleasePhase.ABORTED and state.phase is ReleasePhase.ABORTED and frozen:
+        with contextlib.suppress(ValidationError):
+            counts = RolloutCounts.model_validate(frozen)
+    return counts.model_copy(update={"rolled_back": handed_back})
+
+
+def _record_metrics(platform: Platform, tenant: str, release: str, counts: RolloutCounts) -> None:
+    for state in COUNT_STATES:
+        platform.metrics.rollout_devices.labels(tenant, release, state).set(
+            getattr(counts, state))
+
+
+def _announce(outcome: Outcome, plan: RolloutPlan, state: RolloutState,
+              previous_status: Mapping[str, Any], platform: Platform, tenant: str,
+              release: str) -> None:
+    """Events (and the abort counter) for what changed in this reconcile."""
+    phase, was = plan.phase, state.phase
+    started_before = len(state.wave_starts) if previous_status.get("phase") else 0
+    if phase in (ReleasePhase.PROGRESSING, ReleasePhase.PAUSED) and \
+            len(plan.wave_starts) > started_before:
+        size = sum(1 for o in plan.outcomes.values() if o is not DeviceOutcome.WAITING)
+        what = "canary" if plan.current_wave == 0 else f"wave {plan.current_wave}"
+        outcome.normal("WaveStarted", f"{what} started: {size} devices have the job")
+    if phase is was:
+        return
+    if phase is ReleasePhase.ABORTED:
+        platform.metrics.rollouts_aborted.labels(tenant, release).inc()
+        outcome.warning("RolloutAborted", plan.message)
+    elif phase is ReleasePhase.SUCCEEDED:
+        outcome.normal("RolloutSucceeded", plan.message)
+    elif phase is ReleasePhase.PAUSED:
+        outcome.normal("RolloutPaused", plan.message)
+    elif phase is ReleasePhase.SUPERSEDED:
+        outcome.normal("Superseded", plan.message)
+    elif phase is ReleasePhase.PROGRESSING and was is ReleasePhase.PAUSED:
+        outcome.normal("RolloutResumed", plan.message)
+
+
+def _conditions(plan: RolloutPlan, handed_back: int, stranded: int) -> list[ConditionUpdate]:
+    updates = [
+        ConditionUpdate("Ready", plan.phase is ReleasePhase.SUCCEEDED, plan.reason, plan.message),
+        ConditionUpdate(PROGRESSING, plan.phase is ReleasePhase.PROGRESSING, plan.reason,
+                        plan.message),
+    ]
+    if plan.roll_back:
+        updates.append(ConditionUpdate(
+            ROLLED_BACK, stranded == 0, "NoPreviousRelease" if stranded else "PreviousReleaseSent",
+            f"{handed_back} devices were sent their previous release"
+            + (f"; {stranded} have no previous release to go back to" if stranded else "")))
+    return updates

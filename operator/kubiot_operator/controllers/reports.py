@@ -1,0 +1,86 @@
+"""Device reports (presence, reported state, firmware progress) into status, rate-limited."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from kubiot_operator.contract import IdentityKind
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeError
+from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.models.tenant import TenantSpec
+from kubiot_operator.reconcile.reports import PendingReport, ReportBuffer, ReportKey, TokenBucket
+from kubiot_operator.reconcile.tenant import tenant_namespace
+
+from .objects import parse_spec
+from .platform import utc_now
+from .ports import Objects
+
+log = logging.getLogger(__name__)
+
+
+class ReportPump:
+    """Collects reports as they arrive and patches status in batches at a bounded rate."""
+
+    def __init__(self, objects: Objects, metrics: OperatorMetrics, *, flush_seconds: float,
+                 patches_per_second: float, clock: Callable[[], datetime] = utc_now) -> None:
+        self._objects = objects
+        self._metrics = metrics
+        self._flush_seconds = flush_seconds
+        self._bucket = TokenBucket(patches_per_second, burst=patches_per_second * 2,
+                                   now=time.monotonic())
+        self._clock = clock
+        self._buffer = ReportBuffer()
+        self._namespaces: dict[str, str] = {}
+        self._online: dict[str, set[str]] = {}
+        self.ignored = 0
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Called by the MQTT connection for each report; never blocks."""
+        if self._buffer.add(topic, payload, self._clock()) is not None:
+            self.ignored += 1
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Patch as many pending reports as the rate allows; returns how many were written."""
+        allowed = self._bucket.take(len(self._buffer), time.monotonic())
+        written = 0
+        for key, report in self._buffer.drain(allowed):
+            if await self._patch(key, report):
+                written += 1
+        return written
+
+    async def _patch(self, key: ReportKey, report: PendingReport) -> bool:
+        namespace = await self._namespace_of(key.tenant)
+        if namespace is None:
+            return False
+        kind = DEVICES if key.kind is IdentityKind.DEVICE else GATEWAYS
+        patch = report.status_patch()
+        try:
+            await self._objects.patch(kind, key.name, {"status": patch}, namespace,
+                                      subresource="status")
+        except KubeError as exc:
+            if exc.status != 404:
+                log.warning("status patch for %s/%s failed: %s", namespace, key.name, exc)
+            return False
+        self._metrics.status_patches.inc()
+        if report.online is not None and key.kind is IdentityKind.DEVICE:
+            online = self._online.setdefault(key.tenant, set())
+            (online.add if report.online else online.discard)(key.name)
+            self._metrics.devices_online.labels(key.tenant).set(len(online))
+        return True
+
+    async def _namespace_of(self, tenant: str) -> str | None:
+        if tenant not in self._namespaces:
+            body = await self._objects.get(TENANTS, tenant)
+            if body is None:
+                return None
+            self._namespaces[tenant] = tenant_namespace(tenant, parse_spec(TenantSpec, body))
+        return self._namespaces[tenant]

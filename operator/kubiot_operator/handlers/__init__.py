@@ -1,0 +1,153 @@
+"""kopf glue: one registry with the startup/cleanup of the runtime and a handler set per kind.
+
+Handlers only connect kopf to the controllers: run one, write the status it concluded, post
+its events, and turn "try later" into `kopf.TemporaryError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import kopf
+
+from kubiot_operator import API_GROUP, API_VERSION
+from kubiot_operator.brokers import BrokerBackend, BrokerError
+from kubiot_operator.controllers.device import delete_device, reconcile_device
+from kubiot_operator.controllers.firmware import delete_release, reconcile_release
+from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
+from kubiot_operator.controllers.platform import Outcome, Platform
+from kubiot_operator.controllers.ports import TrustPublisher
+from kubiot_operator.controllers.tenant import delete_tenant, reconcile_tenant
+from kubiot_operator.kube.client import Connection, KubeError
+from kubiot_operator.mqtt import MessengerUnavailable
+from kubiot_operator.settings import OperatorSettings
+
+from .runtime import Runtime
+
+FINALIZER = f"{API_GROUP}/cleanup"
+RETRY_SECONDS = 10.0
+LoginFn = Callable[..., kopf.ConnectionInfo | None]
+Controller = Callable[[Platform, dict[str, Any]], Awaitable[Outcome]]
+TRANSIENT = (BrokerError, MessengerUnavailable, KubeError, OSError)
+
+
+def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod, the service account; elsewhere, the kubeconfig."""
+    return (kopf.login_with_service_account(**kwargs)
+            or kopf.login_with_kubeconfig(**kwargs))
+
+
+class Operator:
+    """The registry plus the runtime it starts; `registry` goes to `kopf.operator`/`kopf.run`."""
+
+    def __init__(self, settings: OperatorSettings, *, login: LoginFn = default_login,
+                 broker: BrokerBackend | None = None, trust: TrustPublisher | None = None,
+                 registry: kopf.OperatorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or kopf.OperatorRegistry()
+        self.runtime: Runtime | None = None
+        self._login = login
+        self._broker = broker
+        self._trust = trust
+        self._register()
+
+    @property
+    def platform(self) -> Platform:
+        if self.runtime is None or self.runtime.platform is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        return self.runtime.platform
+
+    def _register(self) -> None:
+        reg = self.registry
+
+        @kopf.on.startup(registry=reg)
+        async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+            _configure_kopf(settings, self.settings)
+            info = self._login(settings=settings, logger=logging.getLogger("kopf"))
+            if info is None:
+                raise kopf.PermanentError("no Kubernetes credentials found")
+            self.runtime = Runtime(self.settings, Connection.from_kopf(info),
+                                   broker=self._broker, trust=self._trust)
+            await self.runtime.start()
+
+        @kopf.on.login(registry=reg)
+        def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+            return self._login(**kwargs)
+
+        @kopf.on.cleanup(registry=reg)
+        async def cleanup(**_: Any) -> None:
+            if self.runtime is not None:
+                await self.runtime.stop()
+
+        self._register_kind("tenants", "Tenant", reconcile_tenant, delete_tenant,
+                            timer=self.settings.resync_period_seconds)
+        self._register_kind("devices", "Device", reconcile_device, delete_device,
+                            timer=self.settings.renewal_check_seconds)
+        self._register_kind("gateways", "Gateway", reconcile_gateway, delete_gateway,
+                            timer=self.settings.renewal_check_seconds)
+        self._register_kind("firmwarereleases", "FirmwareRelease", reconcile_release,
+                            delete_release, timer=5.0)
+
+    def _register_kind(self, plural: str, kind: str, reconcile: Controller, delete: Controller,
+                       *, timer: float) -> None:
+        reg = self.registry
+
+        async def on_change(body: kopf.Body, **_: Any) -> None:
+            await self._run(kind, reconcile, body)
+
+        async def on_delete(body: kopf.Body, **_: Any) -> None:
+            await self._run(kind, delete, body, write_status=False)
+
+        async def periodic(body: kopf.Body, **_: Any) -> None:
+            if not body.get("metadata", {}).get("deletionTimestamp"):
+                await self._run(kind, reconcile, body)
+
+        for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
+            decorator(API_GROUP, API_VERSION, plural, registry=reg, id="reconcile")(on_change)
+        kopf.on.delete(API_GROUP, API_VERSION, plural, registry=reg, id="cleanup")(on_delete)
+        kopf.timer(API_GROUP, API_VERSION, plural, registry=reg, id="recheck",
+                   interval=timer, initial_delay=timer, idle=timer / 2)(periodic)
+
+    async def _run(self, kind: str, controller: Controller, body: kopf.Body, *,
+                   write_status: bool = True) -> None:
+        platform = self.platform
+        assert self.runtime is not None
+        raw = _plain(body)
+        try:
+            with self.runtime.metrics.reconciling(kind):
+                outcome = await controller(platform, raw)
+                if write_status and outcome.status:
+                    await self.runtime.write_status(raw, outcome)
+        except TRANSIENT as exc:
+            reason = getattr(exc, "reason", type(exc).__name__)
+            self.runtime.metrics.reconcile_errors.labels(kind, reason).inc()
+            raise kopf.TemporaryError(f"{reason}: {exc}", delay=RETRY_SECONDS) from exc
+        for event in outcome.events:
+            kopf.event(body, type=event.type.value, reason=event.reason, message=event.message)
+        if outcome.retry_after is not None:
+            if not outcome.planned:
+                self.runtime.metrics.reconcile_errors.labels(kind, outcome.retry_reason).inc()
+            # kopf re-runs a handler only after an exception; a planned recheck is one too.
+            raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
+
+
+def _configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    kopf_settings.persistence.finalizer = FINALIZER
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=API_GROUP)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    kopf_settings.execution.max_workers = settings.max_workers
+    kopf_settings.posting.level = logging.INFO
+    kopf_settings.watching.server_timeout = 600
+    kopf_settings.networking.request_timeout = 60
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's read-only body as a plain dict (its nested values are already plain)."""
+    return {key: body[key] for key in body}
+
+
+__all__ = ["FINALIZER", "Operator", "default_login"]

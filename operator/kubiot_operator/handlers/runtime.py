@@ -1,0 +1,155 @@
+"""What the operator process holds while it runs: connections, the platform, background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kubiot_operator.brokers import BrokerBackend, backend_from_settings
+from kubiot_operator.contract import report_filters
+from kubiot_operator.controllers.gateway import GatewayRefresher
+from kubiot_operator.controllers.platform import Outcome, Platform
+from kubiot_operator.controllers.ports import TrustPublisher
+from kubiot_operator.controllers.reports import ReportPump
+from kubiot_operator.controllers.resync import resync_forever
+from kubiot_operator.kube.client import Connection, KubeClient, kind_of
+from kubiot_operator.kube.secrets import SecretMaterialStore, SecretTrustPublisher
+from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.mqtt import OperatorMqtt
+from kubiot_operator.pki import TenantAuthority
+from kubiot_operator.reconcile.identity import BrokerEndpoint
+from kubiot_operator.reconcile.tenant import IngestEnvironment
+from kubiot_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Started once by the startup handler, stopped by the cleanup handler."""
+
+    def __init__(self, settings: OperatorSettings, connection: Connection,
+                 registry: CollectorRegistry | None = None,
+                 broker: BrokerBackend | None = None,
+                 trust: TrustPublisher | None = None) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.registry = registry or CollectorRegistry()
+        self.metrics = OperatorMetrics(self.registry)
+        self._broker = broker
+        self._trust = trust
+        self.kube: KubeClient | None = None
+        self.platform: Platform | None = None
+        self.mqtt: OperatorMqtt | None = None
+        self.reports: ReportPump | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http: web.AppRunner | None = None
+
+    async def start(self) -> Platform:
+        settings = self.settings
+        self.kube = await KubeClient(self.connection).__aenter__()
+        broker = self._broker or backend_from_settings(settings)
+        self.reports = ReportPump(self.kube, self.metrics,
+                                  flush_seconds=settings.status_flush_seconds,
+                                  patches_per_second=settings.status_patches_per_second)
+        self.mqtt = OperatorMqtt(
+            settings.broker_admin_host, settings.broker_admin_port,
+            settings.broker_admin_username, settings.broker_admin_password.get_secret_value(),
+            client_id=f"kubiot-operator-{settings.namespace}",
+            tls=_admin_tls(settings), subscriptions=report_filters(),
+            on_message=self.reports.on_message)
+        ca_pem = _read(settings.broker_ca_file)
+        self.platform = Platform(
+            objects=self.kube,
+            authority=TenantAuthority(SecretMaterialStore(self.kube, settings.namespace)),
+            broker=broker, messenger=self.mqtt,
+            trust=self._trust or SecretTrustPublisher(self.kube, settings.namespace),
+            metrics=self.metrics,
+            endpoint=BrokerEndpoint(settings.broker_public_host, settings.broker_public_port,
+                                    ca_pem),
+            ingest=IngestEnvironment(
+                image=settings.ingest_image, broker_host=settings.broker_admin_host,
+                broker_port=settings.broker_admin_port,
+                platform_database_secret=settings.platform_database_secret,
+                platform_database_key=settings.platform_database_key),
+            ca_namespace=settings.namespace, broker_kind=settings.broker.value)
+        refresher = GatewayRefresher(self.platform, self.write_status)
+        self.platform.gateway_refresh = refresher.request
+        self._spawn(self.mqtt.run(), "mqtt")
+        self._spawn(self.reports.run(), "reports")
+        self._spawn(refresher.run(), "gateways")
+        self._spawn(resync_forever(self.platform, settings.resync_period_seconds), "resync")
+        if settings.metrics_port:
+            await self._serve_http(settings.metrics_port)
+        return self.platform
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.platform is not None:
+            await self.platform.broker.aclose()
+        if self.kube is not None:
+            await self.kube.__aexit__(None, None, None)
+
+    async def write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """Patch the status subresource with what a reconcile concluded."""
+        assert self.kube is not None
+        meta = body["metadata"]
+        await self.kube.patch(kind_of(body), meta["name"], {"status": outcome.status},
+                              meta.get("namespace"), subresource="status")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=f"kubiot-{name}")
+        task.add_done_callback(_log_crash)
+        self._tasks.append(task)
+
+    async def _serve_http(self, port: int) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = self.mqtt is not None and self.mqtt.connected
+            return web.Response(status=200 if ready else 503,
+                                text="ready\n" if ready else "broker session not up\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        await web.TCPSite(self._http, "0.0.0.0", port).start()
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
+def _admin_tls(settings: OperatorSettings) -> ssl.SSLContext | None:
+    if not settings.broker_admin_tls:
+        return None
+    return ssl.create_default_context(
+        cafile=str(settings.broker_ca_file) if settings.broker_ca_file else None)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r", task.get_name(), task.exception())

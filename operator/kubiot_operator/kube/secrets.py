@@ -1,0 +1,58 @@
+"""Secrets as the home of PKI material and of the bundles brokers read."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from kubiot_operator.reconcile.tenant import MANAGED_BY
+
+from .client import SECRETS, KubeClient
+
+TRUST_SECRET = "kubiot-broker-trust"
+
+
+def secret_object(name: str, namespace: str, data: Mapping[str, bytes],
+                  labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {**MANAGED_BY, **(labels or {})}},
+        "data": {k: base64.b64encode(v).decode() for k, v in sorted(data.items())},
+    }
+
+
+def secret_data(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
+class SecretMaterialStore:
+    """The PKI's MaterialStore on Secrets in the operator's namespace."""
+
+    def __init__(self, kube: KubeClient, namespace: str) -> None:
+        self._kube = kube
+        self._namespace = namespace
+
+    async def get(self, name: str) -> dict[str, bytes] | None:
+        secret = await self._kube.get(SECRETS, name, self._namespace)
+        return None if secret is None else secret_data(secret)
+
+    async def put(self, name: str, data: Mapping[str, bytes]) -> None:
+        await self._kube.ensure(secret_object(name, self._namespace, data))
+
+    async def delete(self, name: str) -> None:
+        await self._kube.delete(SECRETS, name, self._namespace)
+
+
+class SecretTrustPublisher:
+    """Writes the CA and CRL bundles into one Secret that the broker mounts."""
+
+    def __init__(self, kube: KubeClient, namespace: str, name: str = TRUST_SECRET) -> None:
+        self._kube = kube
+        self._namespace = namespace
+        self._name = name
+
+    async def publish(self, ca_bundle: bytes, crl_bundle: bytes) -> None:
+        await self._kube.ensure(secret_object(self._name, self._namespace, {
+            "ca-bundle.pem": ca_bundle, "crl-bundle.pem": crl_bundle}))

@@ -1,0 +1,42 @@
+"""Simulated devices: real MQTT v5 clients with the credentials the operator issues."""
+
+from kubiot_operator.simulator.artifacts import (
+    ArtifactSource,
+    ArtifactUnavailable,
+    SyntheticArtifacts,
+    UrlArtifacts,
+    synthetic_image,
+)
+from kubiot_operator.simulator.credentials import BundleIncomplete, DeviceCredentials
+from kubiot_operator.simulator.device import OtaReport, SimulatedDevice
+from kubiot_operator.simulator.fleet import Fleet
+from kubiot_operator.simulator.ota import (
+    FirmwareJob,
+    JobRefused,
+    OtaState,
+    Refusal,
+    check_image,
+    parse_job,
+)
+from kubiot_operator.simulator.scenario import InstallResult, Scenario
+
+__all__ = [
+    "ArtifactSource",
+    "ArtifactUnavailable",
+    "BundleIncomplete",
+    "DeviceCredentials",
+    "FirmwareJob",
+    "Fleet",
+    "InstallResult",
+    "JobRefused",
+    "OtaReport",
+    "OtaState",
+    "Refusal",
+    "Scenario",
+    "SimulatedDevice",
+    "SyntheticArtifacts",
+    "UrlArtifacts",
+    "check_image",
+    "parse_job",
+    "synthetic_image",
+]

@@ -1,0 +1,263 @@
+"""A simulated device: a real MQTT v5 client with the device's own mutual-TLS identity.
+
+It announces presence (with `offline` as its last will), sends telemetry, reports and applies
+its twin, and installs firmware from signed `ota/job` messages as a real device would: verify
+the signature and that the job is its own, download, check size and SHA-256, install, report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from kubiot_operator.contract import (
+    PRESENCE_OFFLINE,
+    PRESENCE_ONLINE,
+    ota_job_topic,
+    ota_status_topic,
+    presence_topic,
+    state_desired_topic,
+    state_reported_topic,
+    telemetry_topic,
+)
+from kubiot_operator.telemetry import CURRENT_VERSION
+
+from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
+from .credentials import DeviceCredentials
+from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
+from .scenario import InstallResult, Scenario
+
+log = logging.getLogger(__name__)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class OtaReport:
+    """One `ota/status` the device sent."""
+
+    state: OtaState
+    version: str | None
+    reason: str | None = None
+
+
+class SimulatedDevice:
+    """`run()` keeps the device connected until cancelled; the attributes show what it did."""
+
+    def __init__(self, credentials: DeviceCredentials, *, firmware: str = "1.0.0",
+                 scenario: Scenario | None = None, artifacts: ArtifactSource | None = None,
+                 telemetry_seconds: float = 5.0, check_hostname: bool = True,
+                 connect_limit: asyncio.Semaphore | None = None,
+                 clock: Callable[[], datetime] = _utc_now) -> None:
+        self.credentials = credentials
+        self.firmware = firmware
+        self.scenario = scenario or Scenario()
+        self._artifacts = artifacts or SyntheticArtifacts()
+        self._telemetry_seconds = telemetry_seconds
+        self._tls = credentials.tls_context(check_hostname=check_hostname)
+        self._connect_limit = connect_limit
+        self._clock = clock
+        self._client: aiomqtt.Client | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self._handled: str | None = None  # signature of the last job acted on
+        self.desired: dict[str, Any] = {}
+        self.ota_reports: list[OtaReport] = []
+        self.telemetry_sent = 0
+        self.connected = asyncio.Event()
+        self.connects = 0
+
+    @property
+    def name(self) -> str:
+        return self.credentials.name
+
+    @property
+    def root(self) -> str:
+        return self.credentials.topic_root
+
+    async def run(self, reconnect_seconds: float = 0.5) -> None:
+        """Stay connected; reconnect after the broker drops the session."""
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as exc:
+                log.debug("device %s lost its session: %s", self.name, exc)
+            finally:
+                self.connected.clear()
+                self._client = None
+            await asyncio.sleep(reconnect_seconds)
+
+    async def _session(self) -> None:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        client = aiomqtt.Client(
+            self.credentials.broker_host, self.credentials.broker_port,
+            username=self.credentials.username, password=self.credentials.password,
+            identifier=self.credentials.username, protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=self._tls, keepalive=30, properties=properties,
+            will=aiomqtt.Will(presence_topic(self.root), PRESENCE_OFFLINE, qos=1, retain=True))
+        async with self._connect_slot():
+            await client.__aenter__()
+        try:
+            self._client = client
+            await client.subscribe(state_desired_topic(self.root), qos=1)
+            await client.subscribe(ota_job_topic(self.root), qos=1)
+            await self._publish(presence_topic(self.root), PRESENCE_ONLINE.encode(), retain=True)
+            await self._report_state()
+            self.connects += 1
+            self.connected.set()
+            telemetry = asyncio.create_task(self._telemetry_loop())
+            try:
+                async for message in client.messages:
+                    payload = message.payload
+                    data = payload if isinstance(payload, bytes) else str(payload).encode()
+                    self._dispatch(str(message.topic), data)
+            finally:
+                await _stop(telemetry)
+                await self._cancel_job()
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError, ssl.SSLError, OSError):
+                await client.__aexit__(None, None, None)
+
+    def _connect_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self._connect_limit if self._connect_limit is not None else contextlib.nullcontext()
+
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected")
+        await self._client.publish(topic, payload, qos=1, retain=retain)
+
+    # --- twin and telemetry ------------------------------------------------------------------
+
+    async def _report_state(self) -> None:
+        reported = {**self.desired, "firmware": self.firmware}
+        await self._publish(state_reported_topic(self.root),
+                            json.dumps(reported, sort_keys=True).encode(), retain=True)
+
+    async def _apply_desired(self, payload: bytes) -> None:
+        try:
+            desired = json.loads(payload) if payload else {}
+        except ValueError:
+            return  # a device ignores what it cannot read; the twin shows it was not applied
+        if isinstance(desired, dict):
+            self.desired = {k: v for k, v in desired.items() if k != "firmware"}
+            await self._report_state()
+
+    def telemetry_sample(self, seq: int) -> dict[str, Any]:
+        """One telemetry payload in the platform's format."""
+        return {"v": CURRENT_VERSION, "ts": self._clock().isoformat(), "seq": seq,
+                "values": {"temperature": round(21.0 + 3.0 * math.sin(seq / 10), 3),
+                           "firmware": self.firmware}}
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            sample = self.telemetry_sample(self.telemetry_sent)
+            await self._publish(telemetry_topic(self.root), json.dumps(sample).encode())
+            self.telemetry_sent += 1
+            await asyncio.sleep(self._telemetry_seconds)
+
+    # --- firmware ----------------------------------------------------------------------------
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == state_desired_topic(self.root):
+            self._spawn_side(self._apply_desired(payload))
+        elif topic == ota_job_topic(self.root):
+            self._on_job(payload)
+
+    def _spawn_side(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(_log_failure)
+
+    def _on_job(self, payload: bytes) -> None:
+        if not payload:
+            return  # the job was withdrawn; nothing to install
+        try:
+            job = parse_job(payload, self.credentials.firmware_key_pem,
+                            tenant=self.credentials.tenant, device=self.name)
+        except JobRefused as exc:
+            self._spawn_side(self._refuse(exc))
+            return
+        if job.signature == self._handled:
+            return  # the broker re-delivers the retained job after a reconnect
+        self._handled = job.signature
+        # A newer job (a rollback, a newer release) replaces one still in progress.
+        previous, self._job_task = self._job_task, asyncio.create_task(self._install(job))
+        if previous is not None:
+            previous.cancel()
+        self._job_task.add_done_callback(_log_failure)
+
+    async def _cancel_job(self) -> None:
+        if self._job_task is not None:
+            await _stop(self._job_task)
+            self._job_task = None
+            self._handled = None  # redelivered on reconnect, and started again
+
+    async def _install(self, job: FirmwareJob) -> None:
+        if job.version == self.firmware:
+            await self._status(OtaState.SUCCEEDED, job.version)
+            return
+        try:
+            await self._status(OtaState.DOWNLOADING, job.version)
+            await asyncio.sleep(self.scenario.step_seconds)
+            try:
+                image = await self._artifacts.fetch(job.url)
+            except ArtifactUnavailable as exc:
+                raise JobRefused(Refusal.DOWNLOAD_FAILED, str(exc), job.version) from exc
+            check_image(job, image)
+            await self._status(OtaState.INSTALLING, job.version)
+            await asyncio.sleep(self.scenario.step_seconds)
+            match self.scenario.result_for(self.name, job.version):
+                case InstallResult.HANG:
+                    await asyncio.Event().wait()
+                case InstallResult.FAIL:
+                    raise JobRefused(Refusal.INSTALL_FAILED, "the new image did not boot",
+                                     job.version)
+                case InstallResult.SUCCEED:
+                    pass
+        except JobRefused as exc:
+            await self._refuse(exc)
+            return
+        self.firmware = job.version
+        await self._report_state()
+        await self._status(OtaState.SUCCEEDED, job.version)
+
+    async def _refuse(self, exc: JobRefused) -> None:
+        log.info("device %s refused firmware %s: %s", self.name, exc.version, exc)
+        await self._status(OtaState.FAILED, exc.version, exc.reason.value, str(exc))
+
+    async def _status(self, state: OtaState, version: str | None, reason: str | None = None,
+                      message: str | None = None) -> None:
+        self.ota_reports.append(OtaReport(state, version, reason))
+        await self._publish(ota_status_topic(self.root),
+                            status_payload(state, version, reason, message))
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait for it to end.
+
+    Cancelling again until it ends: a cancellation that lands inside the MQTT client's publish
+    can be absorbed there, and the task would then sleep on.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if not isinstance(exc, aiomqtt.MqttError):
+            log.error("simulated device task failed: %r", exc)

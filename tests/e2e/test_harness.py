@@ -1,0 +1,277 @@
+"""The emulated cluster runs a real kopf operator: handlers, status, generations, finalizers,
+events, and resuming after a crash behave as they would against a real API server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kopf
+import pytest
+
+from tests.support.kube_emulator import (
+    KubeEmulator,
+    KubeEmulatorError,
+    matches_label_selector,
+    run_operator,
+)
+
+API = "kubiot.io/v1alpha1"
+
+
+def device(name: str, namespace: str = "acme", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "Device",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"fleet": "a"}},
+            "spec": spec or {"model": "sensor"}}
+
+
+def tenant(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "Tenant", "metadata": {"name": name},
+            "spec": spec or {"displayName": name}}
+
+
+class Calls:
+    """What the throwaway handlers saw, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+
+    def count(self, what: str, name: str) -> int:
+        return self.log.count((what, name))
+
+
+def device_registry(calls: Calls) -> kopf.OperatorRegistry:
+    """A tiny Device/Tenant operator: status on create/update, an event, a finalizer on delete."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.create("kubiot.io", "v1alpha1", "devices", registry=registry)
+    def create_device(name: str, body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch,
+                      **_: Any) -> None:
+        calls.log.append(("create", name))
+        kopf.info(body, reason="Provisioned", message=f"device {name} provisioned")
+        patch.status["phase"] = "Ready"
+        patch.status["observedGeneration"] = meta["generation"]
+
+    @kopf.on.update("kubiot.io", "v1alpha1", "devices", registry=registry)
+    def update_device(name: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+        calls.log.append(("update", name))
+        patch.status["observedGeneration"] = meta["generation"]
+
+    @kopf.on.delete("kubiot.io", "v1alpha1", "devices", registry=registry)
+    def delete_device(name: str, **_: Any) -> None:
+        calls.log.append(("delete", name))
+
+    @kopf.on.create("kubiot.io", "v1alpha1", "tenants", registry=registry)
+    def create_tenant(name: str, patch: kopf.Patch, **_: Any) -> None:
+        calls.log.append(("create", name))
+        patch.status["phase"] = "Ready"
+
+    return registry
+
+
+def has_phase(phase: str) -> Any:
+    return lambda obj: obj is not None and (obj.get("status") or {}).get("phase") == phase
+
+
+async def test_create_handler_patches_status_of_namespaced_and_cluster_objects(
+        kube: KubeEmulator) -> None:
+    calls = Calls()
+    async with run_operator(kube, registry=device_registry(calls)):
+        await kube.apply(device("d1"))
+        await kube.apply(tenant("acme"))
+
+        dev = await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+        ten = await kube.wait_for(API, "Tenant", "acme", has_phase("Ready"))
+
+    assert dev is not None and ten is not None
+    assert dev["status"]["observedGeneration"] == 1
+    assert dev["metadata"]["finalizers"]  # kopf guards the Device because it has a delete handler
+    assert "namespace" not in ten["metadata"]
+    assert calls.log.count(("create", "d1")) == 1
+
+
+async def test_spec_update_bumps_generation_and_reruns_the_update_handler(
+        kube: KubeEmulator) -> None:
+    calls = Calls()
+    async with run_operator(kube, registry=device_registry(calls)):
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+
+        await kube.apply(device("d1", model="gateway-child"))
+
+        updated = await kube.wait_for(
+            API, "Device", "d1", lambda o: o and o["status"].get("observedGeneration") == 2,
+            namespace="acme")
+
+    assert updated is not None
+    assert updated["metadata"]["generation"] == 2
+    assert updated["spec"]["model"] == "gateway-child"
+    assert calls.count("update", "d1") == 1
+
+
+async def test_delete_runs_the_delete_handler_then_the_object_disappears(
+        kube: KubeEmulator) -> None:
+    calls = Calls()
+    async with run_operator(kube, registry=device_registry(calls)):
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", lambda o: o and o["metadata"].get("finalizers"),
+                            namespace="acme")
+
+        await kube.delete(API, "Device", "d1", namespace="acme")
+        await kube.wait_for(API, "Device", "d1", lambda o: o is None, namespace="acme")
+
+    assert calls.count("delete", "d1") == 1
+
+
+async def test_events_posted_by_handlers_are_visible(kube: KubeEmulator) -> None:
+    async with run_operator(kube, registry=device_registry(Calls())):
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+        await kube.wait_for(API, "Device", "d1", lambda _: kube.events("d1"), namespace="acme")
+
+    reasons = {event["reason"] for event in kube.events("d1")}
+    assert "Provisioned" in reasons
+
+
+async def test_a_new_operator_resumes_without_rerunning_finished_handlers(
+        kube: KubeEmulator) -> None:
+    calls = Calls()
+    registry = device_registry(calls)
+    async with run_operator(kube, registry=registry) as first:
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+        await first.kill()
+
+    async with run_operator(kube, registry=registry):
+        await kube.apply(device("d2"))
+        await kube.wait_for(API, "Device", "d2", has_phase("Ready"), namespace="acme")
+
+    assert calls.count("create", "d1") == 1
+    assert calls.count("create", "d2") == 1
+
+
+async def test_label_selectors_filter_lists(kube: KubeEmulator) -> None:
+    await kube.apply(device("d1"))
+    other = device("d2")
+    other["metadata"]["labels"] = {"fleet": "b"}
+    await kube.apply(other)
+
+    names = [o["metadata"]["name"]
+             for o in await kube.list(API, "Device", "acme", label_selector="fleet in (a, c)")]
+
+    assert names == ["d1"]
+
+
+async def test_status_subresource_is_isolated_from_the_main_endpoint(kube: KubeEmulator) -> None:
+    await kube.apply(device("d1"))
+    await kube.patch(API, "Device", "d1", {"status": {"phase": "Ready"}}, namespace="acme",
+                     subresource="status")
+
+    after = await kube.patch(API, "Device", "d1", {"status": {"phase": "Lost"}},
+                             namespace="acme")
+
+    assert after["status"]["phase"] == "Ready"
+    assert after["metadata"]["generation"] == 1
+
+
+async def test_failed_json_patch_test_is_a_conflict_not_a_crash(kube: KubeEmulator) -> None:
+    await kube.apply(device("d1"))
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "stale"},
+           {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}]
+
+    with pytest.raises(KubeEmulatorError) as failure:
+        await kube.patch(API, "Device", "d1", ops, namespace="acme")
+
+    assert failure.value.status == 422
+
+
+async def test_namespaces_can_be_created_and_read(kube: KubeEmulator) -> None:
+    await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "acme"}})
+
+    assert await kube.get("v1", "Namespace", "acme") is not None
+    assert [n["metadata"]["name"] for n in await kube.list("v1", "Namespace")] == ["acme"]
+
+
+async def test_killing_mid_reconcile_leaves_the_handler_to_the_next_operator(
+        kube: KubeEmulator) -> None:
+    attempts: list[str] = []
+    in_progress = asyncio.Event()
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.create("kubiot.io", "v1alpha1", "devices", registry=registry)
+    async def create_device(name: str, patch: kopf.Patch, **_: Any) -> None:
+        attempts.append(name)
+        if len(attempts) == 1:
+            in_progress.set()
+            await asyncio.Event().wait()  # the crash happens while the first attempt hangs here
+        patch.status["phase"] = "Ready"
+
+    async with run_operator(kube, registry=registry) as first:
+        await kube.apply(device("d1"))
+        await asyncio.wait_for(in_progress.wait(), timeout=5)
+        await first.kill()
+
+    async with run_operator(kube, registry=registry):
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+
+    assert attempts == ["d1", "d1"]
+
+
+async def test_put_replaces_with_optimistic_concurrency(kube: KubeEmulator) -> None:
+    created = await kube.apply(device("d1", model="a"))
+    url = kube.spec(API, "Device").url("acme", "d1")
+    replacement = {**created, "spec": {"model": "b"}}
+
+    status, replaced = await kube.request("PUT", url, body=replacement)
+    stale_status, _ = await kube.request("PUT", url, body=replacement)
+
+    assert status == 200
+    assert replaced["spec"] == {"model": "b"}
+    assert replaced["metadata"]["generation"] == 2
+    assert stale_status == 409
+
+
+async def test_stopping_the_operator_leaves_the_tests_own_tasks_running(
+        kube: KubeEmulator) -> None:
+    async with run_operator(kube, registry=device_registry(Calls())):
+        background = asyncio.create_task(asyncio.Event().wait())
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+
+    still_running = not background.done()
+    background.cancel()
+    assert still_running
+    assert await kube.get(API, "Device", "d1", "acme") is not None  # the emulator still serves
+
+
+async def test_cluster_scoped_objects_ignore_a_namespace_in_the_manifest(
+        kube: KubeEmulator) -> None:
+    manifest = tenant("acme")
+    manifest["metadata"]["namespace"] = "stray"
+
+    created = await kube.create(manifest)
+
+    assert "namespace" not in created["metadata"]
+    assert await kube.get(API, "Tenant", "acme") is not None
+
+
+@pytest.mark.parametrize(("selector", "labels", "expected"), [
+    ("fleet=a", {"fleet": "a"}, True),
+    ("fleet==a,site!=x", {"fleet": "a", "site": "y"}, True),
+    ("fleet in (a, b),!retired", {"fleet": "b"}, True),
+    ("fleet notin (a)", {"fleet": "a"}, False),
+    ("gateway", {"fleet": "a"}, False),
+])
+def test_label_selector_semantics(selector: str, labels: dict[str, str], expected: bool) -> None:
+    assert matches_label_selector({"metadata": {"labels": labels}}, selector) is expected
+
+
+async def test_a_namespace_restricted_operator_ignores_other_namespaces(
+        kube: KubeEmulator) -> None:
+    calls = Calls()
+    async with run_operator(kube, registry=device_registry(calls), namespaces=["acme"]):
+        await kube.apply(device("elsewhere", namespace="other"))
+        await kube.apply(device("d1"))
+        await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
+
+    assert calls.log == [("create", "d1")]

@@ -1,0 +1,240 @@
+"""The operator for real: kopf on the Kubernetes emulator, a real Mosquitto, real MQTT clients."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from kubiot_operator.pki import revoked_serials
+from tests.support.dynsec import send_commands
+from tests.support.mqtt_client import ConnectRefused
+from tests.support.operator_env import (
+    API,
+    OperatorEnv,
+    condition,
+    example_documents,
+    is_ready,
+    operator_env,
+)
+from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.timeout(180)
+DEVICES = ("flow-meter-01", "flow-meter-02", "pressure-01", "pressure-02",
+           "chlorine-analyzer-01")
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[OperatorEnv]:
+    async with operator_env(tmp_path) as environment:
+        yield environment
+
+
+async def apply_examples(env: OperatorEnv) -> None:
+    await env.apply(*example_documents("tenant.yaml", "gateway.yaml", "devices.yaml"))
+
+
+async def wait_all_ready(env: OperatorEnv, seconds: float = 60) -> None:
+    await env.wait("Tenant", "acme", is_ready, timeout=seconds)
+    for name in DEVICES:
+        await env.wait("Device", name, is_ready, namespace="acme", timeout=seconds)
+    await env.wait("Gateway", "pumphouse-1", lambda g: is_ready(g) and (
+        g or {}).get("status", {}).get("childCount") == 2, namespace="acme", timeout=seconds)
+
+
+def refused(env: OperatorEnv, files: dict[str, bytes], name: str) -> bool:
+    """True when the broker will not let this credential in (handshake or CONNACK)."""
+    client = env.device_client(files, name)
+    try:
+        client.connect()
+    except ConnectRefused:
+        return True
+    try:
+        outcome = client.publish(f"acme/devices/{name}/telemetry", b'{"ts":1,"values":{"x":1}}')
+        subscribed = client.subscribe(f"acme/devices/{name}/state/desired")
+        return not outcome.accepted and not subscribed.accepted
+    finally:
+        client.close()
+
+
+def bundle_revocations(bundle: bytes) -> set[int]:
+    """Every serial revoked by any CRL of a concatenated bundle."""
+    marker = b"-----BEGIN X509 CRL-----"
+    serials: set[int] = set()
+    for part in bundle.split(marker)[1:]:
+        serials |= revoked_serials(marker + part)
+    return serials
+
+
+async def test_examples_become_ready_with_working_least_privilege_credentials(
+        env: OperatorEnv) -> None:
+    async with env.running():
+        await apply_examples(env)
+        await wait_all_ready(env)
+
+        tenant = await env.kube.get(API, "Tenant", "acme")
+        assert tenant is not None
+        assert tenant["status"]["phase"] == "Ready"
+        assert tenant["status"]["deviceCount"] == 5
+        deployment = await env.kube.get("apps/v1", "Deployment", "acme-ingest", "acme")
+        assert deployment is not None and deployment["spec"]["replicas"] == 2
+        for kind, name in (("Service", "acme-ingest"), ("Secret", "acme-ingest-broker")):
+            assert await env.kube.get("v1", kind, name, "acme") is not None
+
+        device = await env.kube.get(API, "Device", "pressure-01", "acme")
+        assert device is not None
+        status = device["status"]
+        assert status["username"] == "acme.pressure-01"
+        assert status["certificate"]["serial"]
+        flow = await env.kube.get(API, "Device", "flow-meter-01", "acme")
+        assert flow is not None and flow["status"]["gateway"] == "pumphouse-1"
+        csr_device = await env.device_credentials("chlorine-analyzer-01")
+        assert "tls.key" not in csr_device and b"BEGIN CERTIFICATE" in csr_device["tls.crt"]
+
+        files = await env.device_credentials("pressure-01")
+        with env.device_client(files, "pressure-01").connect() as client:
+            root = "acme/devices/pressure-01"
+            assert client.publish(f"{root}/telemetry", b'{"ts":1,"values":{"bar":2.1}}').accepted
+            assert client.subscribe(f"{root}/state/desired").accepted
+            assert not client.publish("acme/devices/pressure-02/telemetry", b"{}").accepted
+            assert not client.publish("globex/devices/x/telemetry", b"{}").accepted
+            assert not client.subscribe("#").accepted
+            assert not client.subscribe("$SYS/#").accepted
+
+        gateway = await env.device_credentials("pumphouse-1", kind="gateway")
+        with env.device_client(gateway, "pumphouse-1").connect() as client:
+            assert client.publish("acme/devices/flow-meter-01/telemetry", b"{}").accepted
+            assert not client.publish("acme/devices/pressure-01/telemetry", b"{}").accepted
+
+
+async def test_desired_state_is_published_retained_to_the_device(env: OperatorEnv) -> None:
+    async with env.running():
+        await apply_examples(env)
+        await env.wait("Device", "flow-meter-01", is_ready, namespace="acme", timeout=60)
+        gateway = await env.wait("Gateway", "pumphouse-1", is_ready, namespace="acme")
+        assert gateway is not None
+        files = await env.device_credentials("pumphouse-1", kind="gateway")
+        with env.device_client(files, "pumphouse-1").connect() as client:
+            assert client.subscribe("acme/devices/flow-meter-01/state/desired").accepted
+            message = client.next_message(timeout=5)
+            assert message is not None and message.retain
+            assert message.payload == b'{"samplingIntervalSeconds":10}'
+
+
+async def test_deleting_a_device_revokes_it(env: OperatorEnv) -> None:
+    async with env.running():
+        await apply_examples(env)
+        await wait_all_ready(env)
+        files = await env.device_credentials("pressure-02")
+        device = await env.kube.get(API, "Device", "pressure-02", "acme")
+        assert device is not None
+        serial = device["status"]["certificate"]["serial"]
+        with env.device_client(files, "pressure-02").connect() as client:
+            await env.kube.delete(API, "Device", "pressure-02", "acme")
+            await env.wait("Device", "pressure-02", lambda d: d is None, namespace="acme")
+            assert await asyncio.to_thread(client.wait_disconnected, 5)
+        assert int(serial, 16) in bundle_revocations(env.broker.crl_bundle_file.read_bytes())
+        assert await asyncio.to_thread(refused, env, files, "pressure-02")
+
+
+async def test_suspend_and_resume(env: OperatorEnv) -> None:
+    async with env.running():
+        await apply_examples(env)
+        await wait_all_ready(env)
+        before = await env.device_credentials("pressure-01")
+        await env.kube.patch(API, "Device", "pressure-01", {"spec": {"suspended": True}},
+                             namespace="acme")
+        suspended = await env.wait("Device", "pressure-01", lambda d: (d or {}).get(
+            "status", {}).get("phase") == "Suspended", namespace="acme")
+        assert condition(suspended, "Ready")["reason"] == "Suspended"  # type: ignore[index]
+        assert await asyncio.to_thread(refused, env, before, "pressure-01")
+
+        await env.kube.patch(API, "Device", "pressure-01", {"spec": {"suspended": False}},
+                             namespace="acme")
+        await env.wait("Device", "pressure-01", is_ready, namespace="acme")
+        after = await env.device_credentials("pressure-01")
+        assert after["tls.crt"] != before["tls.crt"]
+        assert not await asyncio.to_thread(refused, env, after, "pressure-01")
+
+
+async def test_an_invalid_spec_is_reported_and_the_operator_keeps_running(
+        env: OperatorEnv) -> None:
+    async with env.running():
+        await env.apply(*example_documents("tenant.yaml"))
+        await env.wait("Tenant", "acme", is_ready, timeout=60)
+        broken: dict[str, Any] = {
+            "apiVersion": API, "kind": "Device",
+            "metadata": {"name": "broken-1", "namespace": "acme"},
+            "spec": {"identity": {"type": "Smartcard"}},
+        }
+        await env.apply(broken)
+        device = await env.wait("Device", "broken-1", lambda d: condition(d, "Ready")
+                                is not None, namespace="acme")
+        ready = condition(device, "Ready")
+        assert ready is not None and ready["status"] == "False"
+        assert ready["reason"] == "InvalidSpec"
+        assert "spec.identity.type" in ready["message"]
+        assert any(e.get("reason") == "InvalidSpec" for e in env.kube.events("broken-1"))
+
+        fine = copy.deepcopy(broken)
+        fine["metadata"]["name"] = "fine-1"
+        fine["spec"] = {}
+        await env.apply(fine)
+        await env.wait("Device", "fine-1", is_ready, namespace="acme")
+
+
+async def test_an_operator_killed_mid_reconcile_converges_without_duplicates(
+        env: OperatorEnv) -> None:
+    names = [f"sensor-{i:02d}" for i in range(20)]
+    async with env.running() as run:
+        await env.apply(*example_documents("tenant.yaml"))
+        await env.wait("Tenant", "acme", is_ready, timeout=60)
+        for name in names:
+            await env.apply({"apiVersion": API, "kind": "Device",
+                             "metadata": {"name": name, "namespace": "acme"}, "spec": {}})
+        await env.wait("Device", names[0], is_ready, namespace="acme")
+        await run.kill()
+    async with env.running():
+        for name in names:
+            await env.wait("Device", name, is_ready, namespace="acme", timeout=60)
+    secrets = [s for s in await env.kube.list("v1", "Secret", "acme")
+               if s["metadata"]["name"].endswith("-device-credentials")]
+    assert sorted(s["metadata"]["name"] for s in secrets) == sorted(
+        f"{n}-device-credentials" for n in names)
+    for name in names:
+        device = await env.kube.get(API, "Device", name, "acme")
+        files = await env.device_credentials(name)
+        assert device is not None
+        certificate = x509.load_pem_x509_certificate(files["tls.crt"])
+        assert device["status"]["certificate"]["serial"] == f"{certificate.serial_number:x}"
+    backend = env.operators[-1].platform.broker
+    identities = await backend.list_identities("acme")
+    usernames = [i.username for i in identities]
+    assert len(usernames) == len(set(usernames))
+    assert {f"acme.{n}" for n in names} <= set(usernames)
+
+
+async def test_a_broker_identity_deleted_by_hand_comes_back_with_the_next_resync(
+        tmp_path: Path) -> None:
+    async with operator_env(tmp_path, resync_period_seconds=5) as env, env.running():
+        await apply_examples(env)
+        await wait_all_ready(env)
+        files = await env.device_credentials("pressure-01")
+        await asyncio.to_thread(
+            send_commands, "127.0.0.1", env.broker.ports.service, "kubiot-operator",
+            env.settings.broker_admin_password.get_secret_value(),
+            [{"command": "deleteClient", "username": "acme.pressure-01"}])
+        assert await asyncio.to_thread(refused, env, files, "pressure-01")
+
+        async def admitted_again() -> bool:
+            return not await asyncio.to_thread(refused, env, files, "pressure-01")
+
+        await async_wait_until(admitted_again, timeout=30, interval=1,
+                               message="drift repair restored the device")
+        drift = env.operators[-1].platform.metrics.drift_repairs.labels("acme", "resync")
+        assert drift._value.get() >= 1
