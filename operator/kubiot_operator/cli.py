@@ -4,54 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
-
-import yaml
+from collections.abc import Sequence
 
 from kubiot_operator import contract
 from kubiot_operator.crd.generate import render
-from kubiot_operator.crd.validate import ResourceInvalid, validate_resource
+from kubiot_operator.local.cli import add_parser as add_local_parser
+from kubiot_operator.manifests import load_resources
 from kubiot_operator.models import KINDS
-
-
-def _manifest_files(paths: Sequence[str]) -> Iterator[Path]:
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml"))
-        else:
-            yield path
-
-
-def _documents(path: Path) -> Iterator[dict[str, Any]]:
-    for document in yaml.safe_load_all(path.read_text()):
-        if isinstance(document, dict):
-            yield document
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check kubiot resources in files or folders the way the API server would admit them."""
-    checked = failed = 0
-    for path in _manifest_files(args.paths):
-        try:
-            documents = list(_documents(path))
-        except (OSError, yaml.YAMLError) as exc:
-            print(f"{path}: cannot read: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        for document in documents:
-            if not str(document.get("apiVersion", "")).startswith("kubiot.io/"):
-                continue
-            checked += 1
-            try:
-                validate_resource(document)
-            except ResourceInvalid as exc:
-                failed += 1
-                print(f"{path}: {exc}", file=sys.stderr)
-    print(f"{checked} kubiot resources checked, {failed} invalid")
-    return 1 if failed else 0
+    loaded = load_resources(args.paths)
+    for problem in loaded.problems:
+        print(problem, file=sys.stderr)
+    print(f"{loaded.checked} kubiot resources checked, {len(loaded.problems)} invalid")
+    return 1 if loaded.problems else 0
 
 
 def cmd_crds(_: argparse.Namespace) -> int:
@@ -98,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     who.add_argument("--gateway")
     rules.add_argument("--children", nargs="*", help="devices the gateway serves")
     rules.set_defaults(run=cmd_rules)
+    add_local_parser(commands)
     return root
 
 

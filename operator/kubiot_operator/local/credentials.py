@@ -1,0 +1,42 @@
+"""Device credential bundles as files: what a firmware engineer flashes, and what the
+simulated devices of the local stack connect with."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FILES = ("tls.crt", "tls.key", "ca.crt", "broker-ca.crt", "firmware-signing.pub",
+                "password", "connection.env")
+
+
+def secret_files(secret: dict[str, Any]) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
+
+
+def export_bundle(secret: dict[str, Any], folder: Path) -> Path:
+    """Write the Secret's files (private ones 0600) plus a connection.env; returns the folder."""
+    files = secret_files(secret)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in BUNDLE_FILES:
+        if name in files:
+            _write(folder / name, files[name])
+    env = {
+        "KUBIOT_USERNAME": files.get("username", b"").decode(),
+        "KUBIOT_TOPIC_ROOT": files.get("topic-root", b"").decode(),
+        "KUBIOT_BROKER_HOST": files.get("broker-host", b"").decode(),
+        "KUBIOT_BROKER_PORT": files.get("broker-port", b"").decode(),
+    }
+    _write(folder / "connection.env", "".join(f"{k}={v}\n" for k, v in env.items()).encode())
+    return folder
+
+
+def _write(path: Path, data: bytes) -> None:
+    if path.exists() and path.read_bytes() == data:
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.chmod(temporary, 0o600)
+    temporary.replace(path)

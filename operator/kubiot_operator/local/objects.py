@@ -1,0 +1,169 @@
+"""Kubernetes-like objects without Kubernetes: the local stack's store, kept in one JSON file.
+
+It implements the controllers' `Objects` port with the semantics they rely on: merge patches,
+a status subresource, label-selector lists, and create-or-update. Every write is saved, so a
+restarted stack finds its Secrets (and thus its certificates) again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from kubiot_operator.kube.client import KINDS_BY_API, KubeError, KubeKind, NotFound, kind_of
+
+Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def selector_matches(labels: Mapping[str, str], selector: str | None) -> bool:
+    """`a=b,c!=d,e` label selectors, the subset the controllers use."""
+    if not selector:
+        return True
+    for requirement in selector.split(","):
+        requirement = requirement.strip()
+        if "!=" in requirement:
+            key, value = requirement.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in requirement:
+            key, value = requirement.split("=", 1)
+            if labels.get(key.strip().rstrip("=")) != value.strip():
+                return False
+        elif requirement not in labels:
+            return False
+    return True
+
+
+class FileObjects:
+    """The `Objects` port over a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._objects: dict[Key, dict[str, Any]] = {}
+        self._generation = 0
+        if path.exists():
+            for obj in json.loads(path.read_text()):
+                self._objects[self._key_of(obj)] = obj
+
+    @staticmethod
+    def _key_of(obj: Mapping[str, Any]) -> Key:
+        kind = kind_of(obj)
+        meta = obj["metadata"]
+        return kind.plural, meta.get("namespace", "") if kind.namespaced else "", meta["name"]
+
+    @staticmethod
+    def _key(kind: KubeKind, name: str, namespace: str | None) -> Key:
+        return kind.plural, (namespace or "") if kind.namespaced else "", name
+
+    def _save(self) -> None:
+        self._generation += 1
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(list(self._objects.values()), indent=1, sort_keys=True))
+        os.chmod(temporary, 0o600)
+        temporary.replace(self.path)
+
+    @property
+    def generation(self) -> int:
+        """Grows with every write (the CLI and the summary line poll it)."""
+        return self._generation
+
+    async def get(self, kind: KubeKind, name: str, namespace: str | None = None
+                  ) -> dict[str, Any] | None:
+        obj = self._objects.get(self._key(kind, name, namespace))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    async def list(self, kind: KubeKind, namespace: str | None = None,
+                   label_selector: str | None = None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(obj) for (plural, ns, _), obj in sorted(self._objects.items())
+                if plural == kind.plural and (namespace is None or ns == namespace)
+                and selector_matches(obj["metadata"].get("labels") or {}, label_selector)]
+
+    async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
+        key = self._key_of(obj)
+        current = self._objects.get(key)
+        if current is None:
+            stored = copy.deepcopy(obj)
+            meta = stored["metadata"]
+            meta.setdefault("uid", str(uuid4()))
+            meta.setdefault("creationTimestamp",
+                            datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
+            meta["generation"] = 1
+        else:
+            body = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
+            stored = merge_patch(current, body)
+            meta_patch = {k: obj["metadata"][k] for k in ("labels", "annotations",
+                                                          "ownerReferences")
+                          if k in obj["metadata"]}
+            stored["metadata"] = merge_patch(current["metadata"], meta_patch)
+            if stored.get("spec") != current.get("spec"):
+                stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        self._objects[key] = stored
+        self._save()
+        return copy.deepcopy(stored)
+
+    async def replace_spec(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Like `kubectl apply` of a whole manifest: spec and labels become exactly `obj`'s."""
+        key = self._key_of(obj)
+        current = self._objects.get(key)
+        if current is None:
+            return await self.ensure(obj)
+        stored = copy.deepcopy(current)
+        stored["spec"] = copy.deepcopy(obj.get("spec"))
+        stored["metadata"]["labels"] = copy.deepcopy(obj["metadata"].get("labels") or {})
+        if stored["spec"] != current.get("spec"):
+            stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        self._objects[key] = stored
+        self._save()
+        return copy.deepcopy(stored)
+
+    async def patch(self, kind: KubeKind, name: str, patch: Mapping[str, Any],
+                    namespace: str | None = None, subresource: str | None = None
+                    ) -> dict[str, Any]:
+        key = self._key(kind, name, namespace)
+        current = self._objects.get(key)
+        if current is None:
+            raise NotFound(404, f"{kind.plural} {namespace or ''}/{name} not found")
+        if subresource not in (None, "status"):
+            raise KubeError(400, f"no subresource {subresource}")
+        if subresource == "status":
+            patch = {"status": patch.get("status", {})}
+        stored = merge_patch(current, patch)
+        self._objects[key] = stored
+        self._save()
+        return copy.deepcopy(stored)
+
+    async def delete(self, kind: KubeKind, name: str, namespace: str | None = None) -> bool:
+        key = self._key(kind, name, namespace)
+        if self._objects.pop(key, None) is None:
+            return False
+        # Without a garbage collector, children owned by the object go with it here.
+        uid_owned = [k for k, obj in self._objects.items()
+                     if any(ref.get("name") == name and ref.get("kind") == kind_name(kind)
+                            for ref in obj["metadata"].get("ownerReferences") or [])]
+        for child in uid_owned:
+            self._objects.pop(child, None)
+        self._save()
+        return True
+
+
+def kind_name(kind: KubeKind) -> str:
+    return next(name for (_, name), k in KINDS_BY_API.items() if k == kind)

@@ -1,0 +1,177 @@
+"""The local stack's stand-in for the API server and kopf: manifests in, controllers run.
+
+Each pass applies the manifests to the object store (like `kubectl apply` of the folder, with
+pruning), runs the controller of every resource whose spec changed or whose retry is due, and
+runs the delete controllers of resources whose manifests are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubiot_operator.controllers.device import delete_device, reconcile_device
+from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
+from kubiot_operator.controllers.platform import Outcome, Platform
+from kubiot_operator.controllers.tenant import delete_tenant, reconcile_tenant
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeKind, kind_of
+from kubiot_operator.kube.secrets import secret_object
+from kubiot_operator.manifests import load_resources, manifest_files
+from kubiot_operator.models.tenant import TenantSpec
+from kubiot_operator.pki import TenantAuthority
+from kubiot_operator.reconcile.tenant import tenant_namespace
+
+from .broker import LocalBroker
+from .objects import FileObjects
+
+log = logging.getLogger("kubiot.local")
+Controller = Callable[[Platform, dict[str, Any]], Awaitable[Outcome]]
+ORDER: tuple[tuple[KubeKind, Controller, Controller], ...] = (
+    (TENANTS, reconcile_tenant, delete_tenant),
+    (DEVICES, reconcile_device, delete_device),
+    (GATEWAYS, reconcile_gateway, delete_gateway),
+)
+FULL_PASS_SECONDS = 60.0
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return kind_of(obj).plural, meta.get("namespace", ""), meta["name"]
+
+
+class LocalReconciler:
+    def __init__(self, objects: FileObjects, manifests: Path) -> None:
+        self.objects = objects
+        self.manifests = manifests
+        self._platform: Platform | None = None
+        self._database_dsn = ""
+        self._retry_at: dict[tuple[str, str, str], float] = {}
+        self._signature: tuple[tuple[str, float, int], ...] = ()
+        self._problems: list[str] = []
+        self._last_full_pass = 0.0
+        self._lock = asyncio.Lock()
+        self.passes = 0
+
+    async def prepare_trust(self, authority: TenantAuthority, broker: LocalBroker) -> None:
+        """Create every tenant's CA and hand the bundles to the broker before it starts."""
+        tenants = []
+        for resource in load_resources([self.manifests]).resources:
+            if resource["kind"] == "Tenant":
+                name = resource["metadata"]["name"]
+                await authority.ensure_ca(name, TenantSpec.model_validate(resource["spec"]).ca)
+                tenants.append(name)
+        await broker.publish(await authority.ca_bundle(tenants),
+                             await authority.crl_bundle(tenants))
+
+    def attach(self, platform: Platform, *, database_dsn: str) -> None:
+        self._platform = platform
+        self._database_dsn = database_dsn
+
+    def manifest_signature(self) -> tuple[tuple[str, float, int], ...]:
+        signature = []
+        for path in manifest_files([self.manifests]):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            signature.append((str(path), stat.st_mtime, stat.st_size))
+        return tuple(signature)
+
+    async def watch(self, interval: float) -> None:
+        """Re-sync on every manifest edit, when a retry is due, and once a minute regardless."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            due = any(at <= now for at in self._retry_at.values())
+            if (self.manifest_signature() != self._signature or due
+                    or now - self._last_full_pass > FULL_PASS_SECONDS):
+                await self.sync()
+
+    async def sync(self) -> None:
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        assert self._platform is not None
+        self._signature = self.manifest_signature()
+        loaded = load_resources([self.manifests])
+        if loaded.problems != self._problems:
+            for problem in loaded.problems:
+                log.warning("manifest refused: %s", problem)
+            self._problems = loaded.problems
+        wanted = {_key(r): r for r in loaded.resources}
+        changed: set[tuple[str, str, str]] = set()
+        for key, resource in wanted.items():
+            before = await self.objects.get(kind_of(resource), key[2], key[1] or None)
+            after = await self.objects.replace_spec(resource)
+            if before is None or before.get("spec") != after.get("spec") or (
+                    before["metadata"].get("labels") != after["metadata"].get("labels")):
+                changed.add(key)
+        full = time.monotonic() - self._last_full_pass > FULL_PASS_SECONDS
+        if full:
+            self._last_full_pass = time.monotonic()
+        for kind, _, delete in reversed(ORDER):
+            for obj in await self.objects.list(kind):
+                if _key(obj) not in wanted:
+                    await self._run(delete, obj, write_status=False)
+                    await self.objects.delete(kind, obj["metadata"]["name"],
+                                              obj["metadata"].get("namespace"))
+                    self._retry_at.pop(_key(obj), None)
+        await self._ensure_database_secrets()
+        now = time.monotonic()
+        for kind, reconcile, _ in ORDER:
+            for obj in await self.objects.list(kind):
+                key = _key(obj)
+                status = obj.get("status") or {}
+                due = key in self._retry_at and self._retry_at[key] <= now
+                fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
+                if full or due or fresh or key in changed or kind is GATEWAYS:
+                    await self._run(reconcile, obj)
+        self.passes += 1
+
+    async def _run(self, controller: Controller, obj: dict[str, Any], *,
+                   write_status: bool = True) -> None:
+        assert self._platform is not None
+        key = _key(obj)
+        where = "/".join(p for p in (key[1], key[2]) if p)
+        try:
+            outcome = await controller(self._platform, obj)
+        except Exception as exc:  # the stack keeps running; the next pass retries
+            log.warning("%s %s: %s; retrying", obj["kind"], where, exc)
+            self._retry_at[key] = time.monotonic() + 5
+            return
+        for event in outcome.events:
+            level = logging.INFO if event.type.value == "Normal" else logging.WARNING
+            log.log(level, "%s %s: %s %s", obj["kind"], where, event.reason, event.message)
+        if write_status and outcome.status:
+            await self.objects.patch(kind_of(obj), key[2], {"status": outcome.status},
+                                     key[1] or None, subresource="status")
+        if outcome.retry_after is not None:
+            self._retry_at[key] = time.monotonic() + outcome.retry_after
+        else:
+            self._retry_at.pop(key, None)
+
+    async def _ensure_database_secrets(self) -> None:
+        """Every tenant namespace gets the platform database DSN its ingest reads."""
+        assert self._platform is not None
+        secret_name = self._platform.ingest.platform_database_secret
+        for tenant in await self.objects.list(TENANTS):
+            try:
+                spec = TenantSpec.model_validate(tenant.get("spec") or {})
+            except ValidationError:
+                continue
+            namespace = tenant_namespace(tenant["metadata"]["name"], spec)
+            await self.objects.ensure(secret_object(secret_name, namespace, {
+                self._platform.ingest.platform_database_key: self._database_dsn.encode()}))
+
+
+def secret_value(secret: dict[str, Any] | None, key: str) -> str | None:
+    data = (secret or {}).get("data") or {}
+    return base64.b64decode(data[key]).decode() if key in data else None

@@ -1,0 +1,102 @@
+"""The local stack's simulated fleet: every device and gateway with a key kubiot generated
+connects with its issued certificate; devices behind a gateway are spoken for by it.
+
+Credential bundles are also exported to `.kubiot/devices/<namespace>/<name>/`, the files a
+firmware engineer would flash. Devices whose key never left them (CSR) are not simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.simulator import BundleIncomplete, DeviceCredentials, SimulatedDevice
+from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
+
+from .credentials import export_bundle, secret_files
+from .objects import FileObjects
+
+log = logging.getLogger("kubiot.local")
+
+
+@dataclass
+class Running:
+    task: asyncio.Task[None]
+    fingerprint: tuple[Any, ...]
+
+
+class Simulation:
+    def __init__(self, objects: FileObjects, bundle_dir: Path, *, interval: float,
+                 enabled: bool = True) -> None:
+        self.objects = objects
+        self.bundle_dir = bundle_dir
+        self.interval = interval
+        self.enabled = enabled
+        self.running: dict[tuple[str, str, str], Running] = {}
+
+    async def run(self, poll_seconds: float = 1.0) -> None:
+        while True:
+            await self.reconcile()
+            await asyncio.sleep(poll_seconds)
+
+    async def reconcile(self) -> None:
+        wanted: dict[tuple[str, str, str], tuple[tuple[Any, ...], Any]] = {}
+        for kind, collection in (("device", DEVICES), ("gateway", GATEWAYS)):
+            for obj in await self.objects.list(collection):
+                meta, status = obj["metadata"], obj.get("status") or {}
+                namespace, name = meta["namespace"], meta["name"]
+                secret = await self.objects.get(SECRETS, f"{name}-{kind}-credentials", namespace)
+                if secret is None:
+                    continue
+                export_bundle(secret, self.bundle_dir / namespace / name)
+                files = secret_files(secret)
+                suspended = bool((obj.get("spec") or {}).get("suspended"))
+                if not self.enabled or suspended or "tls.key" not in files:
+                    continue
+                if status.get("phase") != "Ready":
+                    continue
+                if kind == "device" and status.get("gateway"):
+                    continue  # its gateway speaks for it
+                children = tuple(status.get("children") or ()) if kind == "gateway" else ()
+                key = (kind, namespace, name)
+                wanted[key] = ((files["tls.crt"], children), (files, children))
+        for key in set(self.running) - set(wanted):
+            await self._stop(key)
+        for key, (fingerprint, (files, children)) in wanted.items():
+            current = self.running.get(key)
+            if current is not None and current.fingerprint == fingerprint:
+                continue
+            if current is not None:
+                await self._stop(key)
+            try:
+                runner = self._runner(key[0], files, children)
+            except BundleIncomplete as exc:
+                log.warning("cannot simulate %s/%s: %s", key[1], key[2], exc)
+                continue
+            task = asyncio.create_task(runner, name=f"simulated-{key[0]}-{key[2]}")
+            self.running[key] = Running(task, fingerprint)
+            log.info("simulating %s %s/%s", key[0], key[1], key[2])
+
+    def _runner(self, kind: str, files: dict[str, bytes], children: tuple[str, ...]) -> Any:
+        if kind == "gateway":
+            gateway = SimulatedGateway(gateway_credentials(files), children,
+                                       telemetry_seconds=self.interval, check_hostname=False)
+            return gateway.run()
+        device = SimulatedDevice(DeviceCredentials.from_secret_data(files),
+                                 telemetry_seconds=self.interval, check_hostname=False)
+        return device.run()
+
+    async def _stop(self, key: tuple[str, str, str]) -> None:
+        running = self.running.pop(key)
+        running.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running.task
+
+    async def stop(self) -> None:
+        for key in list(self.running):
+            await self._stop(key)

@@ -1,0 +1,230 @@
+"""`make dev`: the whole platform on one machine, from the same manifests a cluster would get.
+
+Under `.kubiot/` it runs Mosquitto (mutual TLS, dynamic security), PostgreSQL, the reconcile
+core over a file-backed object store, one ingest process per tenant and simulated devices,
+and it picks up edits to the manifests within a second, as the operator would in a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.contract import OPERATOR_USERNAME, report_filters
+from kubiot_operator.controllers.platform import Platform
+from kubiot_operator.controllers.reports import ReportPump
+from kubiot_operator.controllers.resync import resync_all
+from kubiot_operator.logs import configure_logging
+from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.mqtt import OperatorMqtt
+from kubiot_operator.pki import FileMaterialStore, TenantAuthority
+from kubiot_operator.reconcile.identity import BrokerEndpoint
+from kubiot_operator.reconcile.tenant import IngestEnvironment
+
+from .broker import BrokerPorts, LocalBroker
+from .ingest import IngestSupervisor
+from .objects import FileObjects
+from .ports import free_port, saved_ports
+from .postgres import PostgresServer
+from .reconciler import LocalReconciler
+from .simulation import Simulation
+from .summary import Summary
+
+log = logging.getLogger("kubiot.local")
+DATABASE_SECRET = "kubiot-database"
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    device: int
+    service: int
+    postgres: int
+
+    @classmethod
+    def pick(cls, device: int | None, service: int | None, postgres: int | None) -> StackPorts:
+        return cls(device or free_port(), service or free_port(), postgres or free_port())
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    root: Path
+    manifests: Path
+    ports: StackPorts
+    simulate: bool = True
+    telemetry_interval: float = 2.0
+    poll_interval: float = 1.0
+    summary: bool = True
+
+
+class LocalStack:
+    """Starts everything, runs until `stop` is set, then stops everything in reverse order."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        root = options.root
+        self.objects = FileObjects(root / "objects.json")
+        self.authority = TenantAuthority(FileMaterialStore(root / "pki"))
+        self.broker = LocalBroker(root / "broker", BrokerPorts(options.ports.device,
+                                                               options.ports.service))
+        self.postgres = PostgresServer(postgres_home(root), port=options.ports.postgres,
+                                       durable=True)
+        self.metrics = OperatorMetrics(CollectorRegistry())
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        options = self.options
+        # Searchable but not listable: PostgreSQL runs as an unprivileged user below it.
+        options.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        options.root.chmod(0o711)
+        self._write_ports()
+        log.info("starting PostgreSQL on port %d", options.ports.postgres)
+        await asyncio.to_thread(self.postgres.start)
+        reconciler = LocalReconciler(self.objects, options.manifests)
+        # Mosquitto needs every tenant's CA in its CA file before the listener starts.
+        await reconciler.prepare_trust(self.authority, self.broker)
+        log.info("starting Mosquitto: devices on %d (mutual TLS), services on %d",
+                 options.ports.device, options.ports.service)
+        await self.broker.start()
+        password = await self.broker.admin_password()
+        backend = MosquittoDynsecBackend("127.0.0.1", options.ports.service, OPERATOR_USERNAME,
+                                         password)
+        await backend.__aenter__()
+        reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
+                             patches_per_second=200)
+        mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
+                            client_id="kubiot-local-operator", subscriptions=report_filters(),
+                            on_message=reports.on_message)
+        platform = Platform(
+            objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,
+            trust=self.broker, metrics=self.metrics,
+            endpoint=BrokerEndpoint("127.0.0.1", options.ports.device,
+                                    self.broker.server_ca_file.read_bytes()),
+            ingest=IngestEnvironment(image="local", broker_host="127.0.0.1",
+                                     broker_port=options.ports.service,
+                                     platform_database_secret=DATABASE_SECRET,
+                                     platform_database_key="dsn"),
+            ca_namespace="local")
+        reconciler.attach(platform, database_dsn=self.postgres.dsn)
+        ingest = IngestSupervisor(self.objects, options.root / "ingest")
+        simulation = Simulation(self.objects, options.root / "devices",
+                                interval=options.telemetry_interval, enabled=options.simulate)
+        summary = Summary(self.objects, self.postgres.dsn, options, ingest)
+        try:
+            self._spawn(mqtt.run(), "mqtt")
+            self._spawn(reports.run(), "reports")
+            await mqtt.wait_connected(30)
+            await reconciler.sync()
+            await resync_all(platform)
+            self._spawn(reconciler.watch(options.poll_interval), "manifests")
+            await ingest.reconcile()
+            await ingest.wait_ready()
+            self._spawn(ingest.supervise(), "ingest")
+            self._spawn(simulation.run(), "simulation")
+            summary.print_banner()
+            if options.summary:
+                self._spawn(summary.run(), "summary")
+            await stop.wait()
+        finally:
+            log.info("stopping")
+            for task in reversed(self._tasks):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await simulation.stop()
+            await ingest.stop()
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+            await self.broker.stop()
+            await asyncio.to_thread(self.postgres.stop)
+            log.info("stopped; the data stays in %s", options.root)
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=f"kubiot-local-{name}")
+        task.add_done_callback(_report_crash)
+        self._tasks.append(task)
+
+    def _write_ports(self) -> None:
+        ports = self.options.ports
+        (self.options.root / "ports.env").write_text(
+            f"KUBIOT_DEVICE_PORT={ports.device}\nKUBIOT_SERVICE_PORT={ports.service}\n"
+            f"KUBIOT_POSTGRES_PORT={ports.postgres}\n")
+
+
+def postgres_home(root: Path) -> Path:
+    """Where the database lives: `.kubiot/postgres`, or, when the server's unprivileged user
+    cannot reach the working tree (a checkout under /root), a folder outside it that
+    `.kubiot/postgres` links to."""
+    inside = root / "postgres"
+    if os.geteuid() != 0 or all(p.stat().st_mode & 0o001 for p in root.parents if p.exists()):
+        return inside
+    if inside.is_symlink():
+        return inside.resolve()
+    outside = Path("/var/lib/kubiot") / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    outside.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    root.mkdir(parents=True, exist_ok=True)
+    inside.symlink_to(outside, target_is_directory=True)
+    return outside
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubiot-local", description=__doc__.splitlines()[0])
+    p.add_argument("--dir", type=Path, default=Path(".kubiot"),
+                   help="Where the stack keeps its data (default .kubiot).")
+    p.add_argument("--manifests", type=Path, default=Path("manifests/examples"),
+                   help="The folder of manifests to reconcile (watched for edits).")
+    p.add_argument("--device-port", type=int, help="Mutual-TLS MQTT port for devices.")
+    p.add_argument("--service-port", type=int, help="MQTT port for the operator and ingest.")
+    p.add_argument("--postgres-port", type=int, help="PostgreSQL port.")
+    p.add_argument("--no-simulation", action="store_true", help="Do not simulate devices.")
+    p.add_argument("--telemetry-interval", type=float, default=2.0,
+                   help="Seconds between telemetry messages of a simulated device.")
+    p.add_argument("--quiet", action="store_true", help="No live summary line.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging("text")
+    root = args.dir.resolve()
+    saved = saved_ports(root)
+    ports = StackPorts.pick(args.device_port or saved.get("KUBIOT_DEVICE_PORT"),
+                            args.service_port or saved.get("KUBIOT_SERVICE_PORT"),
+                            args.postgres_port or saved.get("KUBIOT_POSTGRES_PORT"))
+    if not args.manifests.is_dir():
+        print(f"kubiot-local: {args.manifests} is not a folder of manifests", file=sys.stderr)
+        return 2
+    options = StackOptions(root=root, manifests=args.manifests.resolve(), ports=ports,
+                           simulate=not args.no_simulation,
+                           telemetry_interval=args.telemetry_interval, summary=not args.quiet)
+    return asyncio.run(_run(options))
+
+
+async def _run(options: StackOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await LocalStack(options).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
