@@ -173,14 +173,38 @@ def drain_rate(count: Callable[[], float], total: float, timeout: float) -> floa
 
 # --- 1. the broker ceiling ---------------------------------------------------------------------
 
+def persistent_subscription(access: BrokerAccess, admin: tuple[str, str], client_id: str,
+                            topic_filter: str) -> None:
+    """Create a session that outlives its connection, subscribed, and wait for the SUBACK."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.username_pw_set(*admin)
+    client.on_subscribe = lambda *_: subscribed.set()
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 3600
+    client.connect(access.host, access.port, clean_start=True, properties=properties)
+    client.loop_start()
+    try:
+        client.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(30):
+            raise RuntimeError(f"no SUBACK for {topic_filter}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def broker_ceiling(access: BrokerAccess, admin: tuple[str, str], publishers: int,
                    total: int, timeout: float) -> float:
     args = ["mosquitto_sub", "-h", access.host, "-p", str(access.port), "-V", "mqttv5",
             "-u", admin[0], "-P", admin[1], "-q", "1", "-c", "-i", "bench-ceiling",
             "-x", "3600", "-t", f"{TENANT}/devices/+/telemetry"]
     # First visit: the session and its subscription, so the broker keeps the backlog.
-    subprocess.run([*args, "-W", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=False)
+    persistent_subscription(access, admin, "bench-ceiling", f"{TENANT}/devices/+/telemetry")
     publish_backlog(access, publishers, "ceiling", total)
     sub = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     received = [0]
