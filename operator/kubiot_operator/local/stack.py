@@ -132,7 +132,7 @@ class LocalStack:
             await ingest.wait_ready()
             self._spawn(ingest.supervise(), "ingest")
             self._spawn(simulation.run(), "simulation")
-            summary.print_banner()
+            await summary.print_banner()
             if options.summary:
                 self._spawn(summary.run(), "summary")
             await stop.wait()

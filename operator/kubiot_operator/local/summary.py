@@ -37,9 +37,10 @@ class Summary:
                 schemas.append(database_schema(tenant["metadata"]["name"], spec))
         return schemas
 
-    def print_banner(self) -> None:
+    async def print_banner(self) -> None:
         ports = self.options.ports
         root = self.options.root
+        schema = next(iter(await self.schemas()), "tenant_acme")
         lines = [
             "",
             "kubiot is running. Where to look:",
@@ -47,7 +48,7 @@ class Summary:
             f"  device credentials:   {root / 'devices'}/<tenant>/<device>/",
             f"  MQTT for devices:     127.0.0.1:{ports.device} (mutual TLS)",
             f"  database:             psql '{self.dsn}'",
-            "  sample query:         SELECT device, metric, time, value FROM acme.telemetry "
+            f"  sample query:         SELECT device, metric, time, value FROM {schema}.telemetry "
             "ORDER BY time DESC LIMIT 10;",
             f"  logs:                 {root}/ingest/*.log, {root}/broker/mosquitto/mosquitto.log",
             "  status:               .venv/bin/kubiot local status   (devices, tail, issue)",
