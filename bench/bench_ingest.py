@@ -166,8 +166,11 @@ def drain_rate(count: Callable[[], float], total: float, timeout: float) -> floa
         if seen >= total or now - started > timeout:
             break
         time.sleep(0.02)
-    if first is None or now <= first[0]:
+    if first is None:
         return 0.0
+    if now <= first[0]:
+        # The whole backlog arrived between two looks: time it from the start instead.
+        return seen / max(now - started, 1e-3)
     return (seen - first[1]) / (now - first[0])
 
 
