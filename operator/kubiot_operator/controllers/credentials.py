@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +12,13 @@ from typing import Any
 from cryptography import x509
 
 from kubiot_operator.brokers import CertificateCredential, Credential, PasswordCredential
-from kubiot_operator.contract import IdentityKind
+from kubiot_operator.contract import (
+    IdentityKind,
+    device_root,
+    device_username,
+    gateway_root,
+    gateway_username,
+)
 from kubiot_operator.kube.client import SECRETS, TENANTS
 from kubiot_operator.models.common import CertificateSummary
 from kubiot_operator.models.identity import IdentitySpec, IdentityType
@@ -28,7 +35,7 @@ from kubiot_operator.reconcile.identity import (
     issued_record,
 )
 
-from .objects import owned
+from .objects import owned, tenant_of_namespace
 from .platform import Outcome, Platform
 
 IDENTITY_READY = "IdentityReady"
@@ -56,14 +63,34 @@ class Subject:
     username: str
     topic_root: str
 
+    @classmethod
+    def of(cls, tenant: str, kind: IdentityKind, name: str, namespace: str) -> Subject:
+        """A device or gateway, with its username and topic root from the contract."""
+        username, root = _NAMING[kind]
+        return cls(tenant, kind, name, namespace, username(tenant, name), root(tenant, name))
+
+
+_NAMING = {
+    IdentityKind.DEVICE: (device_username, device_root),
+    IdentityKind.GATEWAY: (gateway_username, gateway_root),
+}
+
 
 async def ensure_credential(platform: Platform, subject: Subject, tenant_spec: TenantSpec,
                             identity: IdentitySpec, *, suspended: bool,
                             owner: dict[str, Any] | None, outcome: Outcome) -> CredentialState:
-    """Issue or renew as the spec asks; revoke while suspended."""
+    """Issue or renew as the spec asks; revoke while suspended. The certificate goes into the
+    status and its expiry into the metrics."""
     async with platform.lock(subject.username):
-        return await _ensure_credential(platform, subject, tenant_spec, identity,
-                                        suspended=suspended, owner=owner, outcome=outcome)
+        state = await _ensure_credential(platform, subject, tenant_spec, identity,
+                                         suspended=suspended, owner=owner, outcome=outcome)
+    if state.summary is not None:
+        outcome.status["certificate"] = state.summary.to_wire()
+        if state.summary.not_after is not None:
+            platform.metrics.certificate_expiry.labels(
+                subject.tenant, subject.kind.value, subject.name).set(
+                state.summary.not_after.timestamp())
+    return state
 
 
 async def _ensure_credential(platform: Platform, subject: Subject, tenant_spec: TenantSpec,
@@ -124,6 +151,28 @@ async def revoke_credential(platform: Platform, subject: Subject, secret: dict[s
         outcome.normal("CertificateRevoked", f"serial {record.serial} revoked ({reason})")
     await platform.objects.patch(SECRETS, secret["metadata"]["name"], {
         "metadata": {"annotations": {REVOKED_ANNOTATION: "true"}}}, subject.namespace)
+
+
+async def retire_credential(platform: Platform, body: dict[str, Any], kind: IdentityKind,
+                            outcome: Outcome) -> Subject | None:
+    """Before a device or gateway goes: revoke its certificate and remove its broker identity.
+
+    None when the resource never belonged to a tenant, so nothing was made for it.
+    """
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    found = await tenant_of_namespace(platform.objects, namespace)
+    tenant = found[0] if found else ((body.get("status") or {}).get("username") or "").split(".")[0]
+    if not tenant:
+        return None
+    subject = Subject.of(tenant, kind, name, namespace)
+    secret = await platform.objects.get(SECRETS, credential_secret_name(kind, name), namespace)
+    if secret is not None:
+        await revoke_credential(platform, subject, secret, outcome, reason="Deleted")
+    await platform.broker.remove_identity(subject.username)
+    with contextlib.suppress(KeyError):  # never issued
+        platform.metrics.certificate_expiry.remove(tenant, kind.value, name)
+    return subject
 
 
 async def publish_trust(platform: Platform) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -12,19 +11,16 @@ from kubiot_operator.brokers import BrokerError, BrokerIdentity
 from kubiot_operator.contract import (
     IdentityKind,
     device_access,
-    device_root,
-    device_username,
     state_desired_topic,
 )
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DevicePhase, DeviceSpec
 from kubiot_operator.models.gateway import GatewaySpec
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
-from kubiot_operator.reconcile.identity import credential_secret_name
 from kubiot_operator.reconcile.selectors import selector_matches
 
-from .credentials import IDENTITY_READY, Subject, ensure_credential, revoke_credential
+from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
 from .objects import (
     conditions_wire,
     current_conditions,
@@ -74,8 +70,8 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
             IDENTITY_READY, False, "TenantNotFound",
             f"namespace {namespace} belongs to no Tenant (yet)")])
     tenant, tenant_spec = found
-    username = device_username(tenant, name)
-    root = device_root(tenant, name)
+    subject = Subject.of(tenant, IdentityKind.DEVICE, name, namespace)
+    username, root = subject.username, subject.topic_root
     outcome.status.update(username=username, topicRoot=root)
 
     quota = await _quota_refusal(platform, tenant_spec, namespace, name)
@@ -86,15 +82,9 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
         return finish(DevicePhase.FAILED, [ConditionUpdate(ACCESS_READY, False, "QuotaExceeded",
                                                            quota)])
 
-    subject = Subject(tenant, IdentityKind.DEVICE, name, namespace, username, root)
     credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
                                          suspended=spec.suspended,
                                          owner=owner_reference(body), outcome=outcome)
-    if credential.summary is not None:
-        outcome.status["certificate"] = credential.summary.to_wire()
-        if credential.summary.not_after is not None:
-            platform.metrics.certificate_expiry.labels(tenant, "device", name).set(
-                credential.summary.not_after.timestamp())
     outcome.status["gateway"] = await _serving_gateway(platform, namespace, labels)
 
     access = await _ensure_access(platform, tenant, username, credential.broker_credential,
@@ -112,30 +102,13 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
 
 async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     """Revoke the certificate and remove broker access before the Device goes away."""
-    meta = body["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
     outcome = Outcome(status={})
-    found = await tenant_of_namespace(platform.objects, namespace)
-    tenant = found[0] if found else ((body.get("status") or {}).get("username") or "").split(".")[0]
-    if not tenant:
-        return outcome  # never reconciled into anything
-    username = device_username(tenant, name)
-    subject = Subject(tenant, IdentityKind.DEVICE, name, namespace, username,
-                      device_root(tenant, name))
-    secret = await platform.objects.get(SECRETS, credential_secret_name(IdentityKind.DEVICE, name),
-                                        namespace)
-    if secret is not None:
-        await revoke_credential(platform, subject, secret, outcome, reason="Deleted")
-    await platform.broker.remove_identity(username)
-    await platform.messenger.publish(state_desired_topic(subject.topic_root), b"", retain=True)
-    forget_expiry(platform, tenant, "device", name)
-    platform.gateway_refresh(namespace)
+    subject = await retire_credential(platform, body, IdentityKind.DEVICE, outcome)
+    if subject is not None:
+        await platform.messenger.publish(state_desired_topic(subject.topic_root), b"",
+                                         retain=True)
+        platform.gateway_refresh(subject.namespace)
     return outcome
-
-
-def forget_expiry(platform: Platform, tenant: str, kind: str, name: str) -> None:
-    with contextlib.suppress(KeyError):  # never issued
-        platform.metrics.certificate_expiry.remove(tenant, kind, name)
 
 
 async def _quota_refusal(platform: Platform, tenant_spec: TenantSpec, namespace: str,

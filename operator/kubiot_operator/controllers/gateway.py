@@ -13,18 +13,15 @@ from kubiot_operator.brokers import BrokerError, BrokerIdentity
 from kubiot_operator.contract import (
     IdentityKind,
     gateway_access,
-    gateway_root,
-    gateway_username,
 )
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DeviceSpec
 from kubiot_operator.models.gateway import GatewayPhase, GatewaySpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
-from kubiot_operator.reconcile.identity import credential_secret_name
 from kubiot_operator.reconcile.selectors import selector_matches
 
-from .credentials import IDENTITY_READY, Subject, ensure_credential, revoke_credential
-from .device import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure, forget_expiry
+from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
+from .device import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
 from .objects import (
     conditions_wire,
     current_conditions,
@@ -87,9 +84,8 @@ async def reconcile_gateway(platform: Platform, body: dict[str, Any]) -> Outcome
             IDENTITY_READY, False, "TenantNotFound",
             f"namespace {namespace} belongs to no Tenant (yet)")])
     tenant, tenant_spec = found
-    username = gateway_username(tenant, name)
-    root = gateway_root(tenant, name)
-    subject = Subject(tenant, IdentityKind.GATEWAY, name, namespace, username, root)
+    subject = Subject.of(tenant, IdentityKind.GATEWAY, name, namespace)
+    username, root = subject.username, subject.topic_root
     credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
                                          suspended=spec.suspended,
                                          owner=owner_reference(body), outcome=outcome)
@@ -97,11 +93,6 @@ async def reconcile_gateway(platform: Platform, body: dict[str, Any]) -> Outcome
     served = children[:spec.max_children]
     outcome.status.update(username=username, topicRoot=root, childCount=len(served),
                           children=served[:MAX_CHILDREN_IN_STATUS])
-    if credential.summary is not None:
-        outcome.status["certificate"] = credential.summary.to_wire()
-        if credential.summary.not_after is not None:
-            platform.metrics.certificate_expiry.labels(tenant, "gateway", name).set(
-                credential.summary.not_after.timestamp())
 
     try:
         if spec.suspended:
@@ -134,22 +125,9 @@ async def reconcile_gateway(platform: Platform, body: dict[str, Any]) -> Outcome
 
 
 async def delete_gateway(platform: Platform, body: dict[str, Any]) -> Outcome:
-    meta = body["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
+    """Revoke the certificate and remove broker access before the Gateway goes away."""
     outcome = Outcome(status={})
-    found = await tenant_of_namespace(platform.objects, namespace)
-    tenant = found[0] if found else ((body.get("status") or {}).get("username") or "").split(".")[0]
-    if not tenant:
-        return outcome
-    username = gateway_username(tenant, name)
-    subject = Subject(tenant, IdentityKind.GATEWAY, name, namespace, username,
-                      gateway_root(tenant, name))
-    secret = await platform.objects.get(
-        SECRETS, credential_secret_name(IdentityKind.GATEWAY, name), namespace)
-    if secret is not None:
-        await revoke_credential(platform, subject, secret, outcome, reason="Deleted")
-    await platform.broker.remove_identity(username)
-    forget_expiry(platform, tenant, "gateway", name)
+    await retire_credential(platform, body, IdentityKind.GATEWAY, outcome)
     return outcome
 
 
