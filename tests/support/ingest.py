@@ -24,7 +24,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from kubiot_operator.contract import (
     AccessRules,
     ingest_access,
-    ingest_shared_subscriptions,
     ingest_username,
 )
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig
@@ -63,20 +62,12 @@ def broker_for_tenant(tenant: str) -> Iterator[tuple[MosquittoBroker, BrokerAcce
                               secrets.token_urlsafe(12))
         send_commands(access.host, access.port, config.admin_username, admin_password,
                       client_commands(access.ingest_username, access.ingest_password,
-                                      ingest_subscribe_rules(tenant))
+                                      ingest_access(tenant))
                       + client_commands(access.publisher_username, access.publisher_password,
                                         AccessRules(frozenset({f"{tenant}/#"}), frozenset())))
         yield broker, access
     finally:
         broker.stop()
-
-
-def ingest_subscribe_rules(tenant: str) -> AccessRules:
-    """The contract's rules for the ingest, plus the `$share/...` form of each filter:
-    Mosquitto 2.0 checks a shared subscription's ACL against the whole filter."""
-    rules = ingest_access(tenant)
-    shared = frozenset(ingest_shared_subscriptions(tenant))
-    return AccessRules(rules.publish, rules.subscribe | shared)
 
 
 def ingest_environment(tenant: str, access: BrokerAccess, dsn: str, **extra: Any) -> dict[str, str]:
