@@ -14,6 +14,7 @@ from typing import Any
 from kubiot_operator.brokers import BrokerBackend
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.kube.client import KubeError, KubeKind, kind_of
+from kubiot_operator.local.objects import merge_patch
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import MemoryMaterialStore, TenantAuthority
 from kubiot_operator.reconcile.identity import BrokerEndpoint
@@ -25,14 +26,10 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON merge patch (RFC 7386), as the API server applies a merge patch."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
+    """Apply a JSON merge patch to `target` in place (the local stack's merge_patch)."""
+    merged = merge_patch(target, patch)
+    target.clear()
+    target.update(merged)
     return target
 
 
