@@ -7,7 +7,6 @@ apply manifests, wait for status, and connect with the certificates the operator
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,7 @@ import yaml
 from kubiot_operator.brokers import MosquittoDynsecBackend
 from kubiot_operator.contract import OPERATOR_USERNAME
 from kubiot_operator.handlers import Operator
+from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.local.broker import BrokerPorts, LocalBroker
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.settings import OperatorSettings
@@ -50,10 +50,6 @@ def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
         if c["type"] == kind:
             return dict(c)
     return None
-
-
-def secret_files(secret: dict[str, Any]) -> dict[str, bytes]:
-    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
 
 
 @dataclass
@@ -97,7 +93,7 @@ class OperatorEnv:
                                  kind: str = "device") -> dict[str, bytes]:
         secret = await self.kube.get("v1", "Secret", f"{name}-{kind}-credentials", namespace)
         assert secret is not None, f"no credentials for {name}"
-        return secret_files(secret)
+        return secret_data(secret)
 
     def tls_context(self, files: dict[str, bytes], name: str) -> ssl.SSLContext:
         """A client context from a credential Secret, as a device would build it."""

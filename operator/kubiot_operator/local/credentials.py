@@ -3,22 +3,19 @@ simulated devices of the local stack connect with."""
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 from typing import Any
+
+from kubiot_operator.kube.secrets import secret_data
 
 BUNDLE_FILES = ("tls.crt", "tls.key", "ca.crt", "broker-ca.crt", "firmware-signing.pub",
                 "password", "connection.env")
 
 
-def secret_files(secret: dict[str, Any]) -> dict[str, bytes]:
-    return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
-
-
 def export_bundle(secret: dict[str, Any], folder: Path) -> Path:
     """Write the Secret's files (private ones 0600) plus a connection.env; returns the folder."""
-    files = secret_files(secret)
+    files = secret_data(secret)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in BUNDLE_FILES:
         if name in files:

@@ -8,7 +8,6 @@ runs the delete controllers of resources whose manifests are gone.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -171,7 +170,3 @@ class LocalReconciler:
             await self.objects.ensure(secret_object(secret_name, namespace, {
                 self._platform.ingest.platform_database_key: self._database_dsn.encode()}))
 
-
-def secret_value(secret: dict[str, Any] | None, key: str) -> str | None:
-    data = (secret or {}).get("data") or {}
-    return base64.b64decode(data[key]).decode() if key in data else None

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.simulator import BundleIncomplete, DeviceCredentials, SimulatedDevice
 from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
 
-from .credentials import export_bundle, secret_files
+from .credentials import export_bundle
 from .objects import FileObjects
 
 log = logging.getLogger("kubiot.local")
@@ -54,7 +55,7 @@ class Simulation:
                 if secret is None:
                     continue
                 export_bundle(secret, self.bundle_dir / namespace / name)
-                files = secret_files(secret)
+                files = secret_data(secret)
                 suspended = bool((obj.get("spec") or {}).get("suspended"))
                 if not self.enabled or suspended or "tls.key" not in files:
                     continue

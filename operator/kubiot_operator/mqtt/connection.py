@@ -77,6 +77,11 @@ class OperatorMqtt:
             finally:
                 self._connected.clear()
                 self._client = None
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # aiomqtt can swallow a cancellation that lands while it connects or closes;
+                # honour it here, or the operator could never be stopped.
+                raise asyncio.CancelledError
             if self.connects != before:
                 delay = 0.5
             await asyncio.sleep(delay * (0.5 + random.random()))
