@@ -157,14 +157,24 @@ def command_result_topic(root: str, name: str) -> str:
 
 # --- broker usernames --------------------------------------------------------------------------
 
+#: The usernames of identities that hold certificates; each is also its certificate's CN.
+#: A gateway's has three labels, so it never equals a device's two.
+_CERTIFICATE_USERNAMES = {
+    IdentityKind.DEVICE: "{tenant}.{name}",
+    IdentityKind.GATEWAY: "{tenant}.gw.{name}",
+}
+
+
 def device_username(tenant: str, device: str) -> str:
     """`{tenant}.{device}`; also the CN of the device's certificate."""
-    return f"{validate_name(tenant, 'tenant')}.{validate_name(device, 'device')}"
+    return _CERTIFICATE_USERNAMES[IdentityKind.DEVICE].format(
+        tenant=validate_name(tenant, "tenant"), name=validate_name(device, "device"))
 
 
 def gateway_username(tenant: str, gateway: str) -> str:
     """`{tenant}.gw.{gateway}`: three labels, so it never equals a device's two."""
-    return f"{validate_name(tenant, 'tenant')}.gw.{validate_name(gateway, 'gateway')}"
+    return _CERTIFICATE_USERNAMES[IdentityKind.GATEWAY].format(
+        tenant=validate_name(tenant, "tenant"), name=validate_name(gateway, "gateway"))
 
 
 def ingest_username(tenant: str) -> str:
@@ -198,7 +208,23 @@ def parse_username(username: str) -> Identity:
 
 def certificate_uri(tenant: str, kind: IdentityKind, name: str) -> str:
     """The URI SAN that names an identity in its certificate: `kubiot://{tenant}/{kind}s/{name}`."""
-    return f"kubiot://{validate_name(tenant, 'tenant')}/{kind.value}s/{validate_name(name)}"
+    return _uri(validate_name(tenant, "tenant"), kind, validate_name(name))
+
+
+def _uri(tenant: str, kind: IdentityKind, name: str) -> str:
+    return f"kubiot://{tenant}/{kind.value}s/{name}"
+
+
+def certificate_names(tenant: str, kind: IdentityKind, name: str) -> tuple[str, str]:
+    """A device's or gateway's certificate names: (CN, which is its username; URI SAN).
+
+    The names are checked once for both (this is on the path of every certificate issued).
+    """
+    username = _CERTIFICATE_USERNAMES.get(kind)
+    if username is None:
+        raise ContractError(f"only devices and gateways hold certificates, not {kind.value}s")
+    tenant, name = validate_name(tenant, "tenant"), validate_name(name, kind.value)
+    return username.format(tenant=tenant, name=name), _uri(tenant, kind, name)
 
 
 # --- parsing topics ----------------------------------------------------------------------------

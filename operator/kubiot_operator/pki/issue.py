@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kubiot_operator.contract import (
-    ContractError,
-    IdentityKind,
-    certificate_uri,
-    device_username,
-    gateway_username,
-)
+from kubiot_operator.contract import ContractError, IdentityKind, certificate_names
 from kubiot_operator.models.common import CertificateSummary, KeyAlgorithm
 from kubiot_operator.pki.certificates import (
     CLIENT_AUTH,
@@ -40,19 +33,19 @@ __all__ = [
 ]
 
 
-_USERNAMES: dict[IdentityKind, Callable[[str, str], str]] = {
-    IdentityKind.DEVICE: device_username,
-    IdentityKind.GATEWAY: gateway_username,
-}
-
-
 def identity_common_name(tenant: str, kind: IdentityKind, name: str) -> str:
     """The broker username an identity's certificate carries as its CN."""
-    username = _USERNAMES.get(kind)
-    if username is None:
+    return _certificate_names(tenant, kind, name)[0]
+
+
+def _certificate_names(tenant: str, kind: IdentityKind, name: str) -> tuple[str, str]:
+    if kind not in (IdentityKind.DEVICE, IdentityKind.GATEWAY):
         raise PKIError("UnsupportedIdentityKind",
                        f"certificates are issued for devices and gateways, not {kind.value}")
-    return username(tenant, name)
+    try:
+        return certificate_names(tenant, kind, name)
+    except ContractError as exc:
+        raise PKIError("InvalidName", str(exc)) from exc
 
 
 def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: IdentityKind,
@@ -68,11 +61,7 @@ def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: I
     if ca.tenant is not None and ca.tenant != tenant:
         raise PKIError("TenantMismatch",
                        f"the CA of tenant {ca.tenant!r} cannot issue for tenant {tenant!r}")
-    try:
-        common_name = identity_common_name(tenant, kind, name)
-        uri = certificate_uri(tenant, kind, name)
-    except ContractError as exc:
-        raise PKIError("InvalidName", str(exc)) from exc
+    common_name, uri = _certificate_names(tenant, kind, name)
     public_key: PublicKey
     key_pem: bytes | None = None
     if csr_pem is not None:
