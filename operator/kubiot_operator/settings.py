@@ -45,6 +45,11 @@ class OperatorSettings(BaseSettings):
     broker_public_port: int = Field(8883, ge=1, le=65535, description="Mutual-TLS port.")
     broker_ca_file: Path | None = Field(None, description="CA that signed the broker's server "
                                         "certificate; written into each device Secret.")
+    crl_url_template: str | None = Field(
+        None, pattern=r"^https?://[^\s]*\{tenant\}[^\s]*$",
+        description="Where brokers that fetch CRLs (EMQX) get a tenant's CRL, with `{tenant}`; "
+        "certificates name it as their CRL distribution point. The operator serves "
+        "`/crl/<tenant>.crl` on metrics_port. Unset: no distribution point (Mosquitto).")
     # Reconciliation
     resync_period_seconds: float = Field(300.0, ge=5, description="Drift repair interval.")
     max_workers: int = Field(20, ge=1, le=1000, description="Concurrent handlers.")

@@ -46,3 +46,11 @@ app.kubernetes.io/component: operator
 {{- define "kubiot.ingestImage" -}}
 {{- printf "%s:%s" .Values.ingest.image.repository (default .Chart.AppVersion .Values.ingest.image.tag) }}
 {{- end }}
+
+{{/* Where brokers fetch a tenant's CRL: the operator's metrics Service (handlers/http.py). */}}
+{{- define "kubiot.crlUrlTemplate" -}}
+{{- if not .Values.metrics.enabled }}
+{{- fail "broker.emqx.crlDistribution serves CRLs through the metrics Service: set metrics.enabled" }}
+{{- end }}
+{{- printf "http://%s-metrics.%s.svc.cluster.local:%v/crl/{tenant}.crl" (include "kubiot.fullname" .) .Release.Namespace .Values.operator.metricsPort }}
+{{- end }}

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
 from kubiot_operator.contract import report_filters
@@ -21,6 +20,7 @@ from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
+from kubiot_operator.handlers.http import http_app
 from kubiot_operator.kube.client import Connection, KubeClient, kind_of
 from kubiot_operator.kube.secrets import SecretMaterialStore, SecretTrustPublisher
 from kubiot_operator.metrics import OperatorMetrics
@@ -69,7 +69,8 @@ class Runtime:
         ca_pem = _read(settings.broker_ca_file)
         self.platform = Platform(
             objects=self.kube,
-            authority=TenantAuthority(SecretMaterialStore(self.kube, settings.namespace)),
+            authority=TenantAuthority(SecretMaterialStore(self.kube, settings.namespace),
+                                      crl_url_template=settings.crl_url_template),
             broker=broker, messenger=self.mqtt,
             trust=self._trust or SecretTrustPublisher(self.kube, settings.namespace),
             metrics=self.metrics,
@@ -118,22 +119,9 @@ class Runtime:
         self._tasks.append(task)
 
     async def _serve_http(self, port: int) -> None:
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def readyz(_: web.Request) -> web.Response:
-            ready = self.mqtt is not None and self.mqtt.connected
-            return web.Response(status=200 if ready else 503,
-                                text="ready\n" if ready else "broker session not up\n")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
+        app = http_app(
+            self.registry, ready=lambda: self.mqtt is not None and self.mqtt.connected,
+            authority=lambda: self.platform.authority if self.platform is not None else None)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         await web.TCPSite(self._http, "0.0.0.0", port).start()

@@ -14,7 +14,13 @@ from kubiot_operator.pki.ca import (
     issue_server_certificate,
     load_ca,
 )
-from kubiot_operator.pki.crl import Revocation, build_crl, crl_number, revoked_serials
+from kubiot_operator.pki.crl import (
+    Revocation,
+    build_crl,
+    crl_distribution_point,
+    crl_number,
+    revoked_serials,
+)
 from kubiot_operator.pki.csr import verify_csr
 from kubiot_operator.pki.errors import CAInvalid, CSRRejected, PKIError
 from kubiot_operator.pki.firmware import (
@@ -56,6 +62,7 @@ __all__ = [
     "create_server_ca",
     "create_tenant_ca",
     "crl_bundle_name",
+    "crl_distribution_point",
     "crl_number",
     "generate_private_key",
     "generate_signing_key",

@@ -19,7 +19,7 @@ from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.models.tenant import CertificateAuthoritySpec
 from kubiot_operator.pki.ca import create_tenant_ca, load_ca
 from kubiot_operator.pki.certificates import CertificateAuthority, IssuedCertificate, as_utc
-from kubiot_operator.pki.crl import Revocation, build_crl, load_crl
+from kubiot_operator.pki.crl import Revocation, build_crl, crl_distribution_point, load_crl
 from kubiot_operator.pki.errors import CAInvalid
 from kubiot_operator.pki.firmware import (
     generate_signing_key,
@@ -112,19 +112,33 @@ class TenantAuthority:
     `ensure_ca` records which bundle holds the tenant's CA (in the CRL bundle), so later calls,
     in this process or after a restart, use that CA. A tenant never ensured gets a CA generated
     into the default bundle on first use.
+
+    `crl_url_template` (with `{tenant}`) is where brokers that fetch CRLs find each tenant's
+    CRL: certificates name it as their CRL distribution point and CRLs as their issuing
+    distribution point. Without it (Mosquitto, which reads a CRL file) neither carries one.
     """
 
     def __init__(self, store: MaterialStore, *, now: Callable[[], datetime] = _utc_now,
-                 crl_validity_days: int = CRL_VALIDITY_DAYS) -> None:
+                 crl_validity_days: int = CRL_VALIDITY_DAYS,
+                 crl_url_template: str | None = None) -> None:
+        if crl_url_template is not None and "{tenant}" not in crl_url_template:
+            raise ValueError(f"the CRL URL template {crl_url_template!r} lacks {{tenant}}")
         self.store = store
         self._now = now
         self._crl_validity = crl_validity_days
+        self._crl_url_template = crl_url_template
         self._locks: dict[str, asyncio.Lock] = {}
         self._cas: dict[str, _LoadedCA] = {}
         self._signing: dict[str, Ed25519PrivateKey] = {}
 
     def now(self) -> datetime:
         return as_utc(self._now())
+
+    def crl_url(self, tenant: str) -> str | None:
+        """Where the tenant's CRL is published for brokers that fetch it (None: not published)."""
+        if self._crl_url_template is None:
+            return None
+        return self._crl_url_template.format(tenant=tenant)
 
     def _lock(self, tenant: str) -> asyncio.Lock:
         return self._locks.setdefault(tenant, asyncio.Lock())
@@ -146,7 +160,7 @@ class TenantAuthority:
         name, supplied = ca_bundle_name(tenant, spec), bool(spec.secret_name)
         state = _CRLState.read(await self.store.get(crl_bundle_name(tenant)))
         if (state.ca_bundle, state.ca_supplied) != (name, supplied) or state.pem is None \
-                or not self._crl_is_fresh(state.pem, ca):
+                or not self._crl_is_fresh(tenant, state.pem, ca):
             await self._publish(tenant, ca, replace(state, ca_bundle=name, ca_supplied=supplied))
         return ca
 
@@ -221,10 +235,12 @@ class TenantAuthority:
         else:
             ca = await self._ca(tenant)
 
+        crl_url = self.crl_url(tenant)
+
         def issue() -> IssuedCertificate:
             return issue_identity_certificate(
                 ca, tenant=tenant, kind=kind, name=name, validity_days=validity_days,
-                key_algorithm=key_algorithm, csr_pem=csr_pem, now=now)
+                key_algorithm=key_algorithm, csr_pem=csr_pem, now=now, crl_url=crl_url)
 
         if csr_pem is None and is_slow_to_generate(key_algorithm):
             # RSA key generation can take seconds; keep the event loop responsive.
@@ -249,14 +265,26 @@ class TenantAuthority:
         async with self._lock(tenant):
             ca = await self._ca_locked(tenant)
             state = _CRLState.read(await self.store.get(crl_bundle_name(tenant)))
-            if state.pem is not None and self._crl_is_fresh(state.pem, ca):
+            if state.pem is not None and self._crl_is_fresh(tenant, state.pem, ca):
                 return state.pem
             return await self._publish(tenant, ca, state)
 
-    def _crl_is_fresh(self, pem: bytes, ca: CertificateAuthority) -> bool:
+    async def published_crl(self, tenant: str) -> bytes | None:
+        """The tenant's current CRL if the tenant has one; never creates a CA or a CRL.
+
+        What the operator serves at the CRL URL: a request for an unknown tenant must not
+        bring one into being.
+        """
+        if await self.store.get(crl_bundle_name(tenant)) is None:
+            return None
+        return await self.crl(tenant)
+
+    def _crl_is_fresh(self, tenant: str, pem: bytes, ca: CertificateAuthority) -> bool:
         crl = load_crl(pem)
         if not crl.is_signature_valid(ca.private_key.public_key()):
             return False  # the CA was replaced: re-sign with the current one
+        if crl_distribution_point(crl) != self.crl_url(tenant):
+            return False  # published elsewhere now
         next_update = crl.next_update_utc
         if next_update is None:
             return False
@@ -266,7 +294,8 @@ class TenantAuthority:
         """Sign `state`'s revocations as the next CRL and store it; return the PEM."""
         number = state.number + 1
         pem = build_crl(ca, state.revocations, now=self.now(),
-                        next_update_days=self._crl_validity, crl_number=number)
+                        next_update_days=self._crl_validity, crl_number=number,
+                        distribution_point=self.crl_url(tenant))
         stored = replace(state, number=number, pem=pem)
         await self.store.put(crl_bundle_name(tenant),
                              {CRL_KEY: pem, REVOKED_KEY: stored.record()})

@@ -184,9 +184,26 @@ def _naive_utc(moment: datetime) -> datetime:
 def sign_leaf(ca: CertificateAuthority, *, subject: x509.Name, public_key: PublicKey,
               names: Sequence[x509.GeneralName], usages: Sequence[ObjectIdentifier],
               validity_days: int, now: datetime,
-              key_encipherment: bool = False) -> x509.Certificate:
-    """An end-entity certificate signed by `ca`, with the extensions strict verifiers expect."""
+              key_encipherment: bool = False,
+              crl_url: str | None = None) -> x509.Certificate:
+    """An end-entity certificate signed by `ca`, with the extensions strict verifiers expect.
+
+    `crl_url` is where verifiers that fetch CRLs (EMQX) find the CA's CRL; it becomes the
+    certificate's CRL distribution point.
+    """
     not_before, not_after = validity_window(ca, validity_days, now)
+    extensions = [
+        _LEAF,
+        _USAGE[key_encipherment],
+        _extended_key_usage(tuple(usages)),
+        x509.Extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False,
+                       x509.SubjectAlternativeName(list(names))),
+        x509.Extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
+                       x509.SubjectKeyIdentifier.from_public_key(public_key)),
+        ca.authority_key_extension,
+    ]
+    if crl_url is not None:
+        extensions.append(crl_distribution_points(crl_url))
     # All fields at once: the chained setters copy the builder and rescan its extensions at
     # every step, a sixth of the cost of issuing. The values are the setters' own forms.
     builder = x509.CertificateBuilder(
@@ -196,18 +213,17 @@ def sign_leaf(ca: CertificateAuthority, *, subject: x509.Name, public_key: Publi
         serial_number=random_serial(),
         not_valid_before=_naive_utc(not_before),
         not_valid_after=_naive_utc(not_after),
-        extensions=[
-            _LEAF,
-            _USAGE[key_encipherment],
-            _extended_key_usage(tuple(usages)),
-            x509.Extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False,
-                           x509.SubjectAlternativeName(list(names))),
-            x509.Extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
-                           x509.SubjectKeyIdentifier.from_public_key(public_key)),
-            ca.authority_key_extension,
-        ],
+        extensions=extensions,
     )
     return builder.sign(ca.private_key, ca.signature_hash)
+
+
+def crl_distribution_points(url: str) -> x509.Extension[x509.CRLDistributionPoints]:
+    """The CRL distribution point extension naming `url` (RFC 5280 4.2.1.13)."""
+    point = x509.DistributionPoint(full_name=[x509.UniformResourceIdentifier(url)],
+                                   relative_name=None, reasons=None, crl_issuer=None)
+    return x509.Extension(ExtensionOID.CRL_DISTRIBUTION_POINTS, False,
+                          x509.CRLDistributionPoints([point]))
 
 
 def ca_key_usage() -> x509.KeyUsage:

@@ -48,10 +48,13 @@ class Revocation:
 
 def build_crl(ca: CertificateAuthority, revocations: Sequence[Revocation], *,
               now: datetime | None = None, next_update_days: int = 7,
-              crl_number: int | None = None) -> bytes:
+              crl_number: int | None = None, distribution_point: str | None = None) -> bytes:
     """A PEM CRL signed by `ca` listing `revocations`.
 
     `crl_number` must grow with every CRL of a CA; left out, the issue time in seconds is used.
+    `distribution_point` is the URL the CRL is published at, recorded in its issuing
+    distribution point extension: EMQX enforces only CRLs that carry one, and OpenSSL then
+    applies the CRL only to certificates naming the same URL as their distribution point.
     """
     moment = as_utc(now)
     number = crl_number if crl_number is not None else int(moment.timestamp())
@@ -63,6 +66,12 @@ def build_crl(ca: CertificateAuthority, revocations: Sequence[Revocation], *,
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(ca.authority_key_identifier, critical=False)
     )
+    if distribution_point is not None:
+        builder = builder.add_extension(x509.IssuingDistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(distribution_point)], relative_name=None,
+            only_contains_user_certs=False, only_contains_ca_certs=False,
+            only_some_reasons=None, indirect_crl=False, only_contains_attribute_certs=False,
+        ), critical=True)  # RFC 5280 5.2.5: the extension is critical
     for revocation in sorted(revocations, key=lambda r: r.serial):
         builder = builder.add_revoked_certificate(_revoked_entry(revocation))
     crl = builder.sign(ca.private_key, ca.signature_hash)
@@ -87,6 +96,17 @@ def load_crl(crl_pem: bytes) -> x509.CertificateRevocationList:
         return x509.load_pem_x509_crl(crl_pem)
     except ValueError as exc:
         raise PKIError("Unparseable", f"not a PEM CRL: {exc}") from exc
+
+
+def crl_distribution_point(crl: x509.CertificateRevocationList) -> str | None:
+    """The URL a CRL says it is published at (its issuing distribution point), if any."""
+    try:
+        point = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return None
+    urls = [name.value for name in point.full_name or ()
+            if isinstance(name, x509.UniformResourceIdentifier)]
+    return urls[0] if urls else None
 
 
 def revoked_serials(crl_pem: bytes) -> set[int]:

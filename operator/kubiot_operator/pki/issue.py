@@ -52,11 +52,13 @@ def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: I
                                name: str, validity_days: int,
                                key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256,
                                csr_pem: str | bytes | None = None,
-                               now: datetime | None = None) -> IssuedCertificate:
+                               now: datetime | None = None,
+                               crl_url: str | None = None) -> IssuedCertificate:
     """A client certificate for a device or gateway: for a new key, or for the holder's CSR.
 
     CN is the broker username, the URI SAN `kubiot://<tenant>/<kind>s/<name>`. With a CSR the
-    key stays with the device: `key_pem` is None and `key_algorithm` is not used.
+    key stays with the device: `key_pem` is None and `key_algorithm` is not used. `crl_url`,
+    when given, is the certificate's CRL distribution point.
     """
     if ca.tenant is not None and ca.tenant != tenant:
         raise PKIError("TenantMismatch",
@@ -77,7 +79,7 @@ def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: I
         ca,
         subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
         public_key=public_key, names=[x509.UniformResourceIdentifier(uri)],
-        usages=[CLIENT_AUTH], validity_days=validity_days, now=as_utc(now),
+        usages=[CLIENT_AUTH], validity_days=validity_days, now=as_utc(now), crl_url=crl_url,
     )
     return issued_certificate(cert, ca, key_pem)
 
