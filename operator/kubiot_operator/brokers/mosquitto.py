@@ -11,10 +11,10 @@ import contextlib
 import itertools
 import json
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 
@@ -46,6 +46,7 @@ CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 #: MQTT CONNACK codes (v3 and v5) that mean the admin login itself was refused.
 _AUTH_REFUSED = frozenset({4, 5, 134, 135})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class MosquittoDynsecBackend:
             keepalive=max(60, int(2 * self._timeout)),
         )
         try:
-            await client.__aenter__()
+            await _honouring_cancellation(client.__aenter__(), lambda: _close_quietly(client))
         except aiomqtt.MqttCodeError as exc:
             if _code(exc) in _AUTH_REFUSED:
                 raise BrokerAuthError(f"broker refused the admin login: {exc}") from exc
@@ -141,7 +142,8 @@ class MosquittoDynsecBackend:
         except (aiomqtt.MqttError, OSError) as exc:
             raise BrokerUnavailable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         try:
-            await client.subscribe(RESPONSE_TOPIC, qos=1)
+            await _honouring_cancellation(client.subscribe(RESPONSE_TOPIC, qos=1),
+                                          lambda: _close_quietly(client))
         except aiomqtt.MqttError as exc:
             await _close_quietly(client)
             raise BrokerUnavailable(f"cannot subscribe to {RESPONSE_TOPIC}: {exc}") from exc
@@ -181,8 +183,9 @@ class MosquittoDynsecBackend:
         self._client, self._reader = None, None
         if reader is not None:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # Not `await reader` under suppress(CancelledError): that would also swallow a
+            # cancellation of the task closing the backend.
+            await asyncio.wait({reader})
         if client is not None:
             await _close_quietly(client)
 
@@ -213,7 +216,8 @@ class MosquittoDynsecBackend:
                 future: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
                 self._pending[key] = future
                 futures.append(future)
-                await client.publish(CONTROL_TOPIC, json.dumps({"commands": batch}), qos=1)
+                await _honouring_cancellation(
+                    client.publish(CONTROL_TOPIC, json.dumps({"commands": batch}), qos=1))
                 self.commands_sent += len(batch)
                 self.writes_sent += sum(1 for c in batch if dynsec.is_write(c))
             # Mosquitto acknowledges a control message after executing it, so once the last
@@ -406,6 +410,35 @@ def _code(exc: aiomqtt.MqttCodeError) -> int:
     if rc is None:
         return -1
     return rc if isinstance(rc, int) else int(rc.value)
+
+
+async def _honouring_cancellation(call: Awaitable[T],
+                                  undo: Callable[[], Awaitable[None]] | None = None) -> T:
+    """Await an aiomqtt call, and re-raise a cancellation it swallowed (after `undo`).
+
+    aiomqtt bounds its waits (CONNACK, SUBACK, PUBACK) with `asyncio.wait_for`, which on
+    Python 3.11 returns the result instead of raising when the task is cancelled in the instant
+    the broker's answer arrives; the faster the broker answers, the likelier that is. A task
+    cancelled there (the resync loop of a stopping operator) would carry on into its next wait,
+    and the stop, which waits for it, would never end.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+
+    def swallowed() -> bool:
+        return task is not None and task.cancelling() > before
+
+    try:
+        result = await call
+    except Exception as exc:
+        if swallowed():
+            raise asyncio.CancelledError from exc
+        raise
+    if swallowed():
+        if undo is not None:
+            await undo()
+        raise asyncio.CancelledError
+    return result
 
 
 async def _close_quietly(client: aiomqtt.Client) -> None:

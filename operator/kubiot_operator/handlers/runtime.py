@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
@@ -31,6 +30,8 @@ from kubiot_operator.reconcile.tenant import IngestEnvironment
 from kubiot_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
+#: How long stopping waits for the background tasks to end.
+STOP_TIMEOUT_SECONDS = 10.0
 
 
 class Runtime:
@@ -95,9 +96,13 @@ class Runtime:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a task that ignores its cancellation must not keep the operator from
+            # stopping (and its replacement from starting).
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_SECONDS)
+            for task in stuck:
+                log.error("background task %s did not stop within %.0f s; leaving it",
+                          task.get_name(), STOP_TIMEOUT_SECONDS)
         self._tasks.clear()
         if self._http is not None:
             await self._http.cleanup()

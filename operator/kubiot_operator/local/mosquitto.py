@@ -103,6 +103,8 @@ def render_config(cfg: MosquittoConfig) -> str:
         "log_type information",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         "max_queued_messages 100000",
+        # Small control messages and acknowledgements must not wait on Nagle's algorithm.
+        "set_tcp_nodelay true",
         "",
         f"listener {cfg.service_port} {cfg.bind_address}",
         "protocol mqtt",

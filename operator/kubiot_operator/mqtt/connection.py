@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -50,7 +51,8 @@ class OperatorMqtt:
 
     async def wait_connected(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._connected.wait()
         except TimeoutError:
             raise MessengerUnavailable(
                 f"no MQTT session with {self._host}:{self._port} after {seconds:.0f} s") from None
@@ -58,9 +60,12 @@ class OperatorMqtt:
     async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
         await self.wait_connected(self._publish_timeout)
         assert self._client is not None
+        # Bounded here, not by aiomqtt or `asyncio.wait_for`: on Python 3.11 those swallow a
+        # cancellation that lands just as the PUBACK arrives.
         try:
-            await asyncio.wait_for(self._client.publish(topic, payload, qos=qos, retain=retain),
-                                   self._publish_timeout)
+            async with asyncio.timeout(self._publish_timeout):
+                await self._client.publish(topic, payload, qos=qos, retain=retain,
+                                           timeout=math.inf)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             raise MessengerUnavailable(f"publishing to {topic} failed: {exc}") from exc
 
