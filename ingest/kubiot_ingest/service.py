@@ -28,10 +28,21 @@ MAINTENANCE_INTERVAL_S = 3600.0
 FIRST_RETRY_DELAY_S = 0.1
 INFLUX_ATTEMPTS = 3
 LAG_SAMPLES_PER_BATCH = 100
+#: Messages classified between two turns of the event loop while a batch is being committed.
+CLASSIFY_SLICE = 500
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def postgres_sink(settings: IngestSettings) -> PostgresSink:
+    """The tenant's PostgreSQL sink, as the service configures it."""
+    return PostgresSink(
+        settings.database_dsn.get_secret_value(), settings.schema_name,
+        retention_days=settings.retention_days,
+        compress_after_days=settings.compress_after_days,
+        ahead_days=settings.partitions_ahead_days)
 
 
 class IngestService:
@@ -43,11 +54,7 @@ class IngestService:
         self.registry = registry or CollectorRegistry()
         self.metrics = IngestMetrics(self.registry, settings.tenant)
         self.clock = clock
-        self.sink = PostgresSink(
-            settings.database_dsn.get_secret_value(), settings.schema_name,
-            retention_days=settings.retention_days,
-            compress_after_days=settings.compress_after_days,
-            ahead_days=settings.partitions_ahead_days)
+        self.sink = postgres_sink(settings)
         self.influx: InfluxSink | None = None
         if settings.influx_url and settings.influx_org and settings.influx_bucket:
             token = settings.influx_token.get_secret_value() if settings.influx_token else None
@@ -177,7 +184,12 @@ class IngestService:
             drained = inbox.drain(batcher.room())
             if drained:
                 self.metrics.received.inc(len(drained))
-                for message in drained:
+            for start in range(0, len(drained), CLASSIFY_SLICE):
+                if committing is not None and not committing.done():
+                    # The commit needs this loop between its round trips: let it take its
+                    # next step, so that it progresses while the next batch is classified.
+                    await asyncio.sleep(0)
+                for message in drained[start:start + CLASSIFY_SLICE]:
                     batcher.add(message, classify(message, s.tenant, s.max_payload_bytes), now)
             flush = batcher.is_due(time.monotonic()) or (not taking and not len(inbox))
             if flush and batcher.pending_messages:
