@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache, cached_property
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,6 +16,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdent
 
 from kubiot_operator.models.common import CertificateSummary
 from kubiot_operator.pki.keys import PrivateKey, PublicKey, private_key_pem, signature_hash
+
+if TYPE_CHECKING:
+    from kubiot_operator.pki.template import ClientCertificateTemplate
 
 #: Certificates start a little in the past, so a device whose clock runs behind accepts them.
 BACKDATE = timedelta(minutes=5)
@@ -76,6 +80,12 @@ class CertificateAuthority:
         except x509.ExtensionNotFound:
             return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.private_key.public_key())
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
+    @cached_property
+    def client_template(self) -> ClientCertificateTemplate | None:
+        """The encoded parts every client certificate of this CA shares (None: no template)."""
+        from kubiot_operator.pki.template import ClientCertificateTemplate  # it imports this
+        return ClientCertificateTemplate.for_ca(self)
 
     @cached_property
     def authority_key_extension(self) -> x509.Extension[x509.AuthorityKeyIdentifier]:
@@ -140,9 +150,11 @@ def certificate_pem(der: bytes) -> bytes:
 
 
 def issued_certificate(cert: x509.Certificate, ca: CertificateAuthority,
-                       key_pem: bytes | None) -> IssuedCertificate:
-    """Wrap a freshly signed certificate with its PEM, chain and summary."""
-    der = cert.public_bytes(serialization.Encoding.DER)
+                       key_pem: bytes | None, der: bytes | None = None) -> IssuedCertificate:
+    """Wrap a freshly signed certificate (and its DER, when known) with its PEM, chain and
+    summary."""
+    if der is None:
+        der = cert.public_bytes(serialization.Encoding.DER)
     return IssuedCertificate(
         certificate=cert,
         cert_pem=certificate_pem(der),

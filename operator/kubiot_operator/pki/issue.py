@@ -17,7 +17,9 @@ from kubiot_operator.pki.certificates import (
     as_utc,
     certificate_summary,
     issued_certificate,
+    random_serial,
     sign_leaf,
+    validity_window,
 )
 from kubiot_operator.pki.csr import verify_csr
 from kubiot_operator.pki.errors import CSRRejected, PKIError
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 
+#: RFC 5280's upper bound of a common name; the CN is the broker username.
+COMMON_NAME_MAX_LENGTH = 64
+
+
 def identity_common_name(tenant: str, kind: IdentityKind, name: str) -> str:
     """The broker username an identity's certificate carries as its CN."""
     return _certificate_names(tenant, kind, name)[0]
@@ -43,9 +49,14 @@ def _certificate_names(tenant: str, kind: IdentityKind, name: str) -> tuple[str,
         raise PKIError("UnsupportedIdentityKind",
                        f"certificates are issued for devices and gateways, not {kind.value}")
     try:
-        return certificate_names(tenant, kind, name)
+        common_name, uri = certificate_names(tenant, kind, name)
     except ContractError as exc:
         raise PKIError("InvalidName", str(exc)) from exc
+    if len(common_name) > COMMON_NAME_MAX_LENGTH:
+        raise PKIError("InvalidName", f"the username {common_name!r} is longer than the "
+                       f"{COMMON_NAME_MAX_LENGTH} characters a certificate's CN may hold "
+                       "(RFC 5280 ub-common-name); shorten the tenant or the name")
+    return common_name, uri
 
 
 def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: IdentityKind,
@@ -75,13 +86,21 @@ def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: I
         key = generate_private_key(key_algorithm)
         public_key = key.public_key()
         key_pem = private_key_pem(key)
-    cert = sign_leaf(
-        ca,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
-        public_key=public_key, names=[x509.UniformResourceIdentifier(uri)],
-        usages=[CLIENT_AUTH], validity_days=validity_days, now=as_utc(now), crl_url=crl_url,
-    )
-    return issued_certificate(cert, ca, key_pem)
+    template = ca.client_template
+    if template is None:
+        cert = sign_leaf(
+            ca,
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+            public_key=public_key, names=[x509.UniformResourceIdentifier(uri)],
+            usages=[CLIENT_AUTH], validity_days=validity_days, now=as_utc(now), crl_url=crl_url,
+        )
+        return issued_certificate(cert, ca, key_pem)
+    # The same certificate sign_leaf makes, encoded from the CA's template.
+    not_before, not_after = validity_window(ca, validity_days, as_utc(now))
+    der = template.sign(template.tbs_certificate(
+        serial=random_serial(), not_before=not_before, not_after=not_after,
+        common_name=common_name, uri=uri, public_key=public_key, crl_url=crl_url))
+    return issued_certificate(x509.load_der_x509_certificate(der), ca, key_pem, der)
 
 
 def renewal_time(not_after: datetime, renew_before_days: int) -> datetime:
