@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache, cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -188,6 +188,13 @@ def _extended_key_usage(usages: tuple[ObjectIdentifier, ...]) -> x509.Extension[
     return x509.Extension(ExtensionOID.EXTENDED_KEY_USAGE, False, x509.ExtendedKeyUsage(usages))
 
 
+def leading_leaf_extensions(usages: Sequence[ObjectIdentifier], *,
+                            key_encipherment: bool = False) -> list[x509.Extension[Any]]:
+    """An end-entity certificate's first extensions, the same for every certificate of a kind:
+    basicConstraints (not a CA), keyUsage and extKeyUsage."""
+    return [_LEAF, _USAGE[key_encipherment], _extended_key_usage(tuple(usages))]
+
+
 def _naive_utc(moment: datetime) -> datetime:
     """What CertificateBuilder's setters store: naive UTC (certificates carry no zone)."""
     return as_utc(moment).replace(tzinfo=None)
@@ -205,9 +212,7 @@ def sign_leaf(ca: CertificateAuthority, *, subject: x509.Name, public_key: Publi
     """
     not_before, not_after = validity_window(ca, validity_days, now)
     extensions = [
-        _LEAF,
-        _USAGE[key_encipherment],
-        _extended_key_usage(tuple(usages)),
+        *leading_leaf_extensions(usages, key_encipherment=key_encipherment),
         x509.Extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False,
                        x509.SubjectAlternativeName(list(names))),
         x509.Extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,

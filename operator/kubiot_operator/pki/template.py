@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,6 +28,7 @@ from kubiot_operator.pki.certificates import (
     CLIENT_AUTH,
     CertificateAuthority,
     crl_distribution_points,
+    leading_leaf_extensions,
 )
 from kubiot_operator.pki.keys import PublicKey
 
@@ -75,6 +77,11 @@ def _extension(oid: bytes, value: bytes, critical: bool = False) -> bytes:
                 + _tlv(_OCTET_STRING, value))
 
 
+def _encoded(extension: x509.Extension[Any]) -> bytes:
+    """An extension the library describes, in DER (its value encoded by the library)."""
+    return _extension(_oid(extension.oid), extension.value.public_bytes(), extension.critical)
+
+
 def _oid(extension: x509.ObjectIdentifier) -> bytes:
     return _tlv(_OID, _encode_oid(extension.dotted_string))
 
@@ -94,7 +101,6 @@ def _encode_oid(dotted: str) -> bytes:
 
 _SAN_OID = _oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
 _SKI_OID = _oid(ExtensionOID.SUBJECT_KEY_IDENTIFIER)
-_CDP_OID = _oid(ExtensionOID.CRL_DISTRIBUTION_POINTS)
 
 
 @dataclass(frozen=True)
@@ -116,23 +122,13 @@ class ClientCertificateTemplate:
         algorithm = _SIGNATURE_ALGORITHMS.get((family or "", ca.signature_hash.name))
         if algorithm is None:
             return None
-        leading = (
-            (ExtensionOID.BASIC_CONSTRAINTS, x509.BasicConstraints(ca=False, path_length=None),
-             True),
-            (ExtensionOID.KEY_USAGE, x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), True),
-            (ExtensionOID.EXTENDED_KEY_USAGE, x509.ExtendedKeyUsage([CLIENT_AUTH]), False),
-        )
         return cls(
             ca=ca,
             signature_algorithm=algorithm,
             issuer=ca.subject.public_bytes(),
-            leading_extensions=b"".join(_extension(_oid(oid), value.public_bytes(), critical)
-                                        for oid, value, critical in leading),
-            authority_key_id=_extension(_oid(ExtensionOID.AUTHORITY_KEY_IDENTIFIER),
-                                        ca.authority_key_identifier.public_bytes()),
+            leading_extensions=b"".join(
+                _encoded(extension) for extension in leading_leaf_extensions([CLIENT_AUTH])),
+            authority_key_id=_encoded(ca.authority_key_extension),
         )
 
     def tbs_certificate(self, *, serial: int, not_before: datetime, not_after: datetime,
@@ -150,8 +146,7 @@ class ClientCertificateTemplate:
             + self.authority_key_id
         )
         if crl_url is not None:
-            points = crl_distribution_points(crl_url).value
-            extensions += _extension(_CDP_OID, points.public_bytes())
+            extensions += _encoded(crl_distribution_points(crl_url))
         return _tlv(_SEQUENCE, b"".join((
             _VERSION_3,
             _integer(serial),
