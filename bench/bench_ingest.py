@@ -393,18 +393,6 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ingest_backend_pid(dsn: str) -> int | None:
-    async def run() -> int | None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            pid = await conn.fetchval("SELECT pid FROM pg_stat_activity "
-                                      "WHERE application_name = 'kubiot-ingest' LIMIT 1")
-            return None if pid is None else int(pid)
-        finally:
-            await conn.close()
-    return asyncio.run(run())
-
-
 def batch_figures(metrics_url: str) -> tuple[float, float, float]:
     """(batches committed, messages per batch, seconds per commit) from the ingest's metrics."""
     import urllib.request
@@ -429,8 +417,8 @@ def batch_figures(metrics_url: str) -> tuple[float, float, float]:
 class CpuProbe:
     """CPU time per message of the ingest's threads, its database backend and the broker."""
 
-    def __init__(self, ingest_pid: int, broker_pid: int | None, dsn: str) -> None:
-        self.ingest_pid, self.broker_pid, self.dsn = ingest_pid, broker_pid, dsn
+    def __init__(self, ingest_pid: int, broker_pid: int | None, watcher: Watcher) -> None:
+        self.ingest_pid, self.broker_pid, self.watcher = ingest_pid, broker_pid, watcher
         self.backend_pid: int | None = None
         self.marks: list[tuple[float, float, dict[str, float]]] = []
 
@@ -447,7 +435,9 @@ class CpuProbe:
 
     def __call__(self, seen: float) -> None:
         if self.backend_pid is None:
-            self.backend_pid = ingest_backend_pid(self.dsn)
+            pid = self.watcher.fetchval("SELECT pid FROM pg_stat_activity "
+                                        "WHERE application_name = 'kubiot-ingest' LIMIT 1")
+            self.backend_pid = None if pid is None else int(pid)
         self.marks.append((time.monotonic(), seen, self.sample()))
 
     def per_message(self) -> dict[str, float]:
@@ -474,8 +464,8 @@ def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
     process = IngestProcess(env, workdir / "ingest.log").start()
     try:
         assert process.process is not None
-        probe = CpuProbe(process.process.pid, broker_pid, dsn)
         watcher = Watcher(dsn)
+        probe = CpuProbe(process.process.pid, broker_pid, watcher)
         try:
             figures.ingest = drain_rate(lambda: committed_messages(watcher, publishers, total),
                                         total, 120, probe)
