@@ -31,6 +31,10 @@ class OperatorMetrics:
         self.drift_repairs = Counter(
             "kubiot_operator_drift_repairs_total", "Broker changes made by a resync.",
             ["tenant", "action"], registry=r)
+        self.resync_passes = Counter(
+            "kubiot_operator_resync_passes_total",
+            "Drift repair passes completed (every tenant compared with the broker).",
+            registry=r)
         self.certificates_issued = Counter(
             "kubiot_operator_certificates_issued_total", "Certificates issued, by reason.",
             ["tenant", "reason"], registry=r)

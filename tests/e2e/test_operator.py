@@ -225,6 +225,15 @@ async def test_a_broker_identity_deleted_by_hand_comes_back_with_the_next_resync
         await apply_examples(env)
         await wait_all_ready(env)
         files = await env.device_credentials("pressure-01")
+        # Delete just after a pass, so that the refusal is seen before the next one repairs it.
+        passes = env.operators[-1].platform.metrics.resync_passes
+        done = passes._value.get()
+
+        async def a_pass_completed() -> bool:
+            return bool(passes._value.get() > done)
+
+        await async_wait_until(a_pass_completed, timeout=30,
+                               message="a drift repair pass completed")
         await asyncio.to_thread(
             send_commands, "127.0.0.1", env.broker.ports.service, "kubiot-operator",
             env.settings.broker_admin_password.get_secret_value(),

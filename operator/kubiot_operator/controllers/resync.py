@@ -126,6 +126,7 @@ async def resync_forever(platform: Platform, period: float, first_delay: float =
     while True:
         try:
             await resync_all(platform)
+            platform.metrics.resync_passes.inc()
         except Exception:
             log.exception("drift repair pass failed")
         await asyncio.sleep(period)
