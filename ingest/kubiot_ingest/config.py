@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubiot_operator.contract import ContractError, validate_name
+from kubiot_operator.contract import ContractError, ingest_client_id, validate_name
 from kubiot_operator.telemetry import DEFAULT_MAX_PAYLOAD_BYTES
 
 ENV_PREFIX = "KUBIOT_INGEST_"
@@ -64,6 +64,15 @@ class IngestSettings(BaseSettings):
         except ContractError as exc:
             raise ValueError(str(exc)) from exc
 
+    @field_validator("client_id")
+    @classmethod
+    def _client_id_is_a_service_id(cls, value: str | None) -> str | None:
+        # A client id with a `.` has a device's form; the contract keeps services out of it.
+        try:
+            return None if value is None else ingest_client_id("x", value)
+        except ContractError as exc:
+            raise ValueError(str(exc)) from exc
+
     @model_validator(mode="after")
     def _consistent(self) -> IngestSettings:
         if self.influx_url and not (self.influx_org and self.influx_bucket):
@@ -81,7 +90,7 @@ class IngestSettings(BaseSettings):
 
     @property
     def mqtt_client_id(self) -> str:
-        return self.client_id or f"kubiot-ingest-{self.tenant}"
+        return ingest_client_id(self.tenant, self.client_id)
 
     @property
     def batch_max_delay_s(self) -> float:

@@ -206,6 +206,65 @@ def parse_username(username: str) -> Identity:
     raise ContractError(f"{username!r} is not a kubiot broker username")
 
 
+# --- client ids ------------------------------------------------------------------------------
+#
+# Sessions belong to identities. A device's or gateway's client id is its username, and the
+# broker binds it: Mosquitto's device listener sets `use_username_as_clientid`, EMQX sets
+# `mqtt.peer_cert_as_clientid = cn`, so whatever client id a device asks for, it gets the CN of
+# its certificate. Service client ids never contain a `.`, while every device and gateway client
+# id does: no device can ever present a service's client id, resume its session or displace it.
+
+SERVICE_CLIENT_ID_PATTERN = r"^[A-Za-z0-9][-A-Za-z0-9_]{0,127}$"
+_SERVICE_CLIENT_ID_RE = re.compile(SERVICE_CLIENT_ID_PATTERN)
+
+
+def device_client_id(tenant: str, device: str) -> str:
+    """A device's MQTT client id: its username (the broker enforces it)."""
+    return device_username(tenant, device)
+
+
+def gateway_client_id(tenant: str, gateway: str) -> str:
+    """A gateway's MQTT client id: its username (the broker enforces it)."""
+    return gateway_username(tenant, gateway)
+
+
+def service_client_id(client_id: str, what: str = "service client id") -> str:
+    """Return `client_id` if a service (ingest, operator) may use it, else raise ContractError."""
+    if not _SERVICE_CLIENT_ID_RE.match(client_id):
+        raise ContractError(
+            f"{what} {client_id!r} must be 1 to 128 letters, digits, '-' or '_' (no '.': "
+            f"client ids with a '.' belong to devices and gateways)")
+    return client_id
+
+
+def ingest_client_id(tenant: str, instance: str | None = None) -> str:
+    """The client id of one ingest replica: `kubiot-ingest-{tenant}`, or its own instance name
+    (the pod name in Kubernetes), so that each replica keeps its own session."""
+    if instance is None:
+        return f"kubiot-ingest-{validate_name(tenant, 'tenant')}"
+    return service_client_id(instance, "ingest client id")
+
+
+def operator_client_id(purpose: str) -> str:
+    """The operator's client id for one of its connections (`admin`, `reports`, ...)."""
+    return service_client_id(f"{OPERATOR_USERNAME}-{purpose}", "operator client id")
+
+
+#: The operator's administrative connection (Mosquitto's dynamic-security commands).
+ADMIN_CLIENT_ID = f"{OPERATOR_USERNAME}-admin"
+#: The operator's connection that publishes desired state and jobs and reads reports.
+REPORTS_CLIENT_ID = f"{OPERATOR_USERNAME}-reports"
+
+
+def is_device_client_id(client_id: str) -> bool:
+    """True when `client_id` has the form a broker binds to a device's or gateway's certificate."""
+    try:
+        identity = parse_username(client_id)
+    except ContractError:
+        return False
+    return identity.kind in (IdentityKind.DEVICE, IdentityKind.GATEWAY)
+
+
 def certificate_uri(tenant: str, kind: IdentityKind, name: str) -> str:
     """The URI SAN that names an identity in its certificate: `kubiot://{tenant}/{kind}s/{name}`."""
     return _uri(validate_name(tenant, "tenant"), kind, validate_name(name))

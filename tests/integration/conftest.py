@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.brokers.emqx import SESSION_BINDING
 from kubiot_operator.contract import IdentityKind
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig, TLSListener
 from kubiot_operator.local.ports import free_port
@@ -31,7 +32,7 @@ from kubiot_operator.pki import (
     issue_identity_certificate,
     issue_server_certificate,
 )
-from tests.support.emqx_fake import EmqxFake
+from tests.support.emqx_fake import DEFAULT_ZONE_MQTT, EmqxFake
 from tests.support.mqtt_client import MqttTestClient
 
 TENANTS = ("acme", "globex")
@@ -187,8 +188,9 @@ async def dynsec(mosquitto_tls: TlsMosquitto) -> AsyncIterator[MosquittoDynsecBa
 
 @pytest.fixture
 async def emqx_fake() -> AsyncIterator[EmqxFake]:
-    """An HTTP fake of EMQX's REST API on a free loopback port."""
-    fake = EmqxFake()
+    """An HTTP fake of EMQX's REST API on a free loopback port, configured as docs/brokers.md
+    says (certificates bind usernames and client ids)."""
+    fake = EmqxFake(zone_mqtt={**DEFAULT_ZONE_MQTT, **SESSION_BINDING})
     await fake.start()
     try:
         yield fake

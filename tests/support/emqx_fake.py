@@ -2,8 +2,16 @@
 
 It follows EMQX's published API: the built-in database authorization rules per username
 (list with `page`/`limit`/`like_username` and `meta`), the built-in database authenticator's
-users, and clients (list by username, kick). Errors are `{"code": ..., "message": ...}`.
-Tests can inject failures (429, 5xx) and read every request made.
+users, clients (list by username, kick) and the global zone's configuration. Errors are
+`{"code": ..., "message": ...}`. Tests can inject failures (429, 5xx) and read every request made.
+
+Connections are modelled too, as EMQX 5.8 treats them (`emqx_channel:set_peercert_infos`,
+`maybe_username_as_clientid`, `maybe_assign_clientid` and `emqx_cm`'s session takeover): a TLS
+client's username and client id become its certificate's CN only when the zone says
+`peer_cert_as_username` / `peer_cert_as_clientid = cn`; otherwise the client id is whatever the
+client asked for, and a second connection with a live client id ends the first one and, with
+clean start 0, takes its session over. Not modelled: MQTT itself (no sockets), authorization of
+topics, and per-listener zones (everything here is in the global zone).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kubiot_operator.contract import topic_matches
 from kubiot_operator.local.ports import free_port
 
 AUTHENTICATOR_ID = "password_based:built_in_database"
@@ -53,6 +62,39 @@ def _normalise_rule(rule: Any) -> Json:
             "qos": list(rule.get("qos", [0, 1, 2])), "retain": rule.get("retain", "all")}
 
 
+#: The global zone's MQTT settings that matter to kubiot, with EMQX 5.8's defaults.
+DEFAULT_ZONE_MQTT: Json = {
+    "peer_cert_as_username": "disabled",
+    "peer_cert_as_clientid": "disabled",
+    "use_username_as_clientid": False,
+}
+
+
+@dataclass
+class Session:
+    """What EMQX keeps under a client id: subscriptions, and messages queued while offline."""
+
+    subscriptions: set[str] = field(default_factory=set)
+    queued: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Connection:
+    """One client connection as the broker sees it, after the broker chose its client id."""
+
+    clientid: str
+    username: str | None
+    session: Session
+    connected: bool = True
+    ended_by: str | None = None  # the client id of the connection that took this one over
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.session.subscriptions.add(topic_filter)
+
+    def close(self) -> None:
+        self.connected = False
+
+
 @dataclass
 class EmqxFake:
     """State and handlers; `start()` serves it on a free loopback port."""
@@ -62,7 +104,9 @@ class EmqxFake:
     max_rules: int = 100
     rules: dict[str, list[Json]] = field(default_factory=dict)
     users: dict[str, Json] = field(default_factory=dict)
-    clients: dict[str, str] = field(default_factory=dict)  # clientid -> username
+    zone_mqtt: Json = field(default_factory=lambda: dict(DEFAULT_ZONE_MQTT))
+    connections: dict[str, Connection] = field(default_factory=dict)  # by client id
+    sessions: dict[str, Session] = field(default_factory=dict)  # by client id
     requests: list[Request] = field(default_factory=list)
     _failures: deque[_Failure] = field(default_factory=deque)
     _runner: web.AppRunner | None = None
@@ -76,8 +120,45 @@ class EmqxFake:
         for _ in range(count):
             self._failures.append(_Failure(status, code, message, method))
 
-    def connect_client(self, clientid: str, username: str) -> None:
-        self.clients[clientid] = username
+    def connect(self, clientid: str, *, username: str | None = None,
+                peer_cert_cn: str | None = None, clean_start: bool = True) -> Connection:
+        """A client's CONNECT, as EMQX handles it; returns the connection it got."""
+        zone = self.zone_mqtt
+        if peer_cert_cn is not None:
+            # set_peercert_infos: over TLS the certificate decides, or the field stays unset.
+            username = peer_cert_cn if zone["peer_cert_as_username"] == "cn" else username
+            if zone["peer_cert_as_clientid"] == "cn":
+                clientid = peer_cert_cn
+            elif zone["use_username_as_clientid"] and username:
+                clientid = username
+        elif zone["use_username_as_clientid"] and username:
+            clientid = username
+        live = self.connections.get(clientid)
+        if live is not None and live.connected:
+            live.connected, live.ended_by = False, clientid  # takeover: the old one is kicked
+        session = self.sessions.get(clientid)
+        if session is None or clean_start:
+            session = self.sessions[clientid] = Session()
+        connection = self.connections[clientid] = Connection(clientid, username, session)
+        return connection
+
+    def connect_client(self, clientid: str, username: str) -> Connection:
+        """A service client on a listener without TLS."""
+        return self.connect(clientid, username=username)
+
+    def deliver(self, topic: str) -> int:
+        """Queue a message in every session subscribed to `topic`; the number of sessions."""
+        count = 0
+        for session in self.sessions.values():
+            if any(topic_matches(f, topic) for f in session.subscriptions):
+                session.queued.append(topic)
+                count += 1
+        return count
+
+    @property
+    def clients(self) -> dict[str, str | None]:
+        """Live connections: client id -> username."""
+        return {c: conn.username for c, conn in self.connections.items() if conn.connected}
 
     def writes(self) -> list[Request]:
         return [r for r in self.requests if r.method != "GET"]
@@ -98,6 +179,7 @@ class EmqxFake:
         app.router.add_get(f"{users}/{{user_id}}", self._get_user)
         app.router.add_put(f"{users}/{{user_id}}", self._put_user)
         app.router.add_delete(f"{users}/{{user_id}}", self._delete_user)
+        app.router.add_get(f"{base}/configs/global_zone", self._global_zone)
         app.router.add_get(f"{base}/clients", self._list_clients)
         app.router.add_delete(f"{base}/clients/{{clientid}}", self._kick)
         self._runner = web.AppRunner(app)
@@ -267,6 +349,13 @@ class EmqxFake:
         return self._page(request, items)
 
     async def _kick(self, request: web.Request) -> web.Response:
-        if self.clients.pop(request.match_info["clientid"], None) is None:
+        connection = self.connections.get(request.match_info["clientid"])
+        if connection is None or not connection.connected:
             return _error(404, "CLIENTID_NOT_FOUND", "Client ID not found")
+        connection.close()
         return web.Response(status=204)
+
+    # --- configuration ------------------------------------------------------------------------
+
+    async def _global_zone(self, request: web.Request) -> web.Response:
+        return web.json_response({"mqtt": dict(self.zone_mqtt)})

@@ -11,6 +11,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 #: Reason codes below 0x80 mean success (MQTT v5, 2.4).
@@ -124,10 +126,13 @@ class MqttTestClient:
 
     # --- the test's side ----------------------------------------------------------------------
 
-    def connect(self) -> MqttTestClient:
+    def connect(self, *, clean_start: bool = True, session_expiry_s: int = 0) -> MqttTestClient:
         """Connect or raise ConnectRefused (a failed TLS handshake included)."""
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry_s
         try:
-            self._client.connect(self.host, self.port, keepalive=30)
+            self._client.connect(self.host, self.port, keepalive=30, clean_start=clean_start,
+                                 properties=properties)
         except ssl.SSLError as exc:
             raise ConnectRefused(f"TLS handshake failed: {exc!r}", "tls") from exc
         except OSError as exc:

@@ -218,3 +218,25 @@ def test_docs_list_every_topic_and_the_example_devices_rules() -> None:
     rules = device_access("acme", "pump-1")
     for topic_filter in rules.publish | rules.subscribe:
         assert f"`{topic_filter}`" in text, topic_filter
+
+
+# --- client ids --------------------------------------------------------------------------------
+
+@given(tenant=names, name=names, other=names)
+def test_device_and_gateway_client_ids_never_take_a_service_form(
+        tenant: str, name: str, other: str) -> None:
+    for client_id in (contract.device_client_id(tenant, name),
+                      contract.gateway_client_id(tenant, name)):
+        assert contract.is_device_client_id(client_id)
+        with pytest.raises(contract.ContractError):
+            contract.service_client_id(client_id)
+    for service_id in (contract.ingest_client_id(other), contract.operator_client_id(other),
+                       contract.ADMIN_CLIENT_ID, contract.REPORTS_CLIENT_ID):
+        assert contract.service_client_id(service_id) == service_id
+        assert not contract.is_device_client_id(service_id)
+
+
+def test_an_ingest_instance_name_with_a_dot_is_refused() -> None:
+    assert contract.ingest_client_id("acme", "acme-ingest-7d9f-abcde") == "acme-ingest-7d9f-abcde"
+    with pytest.raises(contract.ContractError, match="belong to devices"):
+        contract.ingest_client_id("acme", "acme.pump-1")

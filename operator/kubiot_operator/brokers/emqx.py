@@ -50,6 +50,9 @@ RULES_PATH = "/authorization/sources/built_in_database/rules/users"
 _RuleKey = tuple[str, str, str]
 #: Put first in a disabled identity's list: EMQX stops at the first matching rule.
 DENY_ALL: _RuleKey = ("deny", "all", "#")
+#: Zone settings without which a device could choose another identity's client id and resume
+#: or end its session: over TLS the certificate's CN must be both username and client id.
+SESSION_BINDING: dict[str, str] = {"peer_cert_as_username": "cn", "peer_cert_as_clientid": "cn"}
 
 
 # --- pure translation -----------------------------------------------------------------------------
@@ -87,6 +90,14 @@ def identity_from_rules(username: str, keys: Sequence[_RuleKey],
     return BrokerIdentity(username, owner.tenant, owner.kind,
                           AccessRules(frozenset(publish), frozenset(subscribe)), credential,
                           enabled)
+
+
+def session_binding_gaps(global_zone: Any) -> list[str]:
+    """The `mqtt.*` settings of EMQX's global zone that differ from SESSION_BINDING."""
+    mqtt = global_zone.get("mqtt") if isinstance(global_zone, dict) else None
+    mqtt = mqtt if isinstance(mqtt, dict) else {}
+    return [f"mqtt.{key} = {value} (is {mqtt.get(key, 'unset')})"
+            for key, value in SESSION_BINDING.items() if mqtt.get(key) != value]
 
 
 def error_of(status: int, body: Any) -> tuple[str, str]:
@@ -137,6 +148,7 @@ class EmqxBackend:
         # EMQX never shows a stored password: remember what this process set, so a resync
         # rewrites a password once after a restart and never again.
         self._fingerprints: dict[str, str] = {}
+        self._sessions_bound = False
         #: HTTP requests that changed something: for tests and metrics.
         self.writes_sent = 0
 
@@ -365,11 +377,29 @@ class EmqxBackend:
             return BrokerHealth(False, f"{exc.reason}: {exc}")
         if isinstance(body, dict) and body.get("enable") is False:
             return BrokerHealth(False, "the built_in_database authorization source is disabled")
+        try:
+            await self._require_session_binding()
+        except BrokerError as exc:
+            return BrokerHealth(False, str(exc))
         return BrokerHealth(True, f"EMQX REST API answers at {self._api}")
+
+    async def _require_session_binding(self) -> None:
+        """Refuse a broker that lets devices choose their client id (checked until it holds)."""
+        if self._sessions_bound:
+            return
+        _, body = await self._request("GET", "/configs/global_zone")
+        gaps = session_binding_gaps(body)
+        if gaps:
+            raise BrokerRejected(
+                "EMQX lets devices choose their MQTT client id, so one device could take over "
+                "another identity's session; set in its configuration: " + ", ".join(gaps),
+                reason="BrokerSessionsNotBound")
+        self._sessions_bound = True
 
     async def ensure_tenant(self, tenant: str) -> SyncResult:
         # EMQX has no per-tenant object: `authorization.no_match = deny` is the default deny.
         parse_username(f"{tenant}.svc.ingest")  # validates the tenant name
+        await self._require_session_binding()
         return NOTHING_DONE
 
     async def ensure_identity(self, identity: BrokerIdentity) -> SyncResult:

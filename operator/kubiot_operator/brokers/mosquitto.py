@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from kubiot_operator.contract import ContractError, parse_username
+from kubiot_operator.contract import ADMIN_CLIENT_ID, ContractError, parse_username
 
 from . import dynsec
 from .base import (
@@ -94,7 +94,7 @@ class MosquittoDynsecBackend:
     """
 
     def __init__(self, host: str, port: int, username: str, password: str, *,
-                 tls: ssl.SSLContext | None = None, client_id: str = "kubiot-operator-admin",
+                 tls: ssl.SSLContext | None = None, client_id: str = ADMIN_CLIENT_ID,
                  timeout: float = 10.0, batch_size: int = 200,
                  backoff: Backoff | None = None, breaker: CircuitBreaker | None = None) -> None:
         self._host, self._port = host, port

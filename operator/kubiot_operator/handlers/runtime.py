@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
-from kubiot_operator.contract import report_filters
+from kubiot_operator.contract import operator_client_id, report_filters
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher
@@ -64,7 +64,7 @@ class Runtime:
         self.mqtt = OperatorMqtt(
             settings.broker_admin_host, settings.broker_admin_port,
             settings.broker_admin_username, settings.broker_admin_password.get_secret_value(),
-            client_id=f"kubiot-operator-{settings.namespace}",
+            client_id=operator_client_id(f"reports-{settings.namespace}"),
             tls=_admin_tls(settings), subscriptions=report_filters(),
             on_message=self.reports.on_message)
         ca_pem = _read(settings.broker_ca_file)

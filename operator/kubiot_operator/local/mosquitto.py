@@ -48,6 +48,9 @@ class TLSListener:
     crl_file: Path | None = None
     require_certificate: bool = True
     use_identity_as_username: bool = True
+    #: Bind each session to its certificate: the client id becomes the CN, whatever the client
+    #: asked for, so no device can resume or displace another identity's session.
+    use_username_as_clientid: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ def render_config(cfg: MosquittoConfig) -> str:
             f"keyfile {tls.key_file}",
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
             f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",
+            f"use_username_as_clientid {'true' if tls.use_username_as_clientid else 'false'}",
             "tls_version tlsv1.2",
         ]
         if tls.crl_file is not None:

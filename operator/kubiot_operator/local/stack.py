@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from kubiot_operator.brokers import MosquittoDynsecBackend
-from kubiot_operator.contract import OPERATOR_USERNAME, report_filters
+from kubiot_operator.contract import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_all
@@ -104,7 +104,7 @@ class LocalStack:
         reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
                              patches_per_second=200)
         mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
-                            client_id="kubiot-local-operator", subscriptions=report_filters(),
+                            client_id=REPORTS_CLIENT_ID, subscriptions=report_filters(),
                             on_message=reports.on_message)
         platform = Platform(
             objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,

@@ -17,6 +17,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from kubiot_operator.contract import REPORTS_CLIENT_ID
+
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
@@ -30,7 +32,7 @@ class OperatorMqtt:
     """`run()` keeps the session up until cancelled; `publish()` uses it."""
 
     def __init__(self, host: str, port: int, username: str, password: str, *,
-                 client_id: str = "kubiot-operator", tls: ssl.SSLContext | None = None,
+                 client_id: str = REPORTS_CLIENT_ID, tls: ssl.SSLContext | None = None,
                  subscriptions: list[str] | None = None, on_message: MessageHandler | None = None,
                  publish_timeout: float = 10.0, max_backoff: float = 30.0) -> None:
         self._host, self._port = host, port
