@@ -1,9 +1,26 @@
 """An in-process HTTP fake of the parts of EMQX 5's REST API that kubiot uses.
 
-It follows EMQX's published API: the built-in database authorization rules per username
-(list with `page`/`limit`/`like_username` and `meta`), the built-in database authenticator's
-users, clients (list by username, kick) and the global zone's configuration. Errors are
-`{"code": ..., "message": ...}`. Tests can inject failures (429, 5xx) and read every request made.
+It imitates EMQX 5.8, read from the v5.8.9 source (`emqx_authz_api_mnesia`,
+`emqx_authz_api_sources`, `emqx_authn_api`, `emqx_mgmt_api`, `emqx_mgmt_api_clients`): the
+built-in database authorization rules per username, the built-in database authenticator's users,
+clients (list by username, kick) and the global zone's configuration. Errors are
+`{"code": ..., "message": ...}` with EMQX's codes and messages. Tests can inject failures (429,
+5xx) and read every request made.
+
+Refusals modelled as EMQX makes them:
+* `max_rules` (default 100; the source's config shows it): a POST of many users is checked user
+  by user in body order before anything is stored, so the first existing user (409
+  `ALREADY_EXISTS`) or the first list over the limit (400 `BAD_REQUEST`) refuses the whole batch;
+  a PUT over the limit is a 400 too.
+* No built_in_database authorization source (`source_configured = False`): the source and every
+  rules path answer 404 `NOT_FOUND` "Not found: built_in_database", the same code a missing
+  username gets.
+* No password_based:built_in_database authenticator (`authenticators` without it): the users
+  paths answer 404 `NOT_FOUND` when the global chain has no authenticator at all, and 400
+  `BAD_REQUEST` ("User error: ...") when it has others; `GET /authentication/{id}` answers 404.
+* Paginated lists carry `meta.count` only without a `like_*` parameter (EMQX does not count fuzzy
+  queries), and `meta.hasnext` is true whenever a page is full: EMQX stops reading once the page
+  is filled, so a last page that is exactly full still says there may be more.
 
 Connections are modelled too, as EMQX 5.8 treats them (`emqx_channel:set_peercert_infos`,
 `maybe_username_as_clientid`, `maybe_assign_clientid` and `emqx_cm`'s session takeover): a TLS
@@ -11,7 +28,8 @@ client's username and client id become its certificate's CN only when the zone s
 `peer_cert_as_username` / `peer_cert_as_clientid = cn`; otherwise the client id is whatever the
 client asked for, and a second connection with a live client id ends the first one and, with
 clean start 0, takes its session over. Not modelled: MQTT itself (no sockets), authorization of
-topics, and per-listener zones (everything here is in the global zone).
+topics, per-listener zones and authenticator chains (everything here is in the global zone and
+chain), the rule schema's finer checks (topic syntax, qos values), clusters (one node).
 """
 
 from __future__ import annotations
@@ -102,6 +120,10 @@ class EmqxFake:
     api_key: str = "kubiot"
     api_secret: str = "secret"
     max_rules: int = 100
+    #: False: EMQX runs without the built_in_database authorization source.
+    source_configured: bool = True
+    #: The global authentication chain's authenticator ids, in order.
+    authenticators: list[str] = field(default_factory=lambda: [AUTHENTICATOR_ID])
     rules: dict[str, list[Json]] = field(default_factory=dict)
     users: dict[str, Json] = field(default_factory=dict)
     zone_mqtt: Json = field(default_factory=lambda: dict(DEFAULT_ZONE_MQTT))
@@ -169,6 +191,7 @@ class EmqxFake:
         rules = f"{base}/authorization/sources/built_in_database/rules/users"
         users = f"{base}/authentication/{{id}}/users"
         app.router.add_get(f"{base}/authorization/sources/built_in_database", self._source)
+        app.router.add_get(f"{base}/authentication/{{id}}", self._authenticator)
         app.router.add_get(rules, self._list_rules)
         app.router.add_post(rules, self._create_rules)
         app.router.add_get(f"{rules}/{{username}}", self._get_rules)
@@ -220,36 +243,50 @@ class EmqxFake:
         if page < 1 or not 1 <= limit <= MAX_LIMIT:
             return _error(400, "INVALID_PARAMETER", "page_limit_invalid")
         chunk = items[(page - 1) * limit:page * limit]
-        return web.json_response({
-            "data": chunk,
-            "meta": {"page": page, "limit": limit, "count": len(items),
-                     "hasnext": page * limit < len(items)},
-        })
+        meta: Json = {"page": page, "limit": limit, "hasnext": len(chunk) == limit}
+        if not any(key.startswith("like_") for key in request.query):
+            meta["count"] = len(items)
+        return web.json_response({"data": chunk, "meta": meta})
 
     def _check_authenticator(self, request: web.Request) -> web.Response | None:
-        if request.match_info["id"] != AUTHENTICATOR_ID:
-            return _error(404, "NOT_FOUND", "Authenticator not found")
-        return None
+        """What emqx_authn_chains answers for a users call on an authenticator it lacks."""
+        authenticator = request.match_info["id"]
+        if authenticator in self.authenticators:
+            return None
+        if not self.authenticators:  # an empty chain does not exist at all
+            return _error(404, "NOT_FOUND", "Authenticator not found in the 'global' scope")
+        return _error(400, "BAD_REQUEST",
+                      f'User error: {{not_found,{{authenticator,<<"{authenticator}">>}}}}')
+
+    def _check_source(self) -> web.Response | None:
+        """emqx_authz_api_sources:with_source, which guards every rules path."""
+        if self.source_configured:
+            return None
+        return _error(404, "NOT_FOUND", "Not found: built_in_database")
 
     def _valid_rules(self, rules: Any) -> list[Json]:
         if not isinstance(rules, list):
             raise ValueError("rules must be a list")
-        if len(rules) > self.max_rules:
-            raise ValueError(f"more than max_rules ({self.max_rules}) rules")
         return [_normalise_rule(r) for r in rules]
 
     # --- authorization ------------------------------------------------------------------------
 
     async def _source(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         return web.json_response({"type": "built_in_database", "enable": True,
                                   "max_rules": self.max_rules})
 
     async def _list_rules(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         like = request.query.get("like_username", "")
         items = [{"username": u, "rules": r} for u, r in self.rules.items() if like in u]
         return self._page(request, items)
 
     async def _create_rules(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         body = await request.json()
         if not isinstance(body, list):
             return _error(400, "BAD_REQUEST", "expected a list of {username, rules}")
@@ -257,37 +294,58 @@ class EmqxFake:
             entries = [(str(e["username"]), self._valid_rules(e["rules"])) for e in body]
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, "BAD_REQUEST", f"Bad username or bad rule schema: {exc}")
-        exists = [u for u, _ in entries if u in self.rules]
-        if exists:
-            return _error(409, "ALREADY_EXISTS", f"Users '{','.join(exists)}' already exist")
+        # ensure_rules_is_valid: user by user, the first problem refuses the whole batch.
+        for username, rules in entries:
+            if username in self.rules:
+                return _error(409, "ALREADY_EXISTS", f"User '{username}' already exist")
+            if len(rules) > self.max_rules:
+                return _error(400, "BAD_REQUEST", f"The rules length of User '{username}' "
+                                                  "exceeds the maximum limit.")
         for username, rules in entries:
             self.rules[username] = rules
         return web.Response(status=204)
 
     async def _get_rules(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         username = request.match_info["username"]
         if username not in self.rules:
             return _error(404, "NOT_FOUND", "Not Found")
         return web.json_response({"username": username, "rules": self.rules[username]})
 
     async def _put_rules(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         username = request.match_info["username"]
         body = await request.json()
         if not isinstance(body, dict) or body.get("username") != username:
             return _error(400, "BAD_REQUEST", "Bad username or bad rule schema")
         try:
-            self.rules[username] = self._valid_rules(body.get("rules"))
+            rules = self._valid_rules(body.get("rules"))
         except ValueError as exc:
             return _error(400, "BAD_REQUEST", f"Bad username or bad rule schema: {exc}")
+        if len(rules) > self.max_rules:
+            return _error(400, "BAD_REQUEST", "The rules length exceeds the maximum limit.")
+        self.rules[username] = rules
         return web.Response(status=204)
 
     async def _delete_rules(self, request: web.Request) -> web.Response:
+        if (missing := self._check_source()) is not None:
+            return missing
         username = request.match_info["username"]
         if self.rules.pop(username, None) is None:
             return _error(404, "NOT_FOUND", "Username Not Found")
         return web.Response(status=204)
 
     # --- authentication -----------------------------------------------------------------------
+
+    async def _authenticator(self, request: web.Request) -> web.Response:
+        authenticator = request.match_info["id"]
+        if authenticator not in self.authenticators:
+            return _error(404, "NOT_FOUND", f"Authenticator '{authenticator}' does not exist")
+        mechanism, backend = authenticator.split(":", 1)
+        return web.json_response({"id": authenticator, "mechanism": mechanism,
+                                  "backend": backend, "enable": True})
 
     async def _list_users(self, request: web.Request) -> web.Response:
         if (missing := self._check_authenticator(request)) is not None:
