@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,11 @@ from kubiot_operator.brokers import (
     PasswordCredential,
 )
 from kubiot_operator.brokers.emqx import RULES_PATH, EmqxBackend
+from kubiot_operator.brokers.errors import (
+    BrokerIdentitiesRefused,
+    BrokerNotConfigured,
+    BrokerRuleLimit,
+)
 from kubiot_operator.contract import (
     IdentityKind,
     device_access,
@@ -27,7 +34,9 @@ from kubiot_operator.contract import (
     ingest_access,
     ingest_username,
 )
-from tests.support.emqx_fake import EmqxFake
+from tests.support.emqx_fake import AUTHENTICATOR_ID, EmqxFake
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "brokers.md"
 
 
 class Sleeps:
@@ -72,6 +81,22 @@ async def emqx(emqx_fake: EmqxFake, sleeps: Sleeps, clock: FakeClock
 def device(tenant: str, name: str, *, enabled: bool = True) -> BrokerIdentity:
     return BrokerIdentity(device_username(tenant, name), tenant, IdentityKind.DEVICE,
                           device_access(tenant, name), CertificateCredential(), enabled)
+
+
+def gateway(tenant: str, name: str, children: list[str], *,
+            enabled: bool = True) -> BrokerIdentity:
+    return BrokerIdentity(gateway_username(tenant, name), tenant, IdentityKind.GATEWAY,
+                          gateway_access(tenant, name, children), CertificateCredential(),
+                          enabled)
+
+
+def ingest(tenant: str, password: str = "pw") -> BrokerIdentity:
+    return BrokerIdentity(ingest_username(tenant), tenant, IdentityKind.INGEST,
+                          ingest_access(tenant), PasswordCredential(password))
+
+
+def children(count: int, first: int = 0) -> list[str]:
+    return [f"c{i:02}" for i in range(first, first + count)]
 
 
 def allowed(fake: EmqxFake, username: str) -> set[tuple[str, str]]:
@@ -220,9 +245,11 @@ async def test_gives_up_after_the_last_attempt(emqx: EmqxBackend, emqx_fake: Emq
 async def test_rejections_are_not_retried(emqx: EmqxBackend, emqx_fake: EmqxFake,
                                           sleeps: Sleeps) -> None:
     emqx_fake.max_rules = 3
-    with pytest.raises(BrokerRejected, match="BAD_REQUEST") as caught:
-        await emqx.ensure_identity(device("acme", "too-many-rules"))
+    emqx_fake.fail_next(1, 400, "BAD_REQUEST", "Bad username or bad rule schema")
+    with pytest.raises(BrokerRejected, match="Bad username") as caught:
+        await emqx.ensure_identity(device("acme", "refused"))
     assert not caught.value.retryable
+    assert (caught.value.status, caught.value.code) == (400, "BAD_REQUEST")
     assert sleeps.delays == []
 
 
@@ -266,3 +293,214 @@ async def test_a_user_left_without_rules_is_found_and_cleaned_up(
     await emqx.resync("acme", [])
 
     assert set(emqx_fake.users) == {"admin"}
+
+
+# --- max_rules ------------------------------------------------------------------------------------
+
+async def test_a_gateway_over_max_rules_is_refused_while_the_rest_of_the_tenant_syncs(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    big = gateway("acme", "edge", children(11))  # 9 + 11 * 9 = 108 rules, EMQX keeps 100
+    wanted = [device("acme", f"d{i}") for i in range(5)] + [big]
+
+    with pytest.raises(BrokerIdentitiesRefused) as caught:
+        await emqx.resync("acme", wanted)
+
+    assert caught.value.reason == "BrokerRuleLimit"
+    refusal = caught.value.refused[big.username]
+    assert isinstance(refusal, BrokerRuleLimit)
+    assert (refusal.username, refusal.rules, refusal.max_rules) == (big.username, 108, 100)
+    assert caught.value.applied.writes == 1  # the five devices in one batch
+    assert set(emqx_fake.rules) == {f"acme.d{i}" for i in range(5)}
+    assert [r.method for r in emqx_fake.writes()] == ["POST"]
+
+
+async def test_an_oversized_gateway_gets_a_rule_limit_error_and_nothing_new(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    with pytest.raises(BrokerRuleLimit) as caught:
+        await emqx.ensure_identity(gateway("acme", "edge", children(11)))
+
+    assert caught.value.reason == "BrokerRuleLimit"
+    assert "108" in str(caught.value) and "max_rules" in str(caught.value)
+    assert emqx_fake.writes() == []
+
+
+async def test_a_gateway_growing_over_the_limit_keeps_only_what_it_still_may(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.ensure_identity(gateway("acme", "edge", children(10)))  # 99 rules
+    emqx_fake.connect("edge-session", username="acme.gw.edge", peer_cert_cn="acme.gw.edge")
+
+    with pytest.raises(BrokerRuleLimit):  # c00 leaves, c10 and c11 come: 108 rules
+        await emqx.ensure_identity(gateway("acme", "edge", children(11, first=1)))
+
+    topics = {t for _, t in allowed(emqx_fake, "acme.gw.edge")}
+    assert not any("/c00/" in t for t in topics)
+    assert not any("/c10/" in t or "/c11/" in t for t in topics)
+    assert any("/c01/" in t for t in topics)
+    assert emqx_fake.clients == {}  # it lost an allow: its subscriptions must go too
+    writes = len(emqx_fake.writes())
+    with pytest.raises(BrokerRuleLimit):
+        await emqx.ensure_identity(gateway("acme", "edge", children(11, first=1)))
+    assert len(emqx_fake.writes()) == writes  # refused again, nothing rewritten
+
+
+async def test_a_batch_refused_with_400_falls_back_to_one_write_per_identity(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    wanted = [device("acme", f"d{i}") for i in range(3)]
+    emqx_fake.fail_next(1, 400, "BAD_REQUEST", "Bad username or bad rule schema", method="POST")
+
+    result = await emqx.resync("acme", wanted)
+
+    assert set(emqx_fake.rules) == {"acme.d0", "acme.d1", "acme.d2"}
+    assert result.writes == 4  # the refused batch, then one POST each
+    assert (await emqx.resync("acme", wanted)).writes == 0
+
+
+async def test_a_lowered_limit_is_read_again_when_emqx_refuses(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.resync("acme", [device("acme", "d0")])  # reads max_rules = 100
+    emqx_fake.max_rules = 10  # the admin lowers it; a device needs 9 enabled, 10 disabled
+
+    with pytest.raises(BrokerIdentitiesRefused) as caught:
+        await emqx.resync("acme", [device("acme", "d0"), gateway("acme", "edge", children(1)),
+                                   device("acme", "d1")])
+
+    assert caught.value.reason == "BrokerRuleLimit"
+    assert list(caught.value.refused) == ["acme.gw.edge"]
+    assert set(emqx_fake.rules) == {"acme.d0", "acme.d1"}
+
+    emqx_fake.max_rules = 5
+    with pytest.raises(BrokerRuleLimit) as refused:
+        await emqx.ensure_identity(device("acme", "d2"))
+    assert refused.value.max_rules == 5
+
+
+async def test_disables_and_kicks_come_before_creates(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.resync("acme", [device("acme", "valve")])
+    emqx_fake.connect("valve-session", username="acme.valve", peer_cert_cn="acme.valve")
+    emqx_fake.fail_next(4, 503, method="POST")  # creating the new device fails for good
+
+    with pytest.raises(BrokerUnavailable):
+        await emqx.resync("acme", [device("acme", "valve", enabled=False),
+                                   device("acme", "new")])
+
+    assert emqx_fake.rules["acme.valve"][0]["permission"] == "deny"
+    assert emqx_fake.clients == {}
+
+
+# --- narrowing ------------------------------------------------------------------------------------
+
+async def test_a_gateway_losing_a_child_loses_its_live_subscriptions(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.ensure_identity(gateway("acme", "edge", ["a", "b"]))
+    session = emqx_fake.connect("edge", username="acme.gw.edge", peer_cert_cn="acme.gw.edge")
+    session.subscribe("acme/devices/b/cmd/+")
+
+    result = await emqx.ensure_identity(gateway("acme", "edge", ["a"]))
+
+    assert result.writes == 2  # the rule list, then the kick
+    assert not session.connected
+    # EMQX checked the subscription when it was made: only a new connection is checked again.
+
+
+async def test_a_gateway_gaining_a_child_keeps_its_session(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.ensure_identity(gateway("acme", "edge", ["a"]))
+    session = emqx_fake.connect("edge", username="acme.gw.edge", peer_cert_cn="acme.gw.edge")
+
+    assert (await emqx.ensure_identity(gateway("acme", "edge", ["a", "b"]))).writes == 1
+    assert session.connected
+
+
+async def test_a_hand_added_allow_is_repaired_and_its_sessions_kicked(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.resync("acme", [device("acme", "m1")])
+    emqx_fake.rules["acme.m1"].append({"topic": "#", "permission": "allow", "action": "all",
+                                       "qos": [0, 1, 2], "retain": "all"})
+    session = emqx_fake.connect("m1", username="acme.m1", peer_cert_cn="acme.m1")
+    session.subscribe("#")
+
+    assert (await emqx.resync("acme", [device("acme", "m1")])).writes == 2
+    assert not session.connected
+
+
+# --- a broker configured without the parts kubiot writes to ---------------------------------------
+
+@pytest.mark.parametrize("authenticators", [[], ["jwt"]], ids=["no-chain", "other-only"])
+async def test_a_certificate_only_broker_syncs_tenants_without_passwords(
+        emqx: EmqxBackend, emqx_fake: EmqxFake, authenticators: list[str]) -> None:
+    emqx_fake.authenticators = authenticators
+    wanted = [device("acme", "d0"), gateway("acme", "edge", ["d0"])]
+
+    await emqx.resync("acme", wanted)
+
+    assert await emqx.list_identities("acme") == sorted(wanted, key=lambda i: i.username)
+    assert (await emqx.resync("acme", wanted)).writes == 0
+    await emqx.set_enabled("acme.d0", False)
+    await emqx.remove_identity("acme.d0")
+    await emqx.remove_tenant("acme")
+    assert emqx_fake.rules == {}
+
+
+@pytest.mark.parametrize("authenticators", [[], ["jwt"]], ids=["no-chain", "other-only"])
+async def test_a_password_identity_without_the_authenticator_is_a_clear_error(
+        emqx: EmqxBackend, emqx_fake: EmqxFake, authenticators: list[str]) -> None:
+    emqx_fake.authenticators = authenticators
+
+    with pytest.raises(BrokerNotConfigured) as caught:
+        await emqx.ensure_identity(ingest("acme"))
+    assert caught.value.reason == "BrokerAuthenticatorMissing"
+    assert AUTHENTICATOR_ID in str(caught.value)
+
+    with pytest.raises(BrokerIdentitiesRefused) as refused:
+        await emqx.resync("acme", [device("acme", "d0"), ingest("acme")])
+    assert refused.value.reason == "BrokerAuthenticatorMissing"
+    assert "acme.d0" in emqx_fake.rules
+
+
+async def test_a_missing_authorization_source_is_not_a_missing_identity(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    await emqx.ensure_identity(device("acme", "valve"))
+    emqx_fake.source_configured = False
+
+    for call in (emqx.set_enabled("acme.valve", False), emqx.remove_identity("acme.valve"),
+                 emqx.ensure_identity(device("acme", "valve")), emqx.list_identities("acme"),
+                 emqx.resync("acme", [])):
+        with pytest.raises(BrokerNotConfigured) as caught:
+            await call
+        assert caught.value.reason == "BrokerAuthorizationSourceMissing"
+        assert (caught.value.status, caught.value.code) == (404, "NOT_FOUND")
+    health = await emqx.health()
+    assert not health.ok and "BrokerAuthorizationSourceMissing" in health.detail
+
+
+# --- codes and pages ------------------------------------------------------------------------------
+
+async def test_a_create_that_finds_the_identity_there_matches_emqxs_code(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    # Another operator replica created it between the look and the write.
+    emqx_fake.fail_next(1, 409, "ALREADY_EXISTS", "User 'acme.d0' already exist", method="POST")
+
+    assert (await emqx.ensure_identity(device("acme", "d0"))).writes == 2  # POST, then PUT
+    assert "acme.d0" in emqx_fake.rules
+
+
+async def test_fuzzy_lists_carry_no_count_and_a_full_last_page_says_hasnext(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    wanted = [device("acme", f"d{i:03}") for i in range(200)]
+    await emqx.resync("acme", wanted)
+    emqx_fake.requests.clear()
+
+    assert len(await emqx.list_identities("acme")) == 200
+
+    pages = [r.query["page"] for r in emqx_fake.requests if r.path.endswith("/rules/users")]
+    assert pages == ["1", "2", "3"]  # page 2 was full, so EMQX said there might be more
+
+
+def test_every_refusal_reason_is_documented() -> None:
+    documented = DOCS.read_text()
+    for reason in ("BrokerRuleLimit", "BrokerAuthenticatorMissing",
+                   "BrokerAuthorizationSourceMissing", "BrokerSessionsNotBound",
+                   "BrokerRejected", "BrokerUnavailable", "BrokerAuthenticationFailed"):
+        assert re.search(rf"`{reason}`", documented), reason
+    assert "5.8" in documented

@@ -4,6 +4,9 @@ Rules live in the built-in database authorization source, one rule list per user
 identities also get a user in the built-in database authenticator. kubiot owns exactly the
 usernames the topic contract can produce for a tenant (`{tenant}.{device}`, `{tenant}.gw.*`,
 `{tenant}.svc.ingest`); the admin's other users are never read as kubiot's nor touched.
+
+Needs EMQX 5.8 or later: the source's `max_rules` (how many rules EMQX keeps per username) is read
+from its configuration, which older versions do not have.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from .base import (
     SyncResult,
     password_fingerprint,
 )
-from .errors import BrokerAuthError, BrokerError, BrokerRejected, BrokerUnavailable
+from .errors import (
+    BrokerAuthError,
+    BrokerError,
+    BrokerIdentitiesRefused,
+    BrokerNotConfigured,
+    BrokerRejected,
+    BrokerRuleLimit,
+    BrokerUnavailable,
+)
 from .plan import (
     Change,
     ChangeEnabled,
@@ -45,7 +56,10 @@ from .plan import (
 from .retry import Backoff, CircuitBreaker
 
 Rule = dict[str, Any]
-RULES_PATH = "/authorization/sources/built_in_database/rules/users"
+SOURCE_PATH = "/authorization/sources/built_in_database"
+RULES_PATH = f"{SOURCE_PATH}/rules/users"
+#: EMQX's error codes the backend acts on.
+ALREADY_EXISTS = "ALREADY_EXISTS"
 #: Rules kubiot writes: (permission, action, topic). qos and retain keep EMQX's defaults.
 _RuleKey = tuple[str, str, str]
 #: Put first in a disabled identity's list: EMQX stops at the first matching rule.
@@ -92,6 +106,71 @@ def identity_from_rules(username: str, keys: Sequence[_RuleKey],
                           enabled)
 
 
+def granted(keys: Sequence[_RuleKey]) -> frozenset[_RuleKey]:
+    """The allows a rule list grants: none behind a leading deny-all."""
+    if keys and keys[0] == DENY_ALL:
+        return frozenset()
+    return frozenset(k for k in keys if k[0] == "allow")
+
+
+def takes_away_an_allow(before: Sequence[_RuleKey], after: Sequence[_RuleKey]) -> bool:
+    """True when `after` no longer grants something `before` did.
+
+    EMQX checks a subscription once, at SUBSCRIBE: a live session keeps receiving on what it may
+    no longer subscribe to until it is ended.
+    """
+    return bool(granted(before) - granted(after))
+
+
+def rule_list_within(wanted: Sequence[_RuleKey], have: Sequence[_RuleKey] | None,
+                     max_rules: int | None) -> list[_RuleKey] | None:
+    """The rule list to write for `wanted` when EMQX keeps at most `max_rules` per username.
+
+    Over the limit an enabled identity keeps only the allows it has and is still wanted to have,
+    so it never gains one and loses those it should; one EMQX does not have yet gets nothing
+    (None). A disabled one is written cut short: behind its deny-all nothing is granted anyway.
+    """
+    if max_rules is None or len(wanted) <= max_rules:
+        return list(wanted)
+    if wanted and wanted[0] == DENY_ALL:
+        return list(wanted[:max_rules])
+    if have is None:
+        return None
+    kept = set(have)
+    return [k for k in wanted if k in kept]
+
+
+def over_rule_limit(identity: BrokerIdentity, max_rules: int | None, *,
+                    cause: BrokerError | None = None) -> BrokerRuleLimit | None:
+    """The refusal for an enabled identity whose rules EMQX cannot keep, else None."""
+    needed = len(rule_keys(identity.rules, True))
+    if not identity.enabled or max_rules is None or needed <= max_rules:
+        return None
+    return BrokerRuleLimit(
+        f"{identity.username} needs {needed} broker rules but EMQX keeps at most {max_rules} "
+        "per username (max_rules of the built_in_database authorization source); raise "
+        "max_rules or serve fewer devices from this identity",
+        username=identity.username, rules=needed, max_rules=max_rules,
+        status=cause.status if cause else None, code=cause.code if cause else None)
+
+
+@dataclass(frozen=True)
+class AuthorizationSource:
+    """The built_in_database authorization source, as its configuration describes it."""
+
+    enabled: bool
+    #: Rules EMQX keeps per username; None on EMQX before 5.8, which has no such setting.
+    max_rules: int | None
+
+
+def authorization_source(body: Any) -> AuthorizationSource:
+    """Read `GET /authorization/sources/built_in_database`."""
+    config = body if isinstance(body, dict) else {}
+    max_rules = config.get("max_rules")
+    return AuthorizationSource(enabled=config.get("enable") is not False,
+                               max_rules=max_rules if isinstance(max_rules, int) else None)
+
+
 def session_binding_gaps(global_zone: Any) -> list[str]:
     """The `mqtt.*` settings of EMQX's global zone that differ from SESSION_BINDING."""
     mqtt = global_zone.get("mqtt") if isinstance(global_zone, dict) else None
@@ -100,22 +179,23 @@ def session_binding_gaps(global_zone: Any) -> list[str]:
             for key, value in SESSION_BINDING.items() if mqtt.get(key) != value]
 
 
-def error_of(status: int, body: Any) -> tuple[str, str]:
+def error_of(status: int, body: Any) -> tuple[str | None, str]:
     """(code, message) of an EMQX error body `{"code": ..., "message": ...}`."""
     if isinstance(body, dict):
-        return str(body.get("code", status)), str(body.get("message", ""))
-    return str(status), str(body)[:200]
+        code = body.get("code")
+        return (str(code) if code is not None else None), str(body.get("message", ""))
+    return None, str(body or "")[:200]
 
 
-def raise_for(status: int, body: Any, what: str) -> None:
-    """Map an HTTP failure to the broker error the operator understands."""
+def error_for(status: int, body: Any, what: str) -> BrokerError:
+    """The broker error the operator understands for an HTTP failure."""
     code, message = error_of(status, body)
-    text = f"{what}: HTTP {status} {code} {message}".strip()
+    text = " ".join(part for part in (f"{what}: HTTP {status}", code, message) if part)
     if status == 401:
-        raise BrokerAuthError(text)
+        return BrokerAuthError(text, status=status, code=code)
     if status == 429 or status >= 500:
-        raise BrokerUnavailable(text)
-    raise BrokerRejected(text, reason="BrokerRejected")
+        return BrokerUnavailable(text, status=status, code=code)
+    return BrokerRejected(text, status=status, code=code)
 
 
 # --- the backend ----------------------------------------------------------------------------------
@@ -138,6 +218,7 @@ class EmqxBackend:
         self._api = base_url.rstrip("/") + "/api/v5"
         credentials = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
         self._headers = {"Authorization": f"Basic {credentials}", "Accept": "application/json"}
+        self._authenticator_id = authenticator_id
         self._authenticator = quote(authenticator_id, safe="")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._page_size, self._create_batch = page_size, create_batch
@@ -149,6 +230,9 @@ class EmqxBackend:
         # rewrites a password once after a restart and never again.
         self._fingerprints: dict[str, str] = {}
         self._sessions_bound = False
+        # Read at every tenant resync and again whenever EMQX refuses a write, so an admin's
+        # change of max_rules is seen without a read before every single write.
+        self._source: AuthorizationSource | None = None
         #: HTTP requests that changed something: for tests and metrics.
         self.writes_sent = 0
 
@@ -195,7 +279,7 @@ class EmqxBackend:
             if status == 404 and missing_ok:
                 return status, payload
             if status >= 400:
-                raise_for(status, payload, what)
+                raise error_for(status, payload, what)
             return status, payload
 
         if method != "GET":
@@ -204,24 +288,81 @@ class EmqxBackend:
 
     async def _pages(self, path: str, params: Mapping[str, str | int] | None = None
                      ) -> list[dict[str, Any]]:
-        """Every item of a paginated list (`data` + `meta.hasnext`)."""
+        """Every item of a paginated list.
+
+        EMQX gives no `meta.count` for `like_*` queries and may say `hasnext` before an empty
+        page, so the end is the first page that is empty or says there is nothing after it.
+        """
         items: list[dict[str, Any]] = []
         page = 1
         while True:
             query = {**(params or {}), "page": page, "limit": self._page_size}
             _, body = await self._request("GET", path, params=query)
-            items += body.get("data", [])
-            meta = body.get("meta", {})
-            if not meta.get("hasnext", False):
+            data = body.get("data", []) if isinstance(body, dict) else []
+            items += data
+            meta = body.get("meta", {}) if isinstance(body, dict) else {}
+            if not data or not meta.get("hasnext", False):
                 return items
             page += 1
+
+    # --- what EMQX is configured with ---------------------------------------------------------
+
+    async def _read_source(self) -> AuthorizationSource:
+        """The authorization source's configuration, read now; refuses a broker without it."""
+        status, body = await self._request("GET", SOURCE_PATH, missing_ok=True)
+        if status == 404:
+            code, message = error_of(status, body)
+            raise BrokerNotConfigured(
+                "EMQX has no built_in_database authorization source, where kubiot keeps every "
+                f"identity's rules; add it to authorization.sources (EMQX: {message})",
+                reason="BrokerAuthorizationSourceMissing", status=status, code=code)
+        self._source = authorization_source(body)
+        return self._source
+
+    async def _max_rules(self) -> int | None:
+        source = self._source if self._source is not None else await self._read_source()
+        return source.max_rules
+
+    async def _authenticator_missing(self) -> bool:
+        """Whether EMQX lacks the authenticator that keeps password identities.
+
+        Its users paths cannot tell: they answer 404 `NOT_FOUND` both for a missing user and
+        for a chain without authenticators, and 400 `BAD_REQUEST` when the chain has others.
+        """
+        status, _ = await self._request("GET", f"/authentication/{self._authenticator}",
+                                        missing_ok=True)
+        return status == 404
+
+    def _no_authenticator(self, username: str, cause: BrokerError) -> BrokerNotConfigured:
+        return BrokerNotConfigured(
+            f"{username} logs in with a password, but EMQX has no {self._authenticator_id} "
+            "authenticator to keep it; add one to authentication, or give the identity a "
+            "certificate", reason="BrokerAuthenticatorMissing", status=cause.status,
+            code=cause.code)
 
     # --- reading ------------------------------------------------------------------------------
 
     async def _password_users(self, tenant: str) -> set[str]:
-        users = await self._pages(f"/authentication/{self._authenticator}/users",
-                                  {"like_user_id": f"{tenant}."})
+        try:
+            users = await self._pages(f"/authentication/{self._authenticator}/users",
+                                      {"like_user_id": f"{tenant}."})
+        except BrokerRejected as exc:
+            # Certificate-only brokers have no password authenticator, and need none.
+            if exc.status in (400, 404) and await self._authenticator_missing():
+                return set()
+            raise
         return {u["user_id"] for u in users if _owned_by(u.get("user_id", ""), tenant)}
+
+    async def _has_password_user(self, username: str) -> bool:
+        try:
+            status, _ = await self._request(
+                "GET", f"/authentication/{self._authenticator}/users/{quote(username, safe='')}",
+                missing_ok=True)
+        except BrokerRejected as exc:
+            if exc.status == 400 and await self._authenticator_missing():
+                return False
+            raise
+        return status != 404
 
     def _credential(self, username: str, has_password: bool) -> Credential:
         if has_password:
@@ -229,6 +370,7 @@ class EmqxBackend:
         return CertificateCredential()
 
     async def _observe_tenant(self, tenant: str) -> dict[str, _Observed]:
+        await self._read_source()
         entries, passwords = await asyncio.gather(
             self._pages(RULES_PATH, {"like_username": f"{tenant}."}),
             self._password_users(tenant))
@@ -251,15 +393,15 @@ class EmqxBackend:
         """One identity: its rule list and whether it has an authentication user."""
         status, body = await self._request("GET", f"{RULES_PATH}/{quote(username, safe='')}",
                                            missing_ok=True)
-        status_user, _ = await self._request(
-            "GET", f"/authentication/{self._authenticator}/users/{quote(username, safe='')}",
-            missing_ok=True)
-        if status == 404 and status_user == 404:
+        if status == 404:
+            # A missing source answers 404 NOT_FOUND as well: never read that as "no identity".
+            await self._read_source()
+        has_password = await self._has_password_user(username)
+        if status == 404 and not has_password:
             return None
         # A user without rules is what a half-finished create or removal leaves behind.
         keys, exact = parse_rules(body.get("rules", []) if status != 404 else [])
-        identity = identity_from_rules(username, keys,
-                                       self._credential(username, status_user != 404))
+        identity = identity_from_rules(username, keys, self._credential(username, has_password))
         return _Observed(identity, keys, exact)
 
     # --- writing ------------------------------------------------------------------------------
@@ -272,64 +414,138 @@ class EmqxBackend:
                                 missing_ok=True)
         return len(clients)
 
-    async def _put_rules(self, identity: BrokerIdentity) -> None:
-        keys = rule_keys(identity.rules, identity.enabled)
-        await self._request("PUT", f"{RULES_PATH}/{quote(identity.username, safe='')}",
-                            body={"username": identity.username, "rules": rules_body(keys)})
+    async def _put_rules(self, username: str, keys: Sequence[_RuleKey]) -> None:
+        await self._request("PUT", f"{RULES_PATH}/{quote(username, safe='')}",
+                            body={"username": username, "rules": rules_body(keys)})
+
+    async def _refusal(self, identity: BrokerIdentity, exc: BrokerRejected) -> BrokerRejected:
+        """What a refused rule-list write means: the limit, read again now, or EMQX's own word."""
+        return over_rule_limit(identity, (await self._read_source()).max_rules, cause=exc) or exc
 
     async def _set_password(self, identity: BrokerIdentity, *, create: bool) -> None:
         assert isinstance(identity.credential, PasswordCredential)
         password = identity.credential.password
         users = f"/authentication/{self._authenticator}/users"
-        if create:
-            try:
-                await self._request("POST", users, body={
-                    "user_id": identity.username, "password": password, "is_superuser": False})
-            except BrokerRejected as exc:
-                if "ALREADY_EXISTS" not in str(exc):
-                    raise
-                create = False
-        if not create:
-            await self._request("PUT", f"{users}/{quote(identity.username, safe='')}",
-                                body={"password": password, "is_superuser": False})
+        try:
+            if create:
+                try:
+                    await self._request("POST", users, body={
+                        "user_id": identity.username, "password": password,
+                        "is_superuser": False})
+                except BrokerRejected as exc:
+                    if exc.code != ALREADY_EXISTS:
+                        raise
+                    create = False
+            if not create:
+                await self._request("PUT", f"{users}/{quote(identity.username, safe='')}",
+                                    body={"password": password, "is_superuser": False})
+        except BrokerRejected as exc:
+            if exc.status in (400, 404) and await self._authenticator_missing():
+                raise self._no_authenticator(identity.username, exc) from exc
+            raise
         self._fingerprints[identity.username] = password_fingerprint(identity.username,
                                                                      password)
 
-    async def _create(self, identities: Sequence[BrokerIdentity]) -> None:
-        """Create rule lists many at a time; a batch that clashes falls back to PUTs."""
-        for start in range(0, len(identities), self._create_batch):
-            batch = identities[start:start + self._create_batch]
-            body = [{"username": i.username,
-                     "rules": rules_body(rule_keys(i.rules, i.enabled))} for i in batch]
+    async def _create_one(self, identity: BrokerIdentity, keys: Sequence[_RuleKey],
+                          refused: dict[str, BrokerRejected], *, exists: bool = False) -> None:
+        """Write one new rule list (PUT when it turned out to exist); a 400 refuses it alone."""
+        try:
+            if not exists:
+                try:
+                    await self._request("POST", RULES_PATH, body=[
+                        {"username": identity.username, "rules": rules_body(keys)}])
+                    return
+                except BrokerRejected as exc:
+                    if exc.code != ALREADY_EXISTS:
+                        raise
+            # Made in the meantime (another replica, a hand): PUT replaces it whole.
+            await self._put_rules(identity.username, keys)
+        except BrokerRejected as exc:
+            if exc.status != 400:
+                raise
+            refused[identity.username] = await self._refusal(identity, exc)
+
+    async def _create(self, identities: Sequence[BrokerIdentity],
+                      refused: dict[str, BrokerRejected]) -> None:
+        """Create rule lists many at a time, leaving out the ones EMQX would refuse.
+
+        EMQX checks a batch user by user before storing any of it: one refused list refuses the
+        whole batch, so after a 400 each identity of that batch is written on its own.
+        """
+        waiting = list(identities)
+        while waiting:
+            max_rules = await self._max_rules()
+            batch: list[tuple[BrokerIdentity, list[_RuleKey]]] = []
+            while waiting and len(batch) < self._create_batch:
+                identity = waiting.pop(0)
+                refusal = over_rule_limit(identity, max_rules)
+                keys = rule_list_within(rule_keys(identity.rules, identity.enabled), None,
+                                        max_rules)
+                if refusal is not None:
+                    refused[identity.username] = refusal
+                if keys is not None:
+                    batch.append((identity, keys))
+            if not batch:
+                continue
             try:
-                await self._request("POST", RULES_PATH, body=body)
+                await self._request("POST", RULES_PATH, body=[
+                    {"username": i.username, "rules": rules_body(keys)} for i, keys in batch])
             except BrokerRejected as exc:
-                if "ALREADY_EXISTS" not in str(exc):
+                if exc.code == ALREADY_EXISTS:
+                    for identity, keys in batch:
+                        await self._create_one(identity, keys, refused, exists=True)
+                elif exc.status == 400:
+                    max_rules = (await self._read_source()).max_rules
+                    for identity, keys in batch:
+                        if (refusal := over_rule_limit(identity, max_rules)) is not None:
+                            refused[identity.username] = refusal
+                        else:
+                            await self._create_one(identity, keys, refused)
+                else:
                     raise
-                for identity in batch:
-                    await self._put_rules(identity)
-        for identity in identities:
-            if isinstance(identity.credential, PasswordCredential):
-                await self._set_password(identity, create=True)
 
     async def _remove(self, username: str, has_password: bool) -> None:
         await self._request("DELETE", f"{RULES_PATH}/{quote(username, safe='')}",
                             missing_ok=True)
         if has_password:
-            await self._request(
-                "DELETE",
-                f"/authentication/{self._authenticator}/users/{quote(username, safe='')}",
-                missing_ok=True)
+            try:
+                await self._request(
+                    "DELETE",
+                    f"/authentication/{self._authenticator}/users/{quote(username, safe='')}",
+                    missing_ok=True)
+            except BrokerRejected as exc:
+                if not (exc.status == 400 and await self._authenticator_missing()):
+                    raise
             self._fingerprints.pop(username, None)
         await self._kick(username)
 
+    async def _rewrite(self, identity: BrokerIdentity, keys: list[_RuleKey],
+                       seen: _Observed | None, refused: dict[str, BrokerRejected]) -> None:
+        """Replace an identity's rule list; end its sessions when it loses an allow."""
+        if seen is not None and seen.exact and seen.keys == keys:
+            return
+        try:
+            await self._put_rules(identity.username, keys)
+        except BrokerRejected as exc:
+            if exc.status != 400:
+                raise
+            refused[identity.username] = await self._refusal(identity, exc)
+            return
+        if seen is None or takes_away_an_allow(seen.keys, keys):
+            await self._kick(identity.username)
+
     async def _apply(self, changes: Sequence[Change],
                      observed: Mapping[str, _Observed]) -> SyncResult:
+        """Carry out the changes, taking access away before granting any.
+
+        Identities EMQX refuses are left out and reported together at the end, after every
+        other change was made; raises BrokerIdentitiesRefused then.
+        """
         before = self.writes_sent
+        refused: dict[str, BrokerRejected] = {}
         creates = [c.identity for c in changes if isinstance(c, CreateIdentity)]
         # PUT replaces the whole rule list: one write covers rules and enabled together.
         rewrite: dict[str, BrokerIdentity] = {}
-        kick: set[str] = set()
         passwords: list[BrokerIdentity] = []
         for change in changes:
             match change:
@@ -339,22 +555,45 @@ class EmqxBackend:
                         seen.identity.credential, PasswordCredential))
                 case ChangeRules(identity) | ChangeEnabled(identity):
                     rewrite[identity.username] = identity
-                    if not identity.enabled:
-                        kick.add(identity.username)
                 case ChangePassword(identity):
                     passwords.append(identity)
-        await self._create(creates)
-        for identity in rewrite.values():
-            await self._put_rules(identity)
+        if rewrite:
+            max_rules = await self._max_rules()
+            planned: list[tuple[BrokerIdentity, list[_RuleKey], _Observed | None]] = []
+            for identity in rewrite.values():
+                seen = observed.get(identity.username)
+                if (refusal := over_rule_limit(identity, max_rules)) is not None:
+                    refused[identity.username] = refusal
+                keys = rule_list_within(rule_keys(identity.rules, identity.enabled),
+                                        seen.keys if seen else None, max_rules)
+                if keys is not None:
+                    planned.append((identity, keys, seen))
+
+            def grants_only(entry: tuple[BrokerIdentity, list[_RuleKey], _Observed | None]
+                            ) -> bool:
+                _, keys, seen = entry
+                return seen is not None and not takes_away_an_allow(seen.keys, keys)
+
+            # Disables and narrowings (with their kicks) before anything that grants: a failure
+            # further on must not leave a session with access it has lost.
+            planned.sort(key=grants_only)
+            for identity, keys, seen in planned:
+                await self._rewrite(identity, keys, seen, refused)
+        await self._create(creates, refused)
+        passwords = [i for i in creates if isinstance(i.credential, PasswordCredential)
+                     and i.username not in refused] + passwords
         for identity in passwords:
-            await self._set_password(identity, create=False)
-        for username in sorted(kick):
-            # The authorization cache of a live session would keep old answers: end it.
-            await self._kick(username)
-        return SyncResult(self.writes_sent - before, tuple(describe(c) for c in changes))
+            try:
+                await self._set_password(identity, create=identity in creates)
+            except BrokerRejected as exc:
+                refused[identity.username] = exc
+        result = SyncResult(self.writes_sent - before, tuple(describe(c) for c in changes))
+        if refused:
+            raise BrokerIdentitiesRefused(refused, applied=result)
+        return result
 
     def _repairs(self, wanted: Iterable[BrokerIdentity], changes: Sequence[Change],
-                 observed: Mapping[str, _Observed]) -> list[Change]:
+                 observed: Mapping[str, _Observed], max_rules: int | None) -> list[Change]:
         """Rewrite rule lists that hold what kubiot never writes (order, qos, denies)."""
         touched = {c.identity.username for c in changes
                    if isinstance(c, ChangeRules | ChangeEnabled | CreateIdentity)}
@@ -364,7 +603,9 @@ class EmqxBackend:
             seen = observed.get(identity.username)
             if seen is None or identity.username in touched:
                 continue
-            if not seen.exact or seen.keys != rule_keys(identity.rules, identity.enabled):
+            keys = rule_list_within(rule_keys(identity.rules, identity.enabled), seen.keys,
+                                    max_rules)
+            if not seen.exact or seen.keys != keys:
                 repairs.append(ChangeRules(identity, identity.rules, identity.rules))
         return repairs
 
@@ -372,10 +613,10 @@ class EmqxBackend:
 
     async def health(self) -> BrokerHealth:
         try:
-            _, body = await self._request("GET", "/authorization/sources/built_in_database")
+            source = await self._read_source()
         except BrokerError as exc:
             return BrokerHealth(False, f"{exc.reason}: {exc}")
-        if isinstance(body, dict) and body.get("enable") is False:
+        if not source.enabled:
             return BrokerHealth(False, "the built_in_database authorization source is disabled")
         try:
             await self._require_session_binding()
@@ -402,12 +643,20 @@ class EmqxBackend:
         await self._require_session_binding()
         return NOTHING_DONE
 
+    async def _apply_one(self, username: str, changes: Sequence[Change],
+                         observed: Mapping[str, _Observed]) -> SyncResult:
+        """`_apply` for one identity: its refusal is raised as is (BrokerRuleLimit, ...)."""
+        try:
+            return await self._apply(changes, observed)
+        except BrokerIdentitiesRefused as exc:
+            raise exc.refused[username] from exc
+
     async def ensure_identity(self, identity: BrokerIdentity) -> SyncResult:
         seen = await self._observe(identity.username)
         observed = {identity.username: seen} if seen else {}
         changes = plan_identity(seen.identity if seen else None, identity)
-        changes += self._repairs([identity], changes, observed)
-        return await self._apply(changes, observed)
+        changes += self._repairs([identity], changes, observed, await self._max_rules())
+        return await self._apply_one(identity.username, changes, observed)
 
     async def set_enabled(self, username: str, enabled: bool) -> SyncResult:
         seen = await self._observe(username)
@@ -420,7 +669,8 @@ class EmqxBackend:
             return NOTHING_DONE
         wanted = BrokerIdentity(username, seen.identity.tenant, seen.identity.kind,
                                 seen.identity.rules, seen.identity.credential, enabled)
-        return await self._apply([ChangeEnabled(wanted, enabled)], {username: seen})
+        return await self._apply_one(username, [ChangeEnabled(wanted, enabled)],
+                                     {username: seen})
 
     async def remove_identity(self, username: str) -> SyncResult:
         seen = await self._observe(username)
@@ -437,13 +687,14 @@ class EmqxBackend:
         return [observed[u].identity for u in sorted(observed)]
 
     async def resync(self, tenant: str, wanted: Iterable[BrokerIdentity]) -> SyncResult:
+        """Raises BrokerIdentitiesRefused, after applying the rest, when EMQX refuses some."""
         wanted = list(wanted)
         foreign = [w.username for w in wanted if w.tenant != tenant]
         if foreign:
             raise ValueError(f"identities of another tenant in a resync of {tenant}: {foreign}")
         observed = await self._observe_tenant(tenant)
         changes = plan_tenant([o.identity for o in observed.values()], wanted)
-        changes += self._repairs(wanted, changes, observed)
+        changes += self._repairs(wanted, changes, observed, await self._max_rules())
         return await self._apply(changes, observed)
 
 
