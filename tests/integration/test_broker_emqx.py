@@ -343,6 +343,18 @@ async def test_a_gateway_growing_over_the_limit_keeps_only_what_it_still_may(
     assert len(emqx_fake.writes()) == writes  # refused again, nothing rewritten
 
 
+async def test_a_disabled_gateway_over_the_limit_is_cut_short_behind_its_deny_all(
+        emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
+    suspended = gateway("acme", "edge", children(11), enabled=False)
+
+    await emqx.resync("acme", [suspended])  # nothing is granted, so nothing is refused
+
+    first, *rest = emqx_fake.rules["acme.gw.edge"]
+    assert (first["permission"], first["action"], first["topic"]) == ("deny", "all", "#")
+    assert len(rest) == 99
+    assert (await emqx.resync("acme", [suspended])).writes == 0
+
+
 async def test_a_batch_refused_with_400_falls_back_to_one_write_per_identity(
         emqx: EmqxBackend, emqx_fake: EmqxFake) -> None:
     wanted = [device("acme", f"d{i}") for i in range(3)]

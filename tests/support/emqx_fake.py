@@ -29,7 +29,8 @@ client's username and client id become its certificate's CN only when the zone s
 client asked for, and a second connection with a live client id ends the first one and, with
 clean start 0, takes its session over. Not modelled: MQTT itself (no sockets), authorization of
 topics, per-listener zones and authenticator chains (everything here is in the global zone and
-chain), the rule schema's finer checks (topic syntax, qos values), clusters (one node).
+chain), the rule schema's finer checks (topic syntax, qos values), clusters (one node), and
+EMQX before 5.8 (no `max_rules`).
 """
 
 from __future__ import annotations
