@@ -44,6 +44,7 @@ from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
 from .puback import PubackPublisher
 from .scenario import InstallResult, Scenario
+from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,6 @@ log = logging.getLogger(__name__)
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
-
-# Resending telemetry without a subscriber: soon after the first miss (the ingest is usually
-# back within a second of the broker), then no more than every 10 s while nothing consumes it.
-TELEMETRY_RETRY = RetryPolicy(first=0.2, ceiling=10.0)
-RECONNECT = RetryPolicy(first=0.5, ceiling=10.0)
-PUBACK_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,6 @@ class SimulatedDevice:
         self._tls = credentials.tls_context(check_hostname=check_hostname)
         self._connect_limit = connect_limit
         self._clock = clock
-        self._telemetry_retry = telemetry_retry
         self._reconnect = reconnect
         self._jitter = jitter
         self._client: aiomqtt.Client | None = None
@@ -96,9 +90,9 @@ class SimulatedDevice:
         self._handled: str | None = None  # signature of the last job acted on
         self.desired: dict[str, Any] = {}
         self.ota_reports: list[OtaReport] = []
-        self.outbox = TelemetryOutbox(outbox_capacity)
+        self._telemetry = TelemetrySender(f"device {credentials.name}", retry=telemetry_retry,
+                                          capacity=outbox_capacity, jitter=jitter)
         self.telemetry_sampled = 0  # also the next sample's seq
-        self._telemetry_waiting = asyncio.Event()
         self.connected = asyncio.Event()
         self.connects = 0
 
@@ -109,6 +103,11 @@ class SimulatedDevice:
     @property
     def root(self) -> str:
         return self.credentials.topic_root
+
+    @property
+    def outbox(self) -> TelemetryOutbox:
+        """Telemetry sampled and not yet delivered."""
+        return self._telemetry.outbox
 
     @property
     def telemetry_sent(self) -> int:
@@ -133,7 +132,7 @@ class SimulatedDevice:
                 failures = 0 if self.connects > before else failures + 1
                 await asyncio.sleep(self._reconnect.delay(failures, self._jitter()))
         finally:
-            await _stop(sampling)
+            await stop_task(sampling)
 
     async def _session(self) -> None:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -155,19 +154,10 @@ class SimulatedDevice:
             await self._report_state()
             self.connects += 1
             self.connected.set()
-            receiving = asyncio.create_task(self._receive(client))
-            sending = asyncio.create_task(self._send_telemetry(publisher))
             try:
                 # Either ending ends the session: a lost connection, or a PUBACK that never came.
-                done, _ = await asyncio.wait({receiving, sending},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                errors = [t.exception() for t in done if not t.cancelled()]
-                for error in errors:
-                    if error is not None:
-                        raise error
+                await until_one_ends(self._receive(client), self._telemetry.run(publisher))
             finally:
-                await _stop(receiving)
-                await _stop(sending)
                 await self._cancel_job()
         finally:
             with contextlib.suppress(aiomqtt.MqttError, ssl.SSLError, OSError):
@@ -216,34 +206,10 @@ class SimulatedDevice:
         while True:
             seq = self.telemetry_sampled
             sample = json.dumps(self.telemetry_sample(seq)).encode()
-            self.outbox.add(PendingTelemetry(seq, telemetry_topic(self.root), sample))
+            self._telemetry.add(PendingTelemetry(seq, telemetry_topic(self.root), sample))
             self.telemetry_sampled += 1
-            self._telemetry_waiting.set()
             await asyncio.sleep(max(0.0, started + self.telemetry_sampled * self._telemetry_seconds
                                     - loop.time()))
-
-    async def _send_telemetry(self, publisher: PubackPublisher) -> None:
-        """Send the outbox in order, each message until its PUBACK has reason 0."""
-        misses = 0
-        while True:
-            message = self.outbox.next()
-            if message is None:
-                self._telemetry_waiting.clear()
-                await self._telemetry_waiting.wait()
-                continue
-            try:
-                async with asyncio.timeout(PUBACK_TIMEOUT_S):
-                    reason = await publisher.publish(message.topic, message.payload)
-            except TimeoutError:
-                raise aiomqtt.MqttError(f"no PUBACK within {PUBACK_TIMEOUT_S:.0f} s") from None
-            if self.outbox.settle(message, reason):
-                misses = 0
-                continue
-            log.debug("device %s: PUBACK reason %d for telemetry seq %d; sending it again",
-                      self.name, reason, message.seq)
-            await asyncio.sleep(self._telemetry_retry.delay(misses, self._jitter()))
-            misses += 1
-
     # --- firmware ----------------------------------------------------------------------------
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
@@ -276,7 +242,7 @@ class SimulatedDevice:
 
     async def _cancel_job(self) -> None:
         if self._job_task is not None:
-            await _stop(self._job_task)
+            await stop_task(self._job_task)
             self._job_task = None
             self._handled = None  # redelivered on reconnect, and started again
 
@@ -318,17 +284,6 @@ class SimulatedDevice:
         self.ota_reports.append(OtaReport(state, version, reason))
         await self._publish(ota_status_topic(self.root),
                             status_payload(state, version, reason, message))
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel a task and wait for it to end.
-
-    Cancelling again until it ends: a cancellation that lands inside the MQTT client's publish
-    can be absorbed there, and the task would then sleep on.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
