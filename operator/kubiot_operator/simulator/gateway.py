@@ -81,6 +81,8 @@ class SimulatedGateway:
         return self.outbox.delivered
 
     async def run(self) -> None:
+        """Sample telemetry and stay connected; reconnect, backing off, after losing the
+        session or failing to get one."""
         sampling = asyncio.create_task(self._sample_telemetry())
         failures = 0
         try:
@@ -132,8 +134,8 @@ class SimulatedGateway:
             self.connects += 1
             self.connected.set()
             try:
-                # The gateway subscribes to nothing: its message stream only ends, when the
-                # connection does.
+                # The gateway subscribes to nothing: its message stream ends only when the
+                # connection does, which is how a lost connection ends the session.
                 await until_one_ends(_until_disconnected(client), self._telemetry.run(publisher))
             finally:
                 with contextlib.suppress(aiomqtt.MqttError):
