@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 
 QOS = 1
 PUBACK_HEAD = 0x4002_0000  # a PUBACK's fixed header, above its 16-bit packet id
+# Reconnection waits 0.25 s, then doubles up to 1 s: back within a second of the broker
+# returning, since devices that publish before the subscriptions are back get "no matching
+# subscribers" and must send again. A few replicas per tenant trying once a second costs the
+# broker nothing, however long it is away.
+RECONNECT_MIN_DELAY_S = 0.25
+RECONNECT_MAX_DELAY_S = 1.0
 
 
 class Inbox:
@@ -256,7 +262,9 @@ class Subscriber:
                 context.load_cert_chain(s.broker_tls_cert_file, s.broker_tls_key_file)
             client.tls_set_context(context)
         client.max_inflight_messages_set(1)  # the service publishes nothing
-        client.reconnect_delay_set(min_delay=1, max_delay=min(30, int(s.retry_max_delay_s) + 1))
+        # paho annotates whole seconds, but its wait takes any number of them.
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S,  # type: ignore[arg-type]
+                                   max_delay=RECONNECT_MAX_DELAY_S)  # type: ignore[arg-type]
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -281,6 +289,8 @@ class Subscriber:
             return
         log.info("connected to %s:%s as %s (session present: %s)", self.settings.broker_host,
                  self.settings.broker_port, self.settings.mqtt_client_id, flags.session_present)
+        # Subscribe even when the session is present: a broker may restore a session without
+        # its shared subscriptions (Mosquitto 2.0 does after a restart).
         client.subscribe([(f, SubscribeOptions(qos=QOS)) for f in self.topic_filters])
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,

@@ -21,6 +21,7 @@ from tests.support.ingest import (
     broker_for_tenant,
     ingest_environment,
     sample,
+    tally_telemetry,
 )
 from tests.support.waiting import async_wait_until
 
@@ -64,20 +65,27 @@ async def wait_ready(process: IngestProcess) -> None:
 
 
 class Stream:
-    """Publishes 10 messages every 50 ms from a thread until stopped; counts what it sent."""
+    """Publishes 10 messages every 50 ms from a thread until stopped; keeps the (device, seq)
+    of each one the broker acknowledged."""
 
     def __init__(self, access: BrokerAccess, tenant: str) -> None:
         self.access, self.tenant = access, tenant
-        self.sent = 0
+        self.acknowledged: list[tuple[str, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
+
+    @property
+    def sent(self) -> int:
+        return len(self.acknowledged)
 
     def _run(self) -> None:
         with Publisher(self.access) as publisher:
             while not self._stop.is_set():
-                self.sent += publisher.publish_all(
-                    (f"{device_root(self.tenant, f'dev-{self.sent % 3}')}/telemetry",
-                     sample(self.sent + i)) for i in range(10))
+                device, first = f"dev-{self.sent % 3}", self.sent
+                publisher.publish_all(
+                    (f"{device_root(self.tenant, device)}/telemetry", sample(first + i))
+                    for i in range(10))
+                self.acknowledged += [(device, first + i) for i in range(10)]
                 self._stop.wait(0.05)
 
     def __enter__(self) -> Stream:
@@ -121,10 +129,41 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
             first.stop()
             second.stop()
     assert await rows(postgres.dsn, f"SELECT count(*) FROM {schema}.telemetry") == expected
-    assert await rows(postgres.dsn, "SELECT count(DISTINCT (device, stream, time, seq, metric)) "
-                      f"FROM {schema}.telemetry") == expected
+    tally = await tally_telemetry(postgres.dsn, schema, stream.acknowledged)
+    assert (tally.lost, tally.duplicated, tally.unexpected) == (set(), set(), set())
     # The restarted process resumed the killed one's session rather than starting afresh.
     assert "session present: True" in second.log()
+
+
+async def test_the_ingest_is_back_within_a_second_of_the_broker_however_long_it_was_away(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    tenant = "reconnecting"
+    with broker_for_tenant(tenant) as (broker, access):
+        # RETRY_MAX_DELAY_S as deployed, not the tests' shortened one.
+        env = ingest_environment(tenant, access, postgres.dsn, RETRY_MAX_DELAY_S=5)
+        process = IngestProcess(env, tmp_path / "ingest.log").start()
+        try:
+            await wait_ready(process)
+            await asyncio.to_thread(broker.stop)
+            await async_wait_until(lambda: _status_is(process, "/readyz", 503), timeout=10,
+                                   message="not ready while the broker is away")
+            # Long enough for a doubling backoff to have grown to several seconds.
+            await asyncio.sleep(8)
+            back = time.monotonic()
+            await asyncio.to_thread(broker.start)
+            await async_wait_until(lambda: _status_is(process, "/readyz", 200), timeout=10,
+                                   interval=0.02, message="ready again")
+            reconnect_s = time.monotonic() - back
+            # Ready means subscribed again: the restored session had lost its subscriptions.
+            with Publisher(access) as publisher:
+                await asyncio.to_thread(publisher.publish_all, [
+                    (f"{device_root(tenant, 'pump-1')}/telemetry", sample(seq))
+                    for seq in range(10)])
+            await async_wait_until(lambda: _written(process, 20), timeout=10,
+                                   message="rows written after the restart")
+        finally:
+            assert await asyncio.to_thread(process.terminate) == 0
+    assert reconnect_s < 1.5, f"back {reconnect_s:.2f} s after the broker"
 
 
 async def test_sigterm_flushes_acknowledges_and_exits_0(
@@ -209,6 +248,10 @@ async def _at_least(dsn: str, sql: str, expected: int) -> bool:
         return await rows(dsn, sql) >= expected
     except asyncpg.UndefinedTableError:
         return False
+
+
+async def _status_is(process: IngestProcess, path: str, status: int) -> bool:
+    return await http_status(process, path) == status
 
 
 async def _sent_more(stream: Stream, target: int) -> bool:

@@ -35,6 +35,7 @@ from kubiot_operator.simulator import (
     UrlArtifacts,
 )
 from kubiot_operator.simulator.artifacts import synthetic_image
+from kubiot_operator.simulator.outbox import NO_MATCHING_SUBSCRIBERS, RetryPolicy
 from kubiot_operator.telemetry import parse_payload
 from tests.integration.conftest import HOST, TlsMosquitto
 from tests.support.waiting import async_wait_until
@@ -250,6 +251,49 @@ async def test_a_fleet_installs_a_retained_job_and_survives_a_reconnect(
             cloud.states(n).count("succeeded") == 2 for n in names)), timeout=20)
     assert all(cloud.states(n) == ["downloading", "installing", "succeeded", "succeeded"]
                for n in names)
+
+
+async def test_telemetry_nobody_consumes_is_kept_and_sent_again_until_someone_does(
+        mosquitto_tls: TlsMosquitto, dynsec: MosquittoDynsecBackend) -> None:
+    bundles = await provision(mosquitto_tls, dynsec, ["sim-unheard"])
+    device = SimulatedDevice(DeviceCredentials.from_secret_data(bundles["sim-unheard"]),
+                             telemetry_seconds=0.05, telemetry_retry=RetryPolicy(0.05, 0.2))
+    topic = f"{device_root(TENANT, 'sim-unheard')}/telemetry"
+    cfg = mosquitto_tls.config
+    received: list[int] = []
+    async with Fleet([device]) as fleet:
+        await fleet.wait_connected(10)
+        # No subscriber: the broker answers every attempt with reason 16, and the device keeps
+        # everything it sampled.
+        await async_wait_until(lambda: _async(
+            device.outbox.refusals[NO_MATCHING_SUBSCRIBERS] >= 3), timeout=10)
+        assert device.telemetry_sent == 0
+        assert device.telemetry_sampled >= 3
+
+        async with aiomqtt.Client(HOST, cfg.service_port, username=cfg.admin_username,
+                                  password=cfg.admin_password,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as consumer:
+            await consumer.subscribe(topic, qos=1)
+
+            async def collect() -> None:
+                async for message in consumer.messages:
+                    assert isinstance(message.payload, bytes)
+                    received.append(json.loads(message.payload)["seq"])
+
+            collecting = asyncio.create_task(collect())
+            backlog = device.telemetry_sampled
+            try:
+                await async_wait_until(lambda: _async(device.telemetry_sent >= backlog + 5),
+                                       timeout=10, message="the backlog delivered")
+                await fleet.stop()
+                await async_wait_until(lambda: _async(len(received) >= device.telemetry_sent))
+            finally:
+                collecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collecting
+    # What was kept arrived, in order, once each.
+    assert received == list(range(len(received)))
+    assert len(device.outbox) == device.telemetry_sampled - device.telemetry_sent
 
 
 async def _async(value: bool) -> bool:

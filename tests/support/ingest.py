@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -95,6 +96,38 @@ def sample(seq: int, ts: datetime | None = None, **values: Any) -> dict[str, Any
     moment = ts or datetime(2026, 11, 24, 10, 0, tzinfo=UTC) + timedelta(milliseconds=seq)
     return {"v": 1, "ts": moment.isoformat(), "seq": seq,
             "values": values or {"flow": seq * 0.5, "on": seq % 2 == 0}}
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Stored telemetry against what was sent, counted by (device, seq)."""
+
+    stored: frozenset[tuple[str, int]]
+    lost: frozenset[tuple[str, int]]  # sent, not stored
+    duplicated: frozenset[tuple[str, int]]  # a metric of the sample stored more than once
+    unexpected: frozenset[tuple[str, int]]  # stored, never counted as sent
+
+
+async def tally_telemetry(dsn: str, schema: str, sent: Iterable[tuple[str, int]]) -> Tally:
+    """Compare the tenant's telemetry table with the (device, seq) pairs sent.
+
+    A sample stored twice under another `ts` (a device that made it anew instead of sending
+    the same bytes again) shows as duplicated, as does one stored twice by any other way.
+    """
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(f"""
+            SELECT device, seq, max(copies) AS copies FROM (
+                SELECT device, seq, metric, count(*) AS copies FROM {schema}.telemetry
+                GROUP BY device, seq, metric) AS per_metric
+            GROUP BY device, seq""")
+    finally:
+        await connection.close()
+    stored = frozenset((row["device"], row["seq"]) for row in rows)
+    expected = frozenset(sent)
+    return Tally(stored, expected - stored,
+                 frozenset((row["device"], row["seq"]) for row in rows if row["copies"] > 1),
+                 stored - expected)
 
 
 class Publisher:

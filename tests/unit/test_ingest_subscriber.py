@@ -161,3 +161,33 @@ async def test_a_batch_is_acknowledged_with_one_write_of_pubacks() -> None:
     assert len(queued) == 1
     assert queued[0]["packet"] == (b"\x40\x02\x00\x01" + b"\x40\x02\x01\x2c"
                                    + b"\x40\x02\xff\xff")
+
+
+async def test_subscriptions_are_renewed_on_every_connect_even_with_a_session() -> None:
+    from paho.mqtt.client import ConnectFlags
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from kubiot_ingest.config import IngestSettings
+    from kubiot_ingest.subscriber import Subscriber
+
+    settings = IngestSettings.model_validate(
+        {"tenant": "acme", "database_dsn": "postgresql://localhost/x"})
+    filters = ["$share/kubiot-ingest-acme/acme/devices/+/telemetry"]
+    subscriber = Subscriber(settings, filters, Inbox(10, asyncio.get_running_loop()),
+                            lambda _: None)
+
+    class Broker:
+        def __init__(self) -> None:
+            self.subscribed: list[list[str]] = []
+
+        def subscribe(self, topics: list[tuple[str, Any]]) -> None:
+            self.subscribed.append([topic for topic, _ in topics])
+
+    broker = Broker()
+    accepted = ReasonCode(PacketTypes.CONNACK, identifier=0)  # type: ignore[no-untyped-call]
+    for session_present in (False, True, True):
+        subscriber._handle_connect(broker, None, ConnectFlags(session_present),  # type: ignore[arg-type]
+                                   accepted, None)
+    # A broker restored the session without its shared subscriptions: asked for again each time.
+    assert broker.subscribed == [filters] * 3

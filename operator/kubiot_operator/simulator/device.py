@@ -3,6 +3,9 @@
 It announces presence (with `offline` as its last will), sends telemetry, reports and applies
 its twin, and installs firmware from signed `ota/job` messages as a real device would: verify
 the signature and that the job is its own, download, check size and SHA-256, install, report.
+
+Telemetry is sampled at a steady rate whether or not the device is connected, and kept in an
+outbox until a PUBACK with reason 0 (see `outbox.py`); reconnection and resending both back off.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,13 +41,17 @@ from kubiot_operator.telemetry import CURRENT_VERSION
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
 from .credentials import DeviceCredentials
 from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
+from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
+from .puback import PubackPublisher
 from .scenario import InstallResult, Scenario
+from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
 log = logging.getLogger(__name__)
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,11 @@ class SimulatedDevice:
                  scenario: Scenario | None = None, artifacts: ArtifactSource | None = None,
                  telemetry_seconds: float = 5.0, check_hostname: bool = True,
                  connect_limit: asyncio.Semaphore | None = None,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], datetime] = _utc_now,
+                 telemetry_retry: RetryPolicy = TELEMETRY_RETRY,
+                 reconnect: RetryPolicy = RECONNECT,
+                 outbox_capacity: int = DEFAULT_CAPACITY,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.credentials = credentials
         self.firmware = firmware
         self.scenario = scenario or Scenario()
@@ -71,12 +83,16 @@ class SimulatedDevice:
         self._tls = credentials.tls_context(check_hostname=check_hostname)
         self._connect_limit = connect_limit
         self._clock = clock
+        self._reconnect = reconnect
+        self._jitter = jitter
         self._client: aiomqtt.Client | None = None
         self._job_task: asyncio.Task[None] | None = None
         self._handled: str | None = None  # signature of the last job acted on
         self.desired: dict[str, Any] = {}
         self.ota_reports: list[OtaReport] = []
-        self.telemetry_sent = 0
+        self._telemetry = TelemetrySender(f"device {credentials.name}", retry=telemetry_retry,
+                                          capacity=outbox_capacity, jitter=jitter)
+        self.telemetry_sampled = 0  # also the next sample's seq
         self.connected = asyncio.Event()
         self.connects = 0
 
@@ -88,17 +104,35 @@ class SimulatedDevice:
     def root(self) -> str:
         return self.credentials.topic_root
 
-    async def run(self, reconnect_seconds: float = 0.5) -> None:
-        """Stay connected; reconnect after the broker drops the session."""
-        while True:
-            try:
-                await self._session()
-            except aiomqtt.MqttError as exc:
-                log.debug("device %s lost its session: %s", self.name, exc)
-            finally:
-                self.connected.clear()
-                self._client = None
-            await asyncio.sleep(reconnect_seconds)
+    @property
+    def outbox(self) -> TelemetryOutbox:
+        """Telemetry sampled and not yet delivered."""
+        return self._telemetry.outbox
+
+    @property
+    def telemetry_sent(self) -> int:
+        """Telemetry messages delivered: acknowledged with PUBACK reason 0."""
+        return self.outbox.delivered
+
+    async def run(self) -> None:
+        """Sample telemetry and stay connected; reconnect, backing off, after losing the
+        session or failing to get one."""
+        sampling = asyncio.create_task(self._sample_telemetry())
+        failures = 0
+        try:
+            while True:
+                before = self.connects
+                try:
+                    await self._session()
+                except aiomqtt.MqttError as exc:
+                    log.debug("device %s lost its session: %s", self.name, exc)
+                finally:
+                    self.connected.clear()
+                    self._client = None
+                failures = 0 if self.connects > before else failures + 1
+                await asyncio.sleep(self._reconnect.delay(failures, self._jitter()))
+        finally:
+            await stop_task(sampling)
 
     async def _session(self) -> None:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -109,6 +143,7 @@ class SimulatedDevice:
             identifier=self.credentials.username, protocol=aiomqtt.ProtocolVersion.V5,
             tls_context=self._tls, keepalive=30, properties=properties,
             will=aiomqtt.Will(presence_topic(self.root), PRESENCE_OFFLINE, qos=1, retain=True))
+        publisher = PubackPublisher(client)
         async with self._connect_slot():
             await client.__aenter__()
         try:
@@ -119,18 +154,20 @@ class SimulatedDevice:
             await self._report_state()
             self.connects += 1
             self.connected.set()
-            telemetry = asyncio.create_task(self._telemetry_loop())
             try:
-                async for message in client.messages:
-                    payload = message.payload
-                    data = payload if isinstance(payload, bytes) else str(payload).encode()
-                    self._dispatch(str(message.topic), data)
+                # Either ending ends the session: a lost connection, or a PUBACK that never came.
+                await until_one_ends(self._receive(client), self._telemetry.run(publisher))
             finally:
-                await _stop(telemetry)
                 await self._cancel_job()
         finally:
             with contextlib.suppress(aiomqtt.MqttError, ssl.SSLError, OSError):
                 await client.__aexit__(None, None, None)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            data = payload if isinstance(payload, bytes) else str(payload).encode()
+            self._dispatch(str(message.topic), data)
 
     def _connect_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._connect_limit if self._connect_limit is not None else contextlib.nullcontext()
@@ -162,13 +199,17 @@ class SimulatedDevice:
                 "values": {"temperature": round(21.0 + 3.0 * math.sin(seq / 10), 3),
                            "firmware": self.firmware}}
 
-    async def _telemetry_loop(self) -> None:
+    async def _sample_telemetry(self) -> None:
+        """One sample every `telemetry_seconds`, on a fixed schedule, connected or not."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            sample = self.telemetry_sample(self.telemetry_sent)
-            await self._publish(telemetry_topic(self.root), json.dumps(sample).encode())
-            self.telemetry_sent += 1
-            await asyncio.sleep(self._telemetry_seconds)
-
+            seq = self.telemetry_sampled
+            sample = json.dumps(self.telemetry_sample(seq)).encode()
+            self._telemetry.add(PendingTelemetry(seq, telemetry_topic(self.root), sample))
+            self.telemetry_sampled += 1
+            await asyncio.sleep(max(0.0, started + self.telemetry_sampled * self._telemetry_seconds
+                                    - loop.time()))
     # --- firmware ----------------------------------------------------------------------------
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
@@ -201,7 +242,7 @@ class SimulatedDevice:
 
     async def _cancel_job(self) -> None:
         if self._job_task is not None:
-            await _stop(self._job_task)
+            await stop_task(self._job_task)
             self._job_task = None
             self._handled = None  # redelivered on reconnect, and started again
 
@@ -243,17 +284,6 @@ class SimulatedDevice:
         self.ota_reports.append(OtaReport(state, version, reason))
         await self._publish(ota_status_topic(self.root),
                             status_payload(state, version, reason, message))
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel a task and wait for it to end.
-
-    Cancelling again until it ends: a cancellation that lands inside the MQTT client's publish
-    can be absorbed there, and the task would then sleep on.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -1,5 +1,9 @@
 """A simulated edge gateway: one mutual-TLS session that speaks for the devices behind it
-(Modbus or BLE sensors without an IP of their own), as the topic contract allows a gateway."""
+(Modbus or BLE sensors without an IP of their own), as the topic contract allows a gateway.
+
+Its children's telemetry is delivered as a device's is: sampled at a steady rate, kept until a
+PUBACK with reason 0 (see `outbox.py`), with each child's `seq` going on across sessions.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -25,6 +30,9 @@ from kubiot_operator.contract import (
 from kubiot_operator.telemetry import CURRENT_VERSION
 
 from .credentials import DeviceCredentials
+from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
+from .puback import PubackPublisher
+from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +48,75 @@ class SimulatedGateway:
 
     def __init__(self, credentials: DeviceCredentials, children: Sequence[str], *,
                  telemetry_seconds: float = 5.0, check_hostname: bool = True,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 telemetry_retry: RetryPolicy = TELEMETRY_RETRY,
+                 reconnect: RetryPolicy = RECONNECT,
+                 outbox_capacity: int = DEFAULT_CAPACITY,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.credentials = credentials
         self.children = list(children)
         self._telemetry_seconds = telemetry_seconds
         self._tls: ssl.SSLContext = credentials.tls_context(check_hostname=check_hostname)
         self._clock = clock
-        self.telemetry_sent = 0
+        self._reconnect = reconnect
+        self._jitter = jitter
+        self._telemetry = TelemetrySender(f"gateway {credentials.name}", retry=telemetry_retry,
+                                          capacity=outbox_capacity, jitter=jitter)
+        self.telemetry_sampled = 0  # rounds of samples, one per child; also their seq
         self.connected = asyncio.Event()
+        self.connects = 0
 
     @property
     def name(self) -> str:
         return self.credentials.name
 
-    async def run(self, reconnect_seconds: float = 1.0) -> None:
+    @property
+    def outbox(self) -> TelemetryOutbox:
+        """The children's telemetry sampled and not yet delivered, oldest first."""
+        return self._telemetry.outbox
+
+    @property
+    def telemetry_sent(self) -> int:
+        """Telemetry messages delivered (PUBACK reason 0), all children together."""
+        return self.outbox.delivered
+
+    async def run(self) -> None:
+        """Sample telemetry and stay connected; reconnect, backing off, after losing the
+        session or failing to get one."""
+        sampling = asyncio.create_task(self._sample_telemetry())
+        failures = 0
+        try:
+            while True:
+                before = self.connects
+                try:
+                    await self._session()
+                except aiomqtt.MqttError as exc:
+                    log.debug("gateway %s lost its session: %s", self.name, exc)
+                finally:
+                    self.connected.clear()
+                failures = 0 if self.connects > before else failures + 1
+                await asyncio.sleep(self._reconnect.delay(failures, self._jitter()))
+        finally:
+            await stop_task(sampling)
+
+    def _child_roots(self) -> list[str]:
+        return [device_root(self.credentials.tenant, c) for c in self.children]
+
+    async def _sample_telemetry(self) -> None:
+        """A sample per child every `telemetry_seconds`, on a fixed schedule, connected or not."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            try:
-                await self._session()
-            except aiomqtt.MqttError as exc:
-                log.debug("gateway %s lost its session: %s", self.name, exc)
-            finally:
-                self.connected.clear()
-            await asyncio.sleep(reconnect_seconds)
+            seq = self.telemetry_sampled
+            for child in self._child_roots():
+                sample = {"v": CURRENT_VERSION, "ts": self._clock().isoformat(), "seq": seq,
+                          "values": {"flow_lpm": round(120 + 15 * math.sin(seq / 7), 2),
+                                     "via": self.name}}
+                self._telemetry.add(PendingTelemetry(seq, telemetry_topic(child),
+                                                     json.dumps(sample).encode()))
+            self.telemetry_sampled += 1
+            await asyncio.sleep(max(0.0, started + self.telemetry_sampled * self._telemetry_seconds
+                                    - loop.time()))
 
     async def _session(self) -> None:
         root = self.credentials.topic_root
@@ -70,26 +125,25 @@ class SimulatedGateway:
             username=self.credentials.username, identifier=self.credentials.username,
             protocol=aiomqtt.ProtocolVersion.V5, tls_context=self._tls, keepalive=30,
             will=aiomqtt.Will(presence_topic(root), PRESENCE_OFFLINE, qos=1, retain=True))
+        publisher = PubackPublisher(client)
         async with client:
             await client.publish(presence_topic(root), PRESENCE_ONLINE, qos=1, retain=True)
-            child_roots = [device_root(self.credentials.tenant, c) for c in self.children]
+            child_roots = self._child_roots()
             for child in child_roots:
                 await client.publish(presence_topic(child), PRESENCE_ONLINE, qos=1, retain=True)
+            self.connects += 1
             self.connected.set()
             try:
-                seq = 0
-                while True:
-                    for child in child_roots:
-                        sample = {"v": CURRENT_VERSION, "ts": self._clock().isoformat(),
-                                  "seq": seq, "values": {
-                                      "flow_lpm": round(120 + 15 * math.sin(seq / 7), 2),
-                                      "via": self.name}}
-                        await client.publish(telemetry_topic(child), json.dumps(sample), qos=1)
-                        self.telemetry_sent += 1
-                    seq += 1
-                    await asyncio.sleep(self._telemetry_seconds)
+                # The gateway subscribes to nothing: its message stream ends only when the
+                # connection does, which is how a lost connection ends the session.
+                await until_one_ends(_until_disconnected(client), self._telemetry.run(publisher))
             finally:
                 with contextlib.suppress(aiomqtt.MqttError):
                     for child in child_roots:
                         await client.publish(presence_topic(child), PRESENCE_OFFLINE, qos=1,
                                              retain=True)
+
+
+async def _until_disconnected(client: aiomqtt.Client) -> None:
+    async for _ in client.messages:
+        pass
