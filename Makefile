@@ -15,7 +15,7 @@ help:
 	@echo "make dev          run the whole platform on this machine (the local stack)"
 	@echo "make test         install what is missing, then run every test"
 	@echo "make test-unit    only the fast tests that start no servers"
-	@echo "make lint         ruff and mypy"
+	@echo "make lint         ruff, mypy and the import layering contracts"
 	@echo "make crds         regenerate crds/ and the generated docs from the models"
 	@echo "make tools        install helm (and terraform if missing) into .tools/bin"
 	@echo "make bench        run the benchmarks in bench/"
@@ -54,6 +54,7 @@ test-unit: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 crds: venv
 	$(PYTHON) -m kubiot_operator.crd.generate crds docs charts/kubiot/crds

@@ -34,9 +34,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from kubiot_contract.topics import IdentityKind, device_access, device_username
 from kubiot_operator.brokers import BrokerIdentity, CertificateCredential, MosquittoDynsecBackend
 from kubiot_operator.brokers.dynsec import create_commands, tenant_commands
-from kubiot_operator.contract import IdentityKind, device_access, device_username
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig
 from kubiot_operator.local.ports import free_port
 

@@ -52,15 +52,15 @@ sys.path.insert(0, str(REPO))
 
 import asyncpg  # noqa: E402
 
+from kubiot_contract.telemetry import parse_payload  # noqa: E402
+from kubiot_contract.topics import device_root  # noqa: E402
 from kubiot_ingest.batcher import Batch, Batcher  # noqa: E402
 from kubiot_ingest.config import IngestSettings, load_settings  # noqa: E402
 from kubiot_ingest.migrations import migrate  # noqa: E402
 from kubiot_ingest.records import InboundMessage, classify  # noqa: E402
 from kubiot_ingest.service import postgres_sink  # noqa: E402
 from kubiot_ingest.subscriber import Inbox, Subscriber  # noqa: E402
-from kubiot_operator.contract import device_root  # noqa: E402
 from kubiot_operator.local.postgres import postgres_server  # noqa: E402
-from kubiot_operator.telemetry import parse_payload  # noqa: E402
 from tests.support.ingest import (  # noqa: E402
     BrokerAccess,
     IngestProcess,

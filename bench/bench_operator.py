@@ -31,16 +31,16 @@ import kopf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kubiot_operator.brokers import (  # noqa: E402
-    BrokerIdentity,
-    CertificateCredential,
-    MosquittoDynsecBackend,
-)
-from kubiot_operator.contract import (  # noqa: E402
+from kubiot_contract.topics import (  # noqa: E402
     OPERATOR_USERNAME,
     IdentityKind,
     device_access,
     device_username,
+)
+from kubiot_operator.brokers import (  # noqa: E402
+    BrokerIdentity,
+    CertificateCredential,
+    MosquittoDynsecBackend,
 )
 from kubiot_operator.handlers import Operator  # noqa: E402
 from kubiot_operator.local.broker import BrokerPorts, LocalBroker  # noqa: E402

@@ -31,18 +31,18 @@ import aiomqtt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kubiot_operator.brokers import (  # noqa: E402
-    BrokerIdentity,
-    CertificateCredential,
-    MosquittoDynsecBackend,
-)
-from kubiot_operator.contract import (  # noqa: E402
+from kubiot_contract.topics import (  # noqa: E402
     IdentityKind,
     device_access,
     device_root,
     device_username,
     ota_job_topic,
     ota_status_topic,
+)
+from kubiot_operator.brokers import (  # noqa: E402
+    BrokerIdentity,
+    CertificateCredential,
+    MosquittoDynsecBackend,
 )
 from kubiot_operator.controllers.firmware import reconcile_release, signed_job  # noqa: E402
 from kubiot_operator.local.mosquitto import (  # noqa: E402

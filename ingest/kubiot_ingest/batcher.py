@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
@@ -16,7 +17,6 @@ from kubiot_ingest.records import (
     TelemetryRecords,
     TelemetryRow,
 )
-from kubiot_operator.contract import IdentityKind
 
 DeviceKey = tuple[IdentityKind, str]
 

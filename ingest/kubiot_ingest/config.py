@@ -8,8 +8,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubiot_operator.contract import ContractError, ingest_client_id, validate_name
-from kubiot_operator.telemetry import DEFAULT_MAX_PAYLOAD_BYTES
+from kubiot_contract.telemetry import DEFAULT_MAX_PAYLOAD_BYTES
+from kubiot_contract.topics import ContractError, ingest_client_id, validate_name
 
 ENV_PREFIX = "KUBIOT_INGEST_"
 SCHEMA_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"

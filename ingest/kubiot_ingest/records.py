@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from kubiot_operator.contract import (
+from kubiot_contract.telemetry import RejectReason, TelemetryRejected, parse_payload
+from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     Channel,
@@ -19,7 +20,6 @@ from kubiot_operator.contract import (
     ParsedTopic,
     parse_topic,
 )
-from kubiot_operator.telemetry import RejectReason, TelemetryRejected, parse_payload
 
 #: The stream name stored for `telemetry` without a stream level; part of the primary key, so
 #: it is a value rather than NULL.

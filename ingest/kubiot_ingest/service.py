@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
+from kubiot_contract.telemetry import RejectReason
+from kubiot_contract.topics import ingest_shared_subscriptions
 from kubiot_ingest.batcher import Batch, Batcher, single
 from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.metrics import IngestMetrics
@@ -19,8 +21,6 @@ from kubiot_ingest.server import MetricsServer, build_app
 from kubiot_ingest.sinks.influx import InfluxSink
 from kubiot_ingest.sinks.postgres import DATA_ERRORS, PostgresSink
 from kubiot_ingest.subscriber import Inbox, Subscriber
-from kubiot_operator.contract import ingest_shared_subscriptions
-from kubiot_operator.telemetry import RejectReason
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kubiot_operator import contract
+from kubiot_contract import topics as contract
 from kubiot_operator.crd.generate import render
 from kubiot_operator.local.cli import add_parser as add_local_parser
 from kubiot_operator.manifests import load_resources

@@ -15,7 +15,7 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 
-from kubiot_operator.contract import OPERATOR_USERNAME, device_root, ota_job_topic
+from kubiot_contract.topics import OPERATOR_USERNAME, device_root, ota_job_topic
 from kubiot_operator.handlers import Operator
 from kubiot_operator.reconcile.rollout import rollout_order
 from kubiot_operator.simulator import Fleet, InstallResult, Scenario, synthetic_image

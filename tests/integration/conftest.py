@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.brokers import MosquittoDynsecBackend
 from kubiot_operator.brokers.emqx import SESSION_BINDING
-from kubiot_operator.contract import IdentityKind
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig, TLSListener
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.pki import (

@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from kubiot_contract.topics import (
+    IdentityKind,
+    device_access,
+    device_username,
+    gateway_access,
+    gateway_username,
+    ingest_access,
+    ingest_username,
+)
 from kubiot_operator.brokers import (
     Backoff,
     BrokerAuthError,
@@ -24,15 +33,6 @@ from kubiot_operator.brokers.errors import (
     BrokerIdentitiesRefused,
     BrokerNotConfigured,
     BrokerRuleLimit,
-)
-from kubiot_operator.contract import (
-    IdentityKind,
-    device_access,
-    device_username,
-    gateway_access,
-    gateway_username,
-    ingest_access,
-    ingest_username,
 )
 from tests.support.emqx_fake import AUTHENTICATOR_ID, EmqxFake
 

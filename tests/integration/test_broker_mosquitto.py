@@ -7,16 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kubiot_operator.brokers import (
-    Backoff,
-    BrokerAuthError,
-    BrokerIdentity,
-    BrokerUnavailable,
-    CertificateCredential,
-    MosquittoDynsecBackend,
-    PasswordCredential,
-)
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     device_access,
     device_root,
@@ -29,6 +20,15 @@ from kubiot_operator.contract import (
     state_desired_topic,
     state_reported_topic,
     telemetry_topic,
+)
+from kubiot_operator.brokers import (
+    Backoff,
+    BrokerAuthError,
+    BrokerIdentity,
+    BrokerUnavailable,
+    CertificateCredential,
+    MosquittoDynsecBackend,
+    PasswordCredential,
 )
 from kubiot_operator.local.ports import free_port
 from tests.integration.conftest import TlsMosquitto

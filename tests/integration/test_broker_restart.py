@@ -13,13 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kubiot_operator.brokers import (
-    BrokerIdentity,
-    CertificateCredential,
-    MosquittoDynsecBackend,
-    PasswordCredential,
-)
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     device_access,
     device_root,
@@ -29,6 +23,12 @@ from kubiot_operator.contract import (
     gateway_username,
     ingest_access,
     ingest_username,
+)
+from kubiot_operator.brokers import (
+    BrokerIdentity,
+    CertificateCredential,
+    MosquittoDynsecBackend,
+    PasswordCredential,
 )
 from kubiot_operator.local.postgres import PostgresServer, postgres_server
 from kubiot_operator.simulator import DeviceCredentials, Fleet, SimulatedDevice

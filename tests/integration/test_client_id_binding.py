@@ -16,13 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kubiot_operator.brokers import (
-    BrokerIdentity,
-    CertificateCredential,
-    MosquittoDynsecBackend,
-    PasswordCredential,
-)
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     REPORTS_CLIENT_ID,
     IdentityKind,
     device_access,
@@ -34,6 +28,12 @@ from kubiot_operator.contract import (
     ingest_username,
     state_desired_topic,
     telemetry_topic,
+)
+from kubiot_operator.brokers import (
+    BrokerIdentity,
+    CertificateCredential,
+    MosquittoDynsecBackend,
+    PasswordCredential,
 )
 from kubiot_operator.pki import IssuedCertificate
 from tests.integration.conftest import HOST, TlsMosquitto

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from kubiot_operator.brokers import BrokerRejected
-from kubiot_operator.brokers.emqx import SESSION_BINDING, EmqxBackend
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     REPORTS_CLIENT_ID,
     device_client_id,
     device_username,
     ingest_client_id,
     ingest_username,
 )
+from kubiot_operator.brokers import BrokerRejected
+from kubiot_operator.brokers.emqx import SESSION_BINDING, EmqxBackend
 from tests.support.emqx_fake import DEFAULT_ZONE_MQTT, EmqxFake
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from aiohttp import web
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.handlers.http import CRL_CONTENT_TYPE, crl_path, http_app
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.pki import MemoryMaterialStore, TenantAuthority, crl_distribution_point

@@ -13,9 +13,9 @@ import aiohttp
 import asyncpg
 import pytest
 
+from kubiot_contract.topics import device_root, gateway_root
 from kubiot_ingest.config import load_settings
 from kubiot_ingest.service import IngestService
-from kubiot_operator.contract import device_root, gateway_root
 from kubiot_operator.local.postgres import PostgresServer, postgres_server
 from tests.support.ingest import (
     Publisher,

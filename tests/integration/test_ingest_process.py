@@ -12,7 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from kubiot_operator.contract import device_root
+from kubiot_contract.topics import device_root
 from kubiot_operator.local.postgres import PostgresServer, postgres_server
 from tests.support.ingest import (
     BrokerAccess,

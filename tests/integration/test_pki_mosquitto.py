@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig, TLSListener
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.models.common import KeyAlgorithm

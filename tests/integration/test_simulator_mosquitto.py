@@ -15,8 +15,8 @@ import aiomqtt
 import pytest
 from aiohttp import web
 
-from kubiot_operator.brokers import BrokerIdentity, CertificateCredential, MosquittoDynsecBackend
-from kubiot_operator.contract import (
+from kubiot_contract.telemetry import parse_payload
+from kubiot_contract.topics import (
     IdentityKind,
     device_access,
     device_root,
@@ -24,6 +24,7 @@ from kubiot_operator.contract import (
     ota_job_topic,
     state_desired_topic,
 )
+from kubiot_operator.brokers import BrokerIdentity, CertificateCredential, MosquittoDynsecBackend
 from kubiot_operator.controllers.firmware import signed_job
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.pki import generate_signing_key, public_key_pem
@@ -36,7 +37,6 @@ from kubiot_operator.simulator import (
 )
 from kubiot_operator.simulator.artifacts import synthetic_image
 from kubiot_operator.simulator.outbox import NO_MATCHING_SUBSCRIBERS, RetryPolicy
-from kubiot_operator.telemetry import parse_payload
 from tests.integration.conftest import HOST, TlsMosquitto
 from tests.support.waiting import async_wait_until
 

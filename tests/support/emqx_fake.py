@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubiot_operator.contract import topic_matches
+from kubiot_contract.topics import topic_matches
 from kubiot_operator.local.ports import free_port
 
 AUTHENTICATOR_ID = "password_based:built_in_database"

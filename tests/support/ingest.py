@@ -22,7 +22,7 @@ import asyncpg
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     AccessRules,
     ingest_access,
     ingest_username,

@@ -17,8 +17,8 @@ from typing import Any
 import kopf
 import yaml
 
+from kubiot_contract.topics import OPERATOR_USERNAME
 from kubiot_operator.brokers import MosquittoDynsecBackend
-from kubiot_operator.contract import OPERATOR_USERNAME
 from kubiot_operator.handlers import Operator
 from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.local.broker import BrokerPorts, LocalBroker

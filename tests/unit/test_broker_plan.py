@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from kubiot_contract.topics import (
+    AccessRules,
+    IdentityKind,
+    device_access,
+    device_username,
+    gateway_access,
+    gateway_username,
+    ingest_access,
+    ingest_username,
+)
 from kubiot_operator.brokers import (
     BrokerIdentity,
     CertificateCredential,
@@ -20,16 +30,6 @@ from kubiot_operator.brokers.plan import (
     plan_identity,
     plan_tenant,
     rules_difference,
-)
-from kubiot_operator.contract import (
-    AccessRules,
-    IdentityKind,
-    device_access,
-    device_username,
-    gateway_access,
-    gateway_username,
-    ingest_access,
-    ingest_username,
 )
 
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import json
 
+from kubiot_contract.topics import (
+    AccessRules,
+    IdentityKind,
+    device_access,
+    device_username,
+    ingest_access,
+    ingest_username,
+)
 from kubiot_operator.brokers import (
     BrokerIdentity,
     CertificateCredential,
@@ -12,14 +20,6 @@ from kubiot_operator.brokers import (
     emqx,
 )
 from kubiot_operator.brokers.plan import ChangeEnabled, ChangeRules, CreateIdentity
-from kubiot_operator.contract import (
-    AccessRules,
-    IdentityKind,
-    device_access,
-    device_username,
-    ingest_access,
-    ingest_username,
-)
 
 
 def device(name: str, *, enabled: bool = True) -> BrokerIdentity:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubiot_operator import contract
-from kubiot_operator.contract import (
+from kubiot_contract import topics as contract
+from kubiot_contract.topics import (
     AccessRules,
     Channel,
     ContractError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime, timedelta
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.models.identity import IdentitySpec, IdentityType
 from kubiot_operator.models.tenant import TenantSpec

@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kubiot_contract.telemetry import RejectReason
+from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.batcher import Batcher, single
 from kubiot_ingest.records import (
     DeadLetter,
@@ -14,8 +16,6 @@ from kubiot_ingest.records import (
     TelemetryRecords,
     TelemetryRow,
 )
-from kubiot_operator.contract import IdentityKind
-from kubiot_operator.telemetry import RejectReason
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 DEVICE = IdentityKind.DEVICE

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from kubiot_contract.telemetry import RejectReason
+from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
@@ -14,8 +16,6 @@ from kubiot_ingest.records import (
     TelemetryRecords,
     classify,
 )
-from kubiot_operator.contract import IdentityKind
-from kubiot_operator.telemetry import RejectReason
 
 RECEIVED = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

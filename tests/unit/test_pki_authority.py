@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.models.tenant import CertificateAuthoritySpec
 from kubiot_operator.pki import (

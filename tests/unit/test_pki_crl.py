@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.pki import (
     CertificateAuthority,
     PKIError,

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kubiot_operator.contract import IdentityKind, certificate_uri, device_username
+from kubiot_contract.topics import IdentityKind, certificate_uri, device_username
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.pki import (
     CAInvalid,

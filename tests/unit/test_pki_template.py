@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from kubiot_operator.contract import IdentityKind, certificate_names
+from kubiot_contract.topics import IdentityKind, certificate_names
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.pki import PKIError, create_tenant_ca, issue_identity_certificate
 from kubiot_operator.pki.certificates import CLIENT_AUTH, CertificateAuthority, sign_leaf

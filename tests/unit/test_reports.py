@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.reconcile.reports import ReportBuffer, ReportKey, TokenBucket
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

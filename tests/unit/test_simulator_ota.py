@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.controllers.firmware import signed_job
 from kubiot_operator.pki import (
     create_server_ca,

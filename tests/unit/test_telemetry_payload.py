@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from kubiot_operator.telemetry import (
+from kubiot_contract.telemetry import (
     MAX_SAMPLES_PER_BATCH,
     RejectReason,
     TelemetryRejected,

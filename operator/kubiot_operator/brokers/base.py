@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from kubiot_operator.contract import AccessRules, IdentityKind
+from kubiot_contract.topics import AccessRules, IdentityKind
 
 #: Marks everything kubiot created on a broker, so resync never touches the admin's own entries.
 MANAGED_MARKER = "kubiot"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubiot_operator.contract import AccessRules, ContractError, IdentityKind, tenant_root
+from kubiot_contract.topics import AccessRules, ContractError, IdentityKind, tenant_root
 
 from .base import (
     MANAGED_MARKER,

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from kubiot_operator.contract import AccessRules, ContractError, parse_username
+from kubiot_contract.topics import AccessRules, ContractError, parse_username
 
 from .base import (
     NOTHING_DONE,

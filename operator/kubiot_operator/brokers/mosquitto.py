@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from kubiot_operator.contract import ADMIN_CLIENT_ID, ContractError, parse_username
+from kubiot_contract.topics import ADMIN_CLIENT_ID, ContractError, parse_username
 
 from . import dynsec
 from .base import (

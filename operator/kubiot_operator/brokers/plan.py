@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kubiot_operator.contract import AccessRules
+from kubiot_contract.topics import AccessRules
 
 from .base import BrokerIdentity, PasswordCredential, password_fingerprint
 

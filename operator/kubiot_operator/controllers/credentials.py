@@ -11,14 +11,14 @@ from typing import Any
 
 from cryptography import x509
 
-from kubiot_operator.brokers import CertificateCredential, Credential, PasswordCredential
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     device_root,
     device_username,
     gateway_root,
     gateway_username,
 )
+from kubiot_operator.brokers import CertificateCredential, Credential, PasswordCredential
 from kubiot_operator.kube.client import SECRETS, TENANTS
 from kubiot_operator.models.common import CertificateSummary
 from kubiot_operator.models.identity import IdentitySpec, IdentityType

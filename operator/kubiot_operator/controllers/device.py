@@ -7,12 +7,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubiot_operator.brokers import BrokerError, BrokerIdentity
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     device_access,
     state_desired_topic,
 )
+from kubiot_operator.brokers import BrokerError, BrokerIdentity
 from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DevicePhase, DeviceSpec
 from kubiot_operator.models.gateway import GatewaySpec
@@ -20,6 +20,7 @@ from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.selectors import selector_matches
 
+from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
 from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
 from .objects import (
     conditions_wire,
@@ -32,9 +33,7 @@ from .objects import (
 )
 from .platform import Outcome, Platform
 
-ACCESS_READY = "AccessReady"
 REQUIRED = (IDENTITY_READY, ACCESS_READY)
-TENANT_RETRY_SECONDS = 3.0
 QUOTA_RECHECK_SECONDS = 60.0
 
 
@@ -166,16 +165,6 @@ async def _forget_broker_identity(platform: Platform, username: str, outcome: Ou
         await platform.broker.remove_identity(username)
     except BrokerError as exc:
         broker_failure(platform, exc, outcome)
-
-
-def broker_failure(platform: Platform, exc: BrokerError, outcome: Outcome) -> ConditionUpdate:
-    """A broker error as a condition; retryable ones schedule a retry."""
-    platform.metrics.broker_errors.labels(platform.broker_kind, type(exc).__name__).inc()
-    if exc.retryable:
-        outcome.retry_after, outcome.retry_reason = 10.0, exc.reason
-    else:
-        outcome.warning(exc.reason, str(exc))
-    return ConditionUpdate(ACCESS_READY, False, exc.reason, str(exc))
 
 
 async def _publish_desired(platform: Platform, root: str, desired: dict[str, Any],

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from kubiot_operator.contract import device_root, ota_job_topic
+from kubiot_contract.topics import device_root, ota_job_topic
 from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, KubeError
 from kubiot_operator.models.firmware import (
     DeviceSelector,

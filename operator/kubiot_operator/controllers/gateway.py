@@ -9,19 +9,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubiot_operator.brokers import BrokerError, BrokerIdentity
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     gateway_access,
 )
+from kubiot_operator.brokers import BrokerError, BrokerIdentity
 from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DeviceSpec
 from kubiot_operator.models.gateway import GatewayPhase, GatewaySpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.selectors import selector_matches
 
+from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
 from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
-from .device import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
 from .objects import (
     conditions_wire,
     current_conditions,

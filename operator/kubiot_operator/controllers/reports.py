@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeError
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.models.tenant import TenantSpec

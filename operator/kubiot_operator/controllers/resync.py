@@ -9,14 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubiot_operator.brokers import (
-    BrokerError,
-    BrokerIdentity,
-    CertificateCredential,
-    Credential,
-    PasswordCredential,
-)
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     IdentityKind,
     device_access,
     device_username,
@@ -24,6 +17,13 @@ from kubiot_operator.contract import (
     gateway_username,
     ingest_access,
     ingest_username,
+)
+from kubiot_operator.brokers import (
+    BrokerError,
+    BrokerIdentity,
+    CertificateCredential,
+    Credential,
+    PasswordCredential,
 )
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS, TENANTS
 from kubiot_operator.models.device import DeviceSpec

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubiot_contract.topics import IdentityKind, ingest_access, ingest_username, tenant_root
 from kubiot_operator.brokers import BrokerError, BrokerIdentity, PasswordCredential
-from kubiot_operator.contract import IdentityKind, ingest_access, ingest_username, tenant_root
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
 from kubiot_operator.models.tenant import TenantPhase, TenantSpec
 from kubiot_operator.pki import PKIError, certificate_summary
@@ -23,8 +23,8 @@ from kubiot_operator.reconcile.tenant import (
     tenant_namespace,
 )
 
+from .access import ACCESS_READY, broker_failure
 from .credentials import IDENTITY_READY, publish_trust
-from .device import ACCESS_READY, broker_failure
 from .objects import (
     conditions_wire,
     current_conditions,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from kubiot_operator.contract import ContractError, validate_name
+from kubiot_contract.topics import ContractError, validate_name
 from kubiot_operator.pki import TenantAuthority
 
 #: RFC 2585: a DER CRL fetched over HTTP.

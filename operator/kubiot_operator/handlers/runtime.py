@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from kubiot_contract.topics import operator_client_id, report_filters
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
-from kubiot_operator.contract import operator_client_id, report_filters
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher

@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
-from kubiot_operator import API_GROUP, API_VERSION
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     OPERATOR_USERNAME,
     IdentityKind,
     device_username,
     validate_name,
 )
+from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.kube.client import DEVICES, SECRETS, TENANTS
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.identity import credential_secret_name

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubiot_operator.contract import OPERATOR_USERNAME
+from kubiot_contract.topics import OPERATOR_USERNAME
 from kubiot_operator.local.ports import wait_for_port
 
 DYNSEC_PLUGIN_CANDIDATES = (

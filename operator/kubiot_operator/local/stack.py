@@ -21,8 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.brokers import MosquittoDynsecBackend
-from kubiot_operator.contract import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_all

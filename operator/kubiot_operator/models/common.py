@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
-from kubiot_operator.contract import NAME_MAX_LENGTH, NAME_PATTERN
+from kubiot_contract.topics import NAME_MAX_LENGTH, NAME_PATTERN
 
 DNSLabel = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)]
 LabelValue = Annotated[str, StringConstraints(

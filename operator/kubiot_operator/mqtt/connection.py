@@ -17,7 +17,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from kubiot_operator.contract import REPORTS_CLIENT_ID
+from kubiot_contract.topics import REPORTS_CLIENT_ID
 
 log = logging.getLogger(__name__)
 

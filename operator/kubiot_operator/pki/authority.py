@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kubiot_operator.contract import IdentityKind
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.models.tenant import CertificateAuthoritySpec
 from kubiot_operator.pki.ca import create_tenant_ca, load_ca

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kubiot_operator.contract import ContractError, validate_name
+from kubiot_contract.topics import ContractError, validate_name
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.pki.certificates import (
     BACKDATE,

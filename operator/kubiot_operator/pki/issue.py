@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kubiot_operator.contract import ContractError, IdentityKind, certificate_names
+from kubiot_contract.topics import ContractError, IdentityKind, certificate_names
 from kubiot_operator.models.common import CertificateSummary, KeyAlgorithm
 from kubiot_operator.pki.certificates import (
     CLIENT_AUTH,

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from kubiot_contract.topics import IdentityKind
 from kubiot_operator import API_GROUP
-from kubiot_operator.contract import IdentityKind
 from kubiot_operator.models.common import KeyAlgorithm
 from kubiot_operator.models.identity import IdentitySpec, IdentityType
 from kubiot_operator.models.tenant import TenantSpec

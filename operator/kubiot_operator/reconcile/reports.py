@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kubiot_operator.contract import (
+from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     Channel,

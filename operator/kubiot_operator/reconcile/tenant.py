@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubiot_operator.contract import ingest_username
+from kubiot_contract.topics import ingest_username
 from kubiot_operator.models.tenant import TenantSpec
 
 TENANT_LABEL = "kubiot.io/tenant"

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubiot_operator.contract import IdentityKind, parse_username
+from kubiot_contract.topics import IdentityKind, parse_username
 
 
 class BundleIncomplete(ValueError):

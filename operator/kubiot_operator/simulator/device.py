@@ -26,7 +26,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from kubiot_operator.contract import (
+from kubiot_contract.telemetry import CURRENT_VERSION
+from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     ota_job_topic,
@@ -36,7 +37,6 @@ from kubiot_operator.contract import (
     state_reported_topic,
     telemetry_topic,
 )
-from kubiot_operator.telemetry import CURRENT_VERSION
 
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
 from .credentials import DeviceCredentials

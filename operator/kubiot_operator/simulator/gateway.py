@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 
 import aiomqtt
 
-from kubiot_operator.contract import (
+from kubiot_contract.telemetry import CURRENT_VERSION
+from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     IdentityKind,
@@ -27,7 +28,6 @@ from kubiot_operator.contract import (
     presence_topic,
     telemetry_topic,
 )
-from kubiot_operator.telemetry import CURRENT_VERSION
 
 from .credentials import DeviceCredentials
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
