@@ -21,8 +21,9 @@ _NAME_RE = re.compile(NAME_PATTERN)
 #: The operator's own broker identity. It has no `.`, so it can never equal a tenant identity.
 OPERATOR_USERNAME = "kubiot-operator"
 
-DEVICES = "devices"
-GATEWAYS = "gateways"
+#: The topic level under a tenant root that holds device roots, and the one for gateways.
+DEVICE_LEVEL = "devices"
+GATEWAY_LEVEL = "gateways"
 
 
 class ContractError(ValueError):
@@ -53,37 +54,70 @@ class IdentityKind(StrEnum):
     INGEST = "ingest"
 
 
+class Reader(StrEnum):
+    """The platform services that read what devices send."""
+
+    INGEST = "ingest"
+    OPERATOR = "operator"
+
+
 @dataclass(frozen=True)
 class TopicSpec:
-    """One row of the topic contract: a topic filter relative to an identity's root."""
+    """One row of the topic contract: a topic filter relative to an identity's root.
+
+    Access rules, the ingest's and the operator's subscriptions and the topic parser are all
+    derived from these rows: devices publish the device-to-cloud rows and subscribe to the
+    cloud-to-device ones, which only the operator publishes; `read_by` says which services
+    subscribe to a device-to-cloud row.
+    """
 
     channel: Channel
-    pattern: str
+    pattern: str  # `{stream}` or `{name}` stands for one level that is a DNS label
     direction: Direction
     qos: int
     retained: bool
     meaning: str
+    read_by: frozenset[Reader] = frozenset()
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.pattern.split("/"))
+
+    @property
+    def filter(self) -> str:
+        """The pattern as an MQTT filter: each placeholder level becomes `+`."""
+        return "/".join("+" if _is_placeholder(level) else level for level in self.levels)
+
+
+def _is_placeholder(level: str) -> bool:
+    return level.startswith("{") and level.endswith("}")
+
+
+_INGEST = frozenset({Reader.INGEST})
+_OPERATOR = frozenset({Reader.OPERATOR})
+_BOTH = _INGEST | _OPERATOR
 
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(Channel.TELEMETRY, "telemetry", Direction.DEVICE_TO_CLOUD, 1, False,
-              "JSON measurements: one sample object or an array of them (a batch)"),
+              "JSON measurements: one sample object or an array of them (a batch)", _INGEST),
     TopicSpec(Channel.TELEMETRY, "telemetry/{stream}", Direction.DEVICE_TO_CLOUD, 1, False,
-              "the same, for a named stream (for example `telemetry/vibration`)"),
+              "the same, for a named stream (for example `telemetry/vibration`)", _INGEST),
     TopicSpec(Channel.STATE_REPORTED, "state/reported", Direction.DEVICE_TO_CLOUD, 1, True,
-              "device twin, reported half"),
+              "device twin, reported half", _BOTH),
     TopicSpec(Channel.STATE_DESIRED, "state/desired", Direction.CLOUD_TO_DEVICE, 1, True,
               "device twin, desired half (from the Device's `spec.desired`)"),
     TopicSpec(Channel.PRESENCE, "presence", Direction.DEVICE_TO_CLOUD, 1, True,
-              "`online` on connect, and `offline` as the device's last will"),
+              "`online` on connect, and `offline` as the device's last will", _BOTH),
     TopicSpec(Channel.OTA_JOB, "ota/job", Direction.CLOUD_TO_DEVICE, 1, True,
               "signed firmware job: version, url, sha256, size, signature"),
     TopicSpec(Channel.OTA_STATUS, "ota/status", Direction.DEVICE_TO_CLOUD, 1, False,
-              "firmware progress: downloading, installing, succeeded, failed (with reason)"),
+              "firmware progress: downloading, installing, succeeded, failed (with reason)",
+              _OPERATOR),
     TopicSpec(Channel.COMMAND, "cmd/{name}", Direction.CLOUD_TO_DEVICE, 1, False,
               "a command for the device (ping, reboot, ...)"),
     TopicSpec(Channel.COMMAND_RESULT, "cmd/{name}/result", Direction.DEVICE_TO_CLOUD, 1, False,
-              "the device's answer to a command"),
+              "the device's answer to a command", _OPERATOR),
 )
 
 PRESENCE_ONLINE = "online"
@@ -113,46 +147,58 @@ def tenant_root(tenant: str) -> str:
 
 def device_root(tenant: str, device: str) -> str:
     """`{tenant}/devices/{device}`: every topic of a device lives below it."""
-    return f"{tenant_root(tenant)}/{DEVICES}/{validate_name(device, 'device')}"
+    return f"{tenant_root(tenant)}/{DEVICE_LEVEL}/{validate_name(device, 'device')}"
 
 
 def gateway_root(tenant: str, gateway: str) -> str:
     """`{tenant}/gateways/{gateway}`: every topic of a gateway's own lives below it."""
-    return f"{tenant_root(tenant)}/{GATEWAYS}/{validate_name(gateway, 'gateway')}"
+    return f"{tenant_root(tenant)}/{GATEWAY_LEVEL}/{validate_name(gateway, 'gateway')}"
+
+
+def channel_topic(root: str, channel: Channel, parameter: str | None = None) -> str:
+    """A concrete topic of a channel under `root`; `parameter` fills the row's placeholder
+    (a telemetry stream, or a command name) and picks the row that has one."""
+    for spec in TOPICS:
+        placeholders = [level for level in spec.levels if _is_placeholder(level)]
+        if spec.channel is channel and bool(placeholders) == (parameter is not None):
+            levels = [validate_name(parameter, placeholders[0].strip("{}"))
+                      if _is_placeholder(level) and parameter is not None else level
+                      for level in spec.levels]
+            return "/".join([root, *levels])
+    raise ContractError(f"channel {channel.value!r} has no topic "
+                        f"{'with' if parameter is not None else 'without'} a parameter")
 
 
 def telemetry_topic(root: str, stream: str | None = None) -> str:
-    if stream is None:
-        return f"{root}/telemetry"
-    return f"{root}/telemetry/{validate_name(stream, 'stream')}"
+    return channel_topic(root, Channel.TELEMETRY, stream)
 
 
 def state_reported_topic(root: str) -> str:
-    return f"{root}/state/reported"
+    return channel_topic(root, Channel.STATE_REPORTED)
 
 
 def state_desired_topic(root: str) -> str:
-    return f"{root}/state/desired"
+    return channel_topic(root, Channel.STATE_DESIRED)
 
 
 def presence_topic(root: str) -> str:
-    return f"{root}/presence"
+    return channel_topic(root, Channel.PRESENCE)
 
 
 def ota_job_topic(root: str) -> str:
-    return f"{root}/ota/job"
+    return channel_topic(root, Channel.OTA_JOB)
 
 
 def ota_status_topic(root: str) -> str:
-    return f"{root}/ota/status"
+    return channel_topic(root, Channel.OTA_STATUS)
 
 
 def command_topic(root: str, name: str) -> str:
-    return f"{root}/cmd/{validate_name(name, 'command')}"
+    return channel_topic(root, Channel.COMMAND, name)
 
 
 def command_result_topic(root: str, name: str) -> str:
-    return f"{command_topic(root, name)}/result"
+    return channel_topic(root, Channel.COMMAND_RESULT, name)
 
 
 # --- broker usernames --------------------------------------------------------------------------
@@ -302,39 +348,31 @@ class ParsedTopic:
 def parse_topic(topic: str) -> ParsedTopic:
     """Take a concrete topic apart, or raise ContractError when it is not in the contract."""
     levels = topic.split("/")
-    if len(levels) < 4 or levels[1] not in (DEVICES, GATEWAYS):
+    if len(levels) < 4 or levels[1] not in (DEVICE_LEVEL, GATEWAY_LEVEL):
         raise ContractError(f"topic {topic!r} is not under a device or gateway root")
     tenant, collection, name, *rest = levels
     try:
         validate_name(tenant, "tenant")
-        validate_name(name, "device" if collection == DEVICES else "gateway")
+        validate_name(name, "device" if collection == DEVICE_LEVEL else "gateway")
     except ContractError as exc:
         raise ContractError(f"topic {topic!r}: {exc}") from exc
-    kind = IdentityKind.DEVICE if collection == DEVICES else IdentityKind.GATEWAY
+    kind = IdentityKind.DEVICE if collection == DEVICE_LEVEL else IdentityKind.GATEWAY
     channel, stream = _parse_channel(rest, topic)
     return ParsedTopic(tenant, kind, name, channel, stream)
 
 
 def _parse_channel(rest: list[str], topic: str) -> tuple[Channel, str | None]:
-    match rest:
-        case ["telemetry"]:
-            return Channel.TELEMETRY, None
-        case ["telemetry", stream] if _NAME_RE.match(stream):
-            return Channel.TELEMETRY, stream
-        case ["state", "reported"]:
-            return Channel.STATE_REPORTED, None
-        case ["state", "desired"]:
-            return Channel.STATE_DESIRED, None
-        case ["presence"]:
-            return Channel.PRESENCE, None
-        case ["ota", "job"]:
-            return Channel.OTA_JOB, None
-        case ["ota", "status"]:
-            return Channel.OTA_STATUS, None
-        case ["cmd", name] if _NAME_RE.match(name):
-            return Channel.COMMAND, name
-        case ["cmd", name, "result"] if _NAME_RE.match(name):
-            return Channel.COMMAND_RESULT, name
+    for spec in TOPICS:
+        if len(spec.levels) != len(rest):
+            continue
+        parameter = None
+        for expected, level in zip(spec.levels, rest, strict=True):
+            if _is_placeholder(expected) and _NAME_RE.match(level):
+                parameter = level
+            elif expected != level:
+                break
+        else:
+            return spec.channel, parameter
     raise ContractError(f"topic {topic!r} names no channel of the topic contract")
 
 
@@ -358,23 +396,26 @@ class AccessRules:
         return any(filter_covers(f, topic_filter) for f in self.subscribe)
 
 
+def _filters(base: str, rows: Iterable[TopicSpec]) -> frozenset[str]:
+    return frozenset(f"{base}/{spec.filter}" for spec in rows)
+
+
+def _sent_by_devices() -> list[TopicSpec]:
+    return [spec for spec in TOPICS if spec.direction is Direction.DEVICE_TO_CLOUD]
+
+
+def _sent_to_devices() -> list[TopicSpec]:
+    return [spec for spec in TOPICS if spec.direction is Direction.CLOUD_TO_DEVICE]
+
+
+def _read_by(reader: Reader) -> list[TopicSpec]:
+    return [spec for spec in _sent_by_devices() if reader in spec.read_by]
+
+
 def _endpoint_rules(root: str) -> AccessRules:
     """What a device (or a gateway for itself) may do under its own root."""
-    return AccessRules(
-        publish=frozenset({
-            telemetry_topic(root),
-            f"{root}/telemetry/+",
-            state_reported_topic(root),
-            presence_topic(root),
-            ota_status_topic(root),
-            f"{root}/cmd/+/result",
-        }),
-        subscribe=frozenset({
-            state_desired_topic(root),
-            ota_job_topic(root),
-            f"{root}/cmd/+",
-        }),
-    )
+    return AccessRules(publish=_filters(root, _sent_by_devices()),
+                       subscribe=_filters(root, _sent_to_devices()))
 
 
 def device_access(tenant: str, device: str) -> AccessRules:
@@ -392,15 +433,11 @@ def gateway_access(tenant: str, gateway: str, children: Iterable[str]) -> Access
 
 def _collections(tenant: str) -> tuple[str, ...]:
     root = tenant_root(tenant)
-    return (f"{root}/{DEVICES}/+", f"{root}/{GATEWAYS}/+")
+    return (f"{root}/{DEVICE_LEVEL}/+", f"{root}/{GATEWAY_LEVEL}/+")
 
 
 def _ingest_filters(tenant: str) -> set[str]:
-    subscribe = set()
-    for base in _collections(tenant):
-        subscribe |= {f"{base}/telemetry", f"{base}/telemetry/+", f"{base}/presence",
-                      f"{base}/state/reported"}
-    return subscribe
+    return {f for base in _collections(tenant) for f in _filters(base, _read_by(Reader.INGEST))}
 
 
 def unshared(topic_filter: str) -> str:
@@ -429,22 +466,20 @@ def ingest_access(tenant: str) -> AccessRules:
 
 def operator_access(tenant: str) -> AccessRules:
     """The operator sends desired state, firmware jobs and commands; it reads reports."""
-    publish, subscribe = set(), set()
+    publish: set[str] = set()
+    subscribe: set[str] = set()
     for base in _collections(tenant):
-        publish |= {f"{base}/state/desired", f"{base}/ota/job", f"{base}/cmd/+"}
-        subscribe |= {f"{base}/presence", f"{base}/state/reported", f"{base}/ota/status",
-                      f"{base}/cmd/+/result"}
+        publish |= _filters(base, _sent_to_devices())
+        subscribe |= _filters(base, _read_by(Reader.OPERATOR))
     return AccessRules(publish=frozenset(publish), subscribe=frozenset(subscribe))
 
 
 def report_filters() -> list[str]:
-    """What the operator subscribes to across every tenant: presence, reported state and
-    firmware progress of devices and gateways."""
-    filters = []
-    for collection in (DEVICES, GATEWAYS):
-        base = f"+/{collection}/+"
-        filters += [f"{base}/presence", f"{base}/state/reported", f"{base}/ota/status"]
-    return filters
+    """What the operator subscribes to across every tenant: everything devices and gateways
+    send that the operator reads (presence, reported state, firmware progress, command
+    results)."""
+    return sorted(f for collection in (DEVICE_LEVEL, GATEWAY_LEVEL)
+                  for f in _filters(f"+/{collection}/+", _read_by(Reader.OPERATOR)))
 
 
 def ingest_shared_subscriptions(tenant: str, group: str | None = None) -> list[str]:

@@ -12,11 +12,13 @@ from typing import Any
 from cryptography import x509
 
 from kubiot_contract.topics import (
+    ContractError,
     IdentityKind,
     device_root,
     device_username,
     gateway_root,
     gateway_username,
+    parse_username,
 )
 from kubiot_operator.brokers import CertificateCredential, Credential, PasswordCredential
 from kubiot_operator.kube.client import SECRETS, TENANTS
@@ -162,9 +164,13 @@ async def retire_credential(platform: Platform, body: dict[str, Any], kind: Iden
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     found = await tenant_of_namespace(platform.objects, namespace)
-    tenant = found[0] if found else ((body.get("status") or {}).get("username") or "").split(".")[0]
-    if not tenant:
-        return None
+    if found:
+        tenant = found[0]
+    else:  # the namespace's Tenant is gone: the username the status recorded still names it
+        try:
+            tenant = parse_username((body.get("status") or {}).get("username") or "").tenant
+        except ContractError:
+            return None
     subject = Subject.of(tenant, kind, name, namespace)
     secret = await platform.objects.get(SECRETS, credential_secret_name(kind, name), namespace)
     if secret is not None:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from kubiot_contract.topics import (
     IdentityKind,
     device_access,
+    parse_username,
     state_desired_topic,
 )
 from kubiot_operator.brokers import BrokerError, BrokerIdentity
@@ -150,7 +151,7 @@ async def _ensure_access(platform: Platform, tenant: str, username: str, credent
         if credential is None:
             return ConditionUpdate(ACCESS_READY, False, "NoCredential",
                                    "no broker access without a credential")
-        name = username.split(".", 1)[1]
+        name = parse_username(username).name
         await platform.broker.ensure_identity(BrokerIdentity(
             username=username, tenant=tenant, kind=IdentityKind.DEVICE,
             rules=device_access(tenant, name), credential=credential, enabled=True))
