@@ -44,7 +44,7 @@ from kubiot_operator.brokers import (  # noqa: E402
     CertificateCredential,
     MosquittoDynsecBackend,
 )
-from kubiot_operator.controllers.firmware import reconcile_release, signed_job  # noqa: E402
+from kubiot_operator.controllers.firmware import reconcile_release  # noqa: E402
 from kubiot_operator.local.mosquitto import (  # noqa: E402
     MosquittoBroker,
     MosquittoConfig,
@@ -61,6 +61,7 @@ from kubiot_operator.pki import (  # noqa: E402
     public_key_pem,
     sign_manifest,
 )
+from kubiot_operator.reconcile.release import signed_job  # noqa: E402
 from kubiot_operator.reconcile.rollout import (  # noqa: E402
     DeviceFirmware,
     RolloutState,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kubiot_contract import topics as contract
 from kubiot_operator.crd.generate import render
@@ -70,6 +71,24 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+#: The exit status of a process ended by SIGPIPE, as a shell reports it.
+CLOSED_PIPE_STATUS = 128 + 13
+
+
+def run_to_a_pipe(run: Callable[[], int | None]) -> int | None:
+    """Run a command whose reader may go away (`kubiot local tail | head`): stop quietly then,
+    as Unix tools do, instead of a BrokenPipeError traceback."""
+    try:
+        status = run()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it somewhere that cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return CLOSED_PIPE_STATUS
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    raise SystemExit(args.run(args))
+    raise SystemExit(run_to_a_pipe(lambda: args.run(args)))

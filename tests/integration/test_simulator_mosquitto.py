@@ -25,9 +25,9 @@ from kubiot_contract.topics import (
     state_desired_topic,
 )
 from kubiot_operator.brokers import BrokerIdentity, CertificateCredential, MosquittoDynsecBackend
-from kubiot_operator.controllers.firmware import signed_job
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.pki import generate_signing_key, public_key_pem
+from kubiot_operator.reconcile.release import signed_job
 from kubiot_operator.simulator import (
     DeviceCredentials,
     Fleet,

@@ -56,3 +56,22 @@ def test_rules_for_a_gateway(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "rules", "--tenant", "acme", "--device", "Bad.Name")
     assert code == 2
     assert "DNS label" in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`kubiot local tail | head`: no BrokenPipeError traceback, SIGPIPE's exit status."""
+    import subprocess
+    import sys
+
+    writer = ("import sys; from kubiot_operator.cli import run_to_a_pipe\n"
+              "def flood():\n"
+              "    for i in range(1_000_000):\n"
+              "        print('acme/devices/pump-1/telemetry', i)\n"
+              "sys.exit(run_to_a_pipe(flood))\n")
+    done = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" | head -n 2; '
+                           'exit "${PIPESTATUS[0]}"', writer],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.splitlines() == ["acme/devices/pump-1/telemetry 0",
+                                        "acme/devices/pump-1/telemetry 1"]
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    assert done.returncode == 141

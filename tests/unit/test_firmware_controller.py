@@ -9,17 +9,12 @@ from typing import Any
 
 import pytest
 
-from kubiot_operator.controllers.firmware import (
-    DeviceView,
-    ReleaseView,
-    delete_release,
-    may_send,
-    reconcile_release,
-)
+from kubiot_operator.controllers.firmware import delete_release, reconcile_release
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES
 from kubiot_operator.models.firmware import FirmwareReleaseSpec, ReleasePhase
 from kubiot_operator.pki import PKIError, public_key_pem, verify_manifest
+from kubiot_operator.reconcile.release import DeviceView, ReleaseView, may_send
 from kubiot_operator.reconcile.reports import ReportBuffer
 from tests.support.firmware_env import (
     Clock,

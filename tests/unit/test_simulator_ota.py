@@ -9,7 +9,6 @@ import ssl
 import pytest
 
 from kubiot_contract.topics import IdentityKind
-from kubiot_operator.controllers.firmware import signed_job
 from kubiot_operator.pki import (
     create_server_ca,
     create_tenant_ca,
@@ -17,6 +16,7 @@ from kubiot_operator.pki import (
     issue_identity_certificate,
     public_key_pem,
 )
+from kubiot_operator.reconcile.release import signed_job
 from kubiot_operator.simulator import (
     BundleIncomplete,
     DeviceCredentials,

@@ -61,7 +61,7 @@ class RolloutState:
     wave_completed_at: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutPlan:
     phase: ReleasePhase
     current_wave: int
@@ -139,7 +139,8 @@ def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[Devi
     by_name = {d.name: d for d in devices}
     waves = cumulative_waves(spec, len(ordered))
     if not waves:
-        return RolloutPlan(ReleasePhase.PENDING, 0, 0, (), None, (),
+        return RolloutPlan(phase=ReleasePhase.PENDING, current_wave=0, waves_total=0,
+                           wave_starts=(), wave_completed_at=None, send_job=(),
                            reason="NoDevices", message="the selector matches no device")
     wave = min(state.current_wave, len(waves) - 1)
     starts = state.wave_starts[:wave + 1] or (now,)
@@ -157,8 +158,10 @@ def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[Devi
     def plan(phase: ReleasePhase, send: tuple[str, ...], reason: str, message: str,
              completed: datetime | None = state.wave_completed_at,
              back: tuple[str, ...] = ()) -> RolloutPlan:
-        return RolloutPlan(phase, wave, len(waves), starts, completed, send, back, counts,
-                           outcomes, reason, message)
+        return RolloutPlan(phase=phase, current_wave=wave, waves_total=len(waves),
+                           wave_starts=starts, wave_completed_at=completed, send_job=send,
+                           roll_back=back, counts=counts, outcomes=outcomes, reason=reason,
+                           message=message)
 
     if state.phase is ReleasePhase.SUPERSEDED:
         return plan(state.phase, (), "Superseded", "a newer release targets these devices")
