@@ -6,7 +6,6 @@ reports are merged per device (the latest wins) and drained in rate-limited batc
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +19,8 @@ from kubiot_operator.contract import (
     IdentityKind,
     parse_topic,
 )
+from kubiot_operator.device_json import parse_device_json
+from kubiot_operator.telemetry import TelemetryRejected
 
 MAX_REPORTED_BYTES = 64 * 1024
 
@@ -129,11 +130,11 @@ class ReportBuffer:
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:
-    if len(payload) > MAX_REPORTED_BYTES:
-        return None
+    # Bounded in size and depth, finite numbers only: the object goes into a status patch,
+    # which the API server must accept whatever the device sent.
     try:
-        value = json.loads(payload)
-    except ValueError:
+        value = parse_device_json(payload, max_bytes=MAX_REPORTED_BYTES)
+    except TelemetryRejected:
         return None
     return value if isinstance(value, dict) else None
 
