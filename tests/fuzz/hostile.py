@@ -65,6 +65,9 @@ _DIGITS = st.text("0123456789", min_size=1, max_size=400)
 
 json_numbers = st.one_of(
     st.integers().map(str),
+    # Integers past the range of a double (about 1.8e308) and up to Python's 4300-digit limit.
+    st.builds(lambda sign, digits: sign + "1" * digits, st.sampled_from(["", "-"]),
+              st.integers(300, 4400)),
     st.integers(min_value=-(10**400), max_value=10**400).map(str),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
     st.builds(lambda sign, mantissa, exponent: f"{sign}{mantissa}e{exponent}",
@@ -103,8 +106,10 @@ json_timestamps = st.one_of(
     st.builds(_timestamp_text, st.datetimes(ARRIVAL.replace(tzinfo=None) - timedelta(days=200),
                                             ARRIVAL.replace(tzinfo=None) + timedelta(days=2)),
               _OFFSETS),
-    # Anywhere in years 1..9999, with offsets that move the instant past either end.
+    # Anywhere in years 1..9999, and at either end, with offsets that move the instant past it.
     st.builds(_timestamp_text, st.datetimes(), _OFFSETS),
+    st.builds(_timestamp_text, st.one_of(st.datetimes(min_value=datetime(9999, 12, 30)),
+                                         st.datetimes(max_value=datetime(1, 1, 2))), _OFFSETS),
     st.sampled_from(['"9999-12-31T23:59:59-23:59"', '"0001-01-01T00:00:00+23:59"',
                      '"9999-12-31T23:59:59.999999-00:01"', '"0001-01-01T00:00:00.000001+00:01"',
                      '"10000-01-01T00:00:00Z"', '"0000-01-01T00:00:00Z"', '"2026-02-30T00:00Z"',
@@ -174,8 +179,49 @@ def sample_objects(draw: st.DrawFn) -> str:
     return _object(draw(st.permutations(members)))
 
 
-telemetry_texts = st.one_of(sample_objects(),
-                            st.lists(sample_objects(), max_size=5).map(_array))
+_VALID_FIELDS = {
+    '"ts"': st.builds(_timestamp_text,
+                      st.datetimes(ARRIVAL.replace(tzinfo=None) - timedelta(days=30),
+                                   ARRIVAL.replace(tzinfo=None)), st.just("Z")),
+    '"seq"': st.integers(0, 2**63 - 1).map(str),
+    '"values"': st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True),
+                                st.one_of(st.integers(-(2**53), 2**53).map(str),
+                                          st.floats(allow_nan=False,
+                                                    allow_infinity=False).map(repr),
+                                          st.sampled_from(["true", "false", '"eco"'])),
+                                min_size=1, max_size=4).map(
+        lambda values: _object([(json.dumps(k), v) for k, v in values.items()])),
+}
+_VALID_NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).map(json.dumps)
+_HOSTILE_FIELDS = {
+    '"ts"': json_timestamps,
+    '"seq"': json_numbers,
+    '"v"': json_numbers,
+    # Mostly valid names, so that the values behind them are what gets checked.
+    '"values"': st.lists(st.one_of(st.tuples(_VALID_NAMES, json_numbers),
+                                   st.tuples(_VALID_NAMES, _METRIC_VALUES),
+                                   st.tuples(_METRIC_NAMES, _METRIC_VALUES)),
+                         min_size=1, max_size=3).map(_object),
+}
+
+
+@st.composite
+def nearly_valid_samples(draw: st.DrawFn) -> str:
+    """A valid sample with one field made hostile: the cheapest way past the checks that come
+    first to the ones behind them."""
+    members = {key: draw(value) for key, value in _VALID_FIELDS.items()}
+    hostile = draw(st.sampled_from(sorted(_HOSTILE_FIELDS)))
+    replacement = draw(_HOSTILE_FIELDS[hostile])
+    if hostile == '"values"' and draw(st.booleans()):
+        # Keep the valid metrics and add the hostile ones.
+        replacement = members['"values"'][:-1] + "," + replacement[1:]
+    members[hostile] = replacement
+    return _object(list(members.items()))
+
+
+telemetry_texts = st.one_of(
+    sample_objects(), nearly_valid_samples(),
+    st.lists(st.one_of(sample_objects(), nearly_valid_samples()), max_size=5).map(_array))
 
 
 # --- bytes -----------------------------------------------------------------------------------
@@ -223,6 +269,7 @@ _LEVELS = st.one_of(
                      "pump-1\n", "pump-1\x00", "p" * 63, "p" * 64, "\ud800", "-pump", "pump-"]),
     st.text(max_size=16),
 )
+telemetry_topics = st.sampled_from([t for t in CONTRACT_TOPICS if "/telemetry" in t])
 topics: st.SearchStrategy[str] = st.one_of(
     st.sampled_from(CONTRACT_TOPICS),
     st.lists(_LEVELS, max_size=8).map("/".join),

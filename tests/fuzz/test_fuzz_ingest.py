@@ -40,6 +40,7 @@ from tests.fuzz.hostile import (
     attempt,
     device_payloads,
     telemetry_texts,
+    telemetry_topics,
     topics,
     within,
 )
@@ -106,6 +107,15 @@ def test_every_message_is_stored_or_a_dead_letter(topic: str, payload: bytes,
     batch = Batch()
     batch.add(message, outcome)
     batch.device_updates()
+
+
+@FUZZ
+@given(topic=telemetry_topics, payload=telemetry_texts.map(str.encode))
+def test_every_telemetry_message_is_rows_or_a_dead_letter(topic: str, payload: bytes) -> None:
+    message = InboundMessage(1, topic, payload, ARRIVAL)
+    with within():
+        outcome = classify(message, TENANT, DEFAULT_MAX_PAYLOAD_BYTES, WINDOW)
+    assert_storable(outcome, message)
 
 
 @FUZZ
