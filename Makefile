@@ -9,12 +9,13 @@ PYTEST_ARGS ?=
 SYSTEM_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-contrib prometheus openssl
 SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl promtool openssl
 
-.PHONY: help dev test test-unit lint crds system-deps venv tools bench clean
+.PHONY: help dev test test-unit fuzz lint crds system-deps venv tools bench clean
 
 help:
 	@echo "make dev          run the whole platform on this machine (the local stack)"
 	@echo "make test         install what is missing, then run every test"
 	@echo "make test-unit    only the fast tests that start no servers"
+	@echo "make fuzz         the fuzz suite with many more examples (about ten minutes)"
 	@echo "make lint         ruff, mypy and the import layering contracts"
 	@echo "make crds         regenerate crds/ and the generated docs from the models"
 	@echo "make tools        install helm (and terraform if missing) into .tools/bin"
@@ -50,6 +51,11 @@ test: system-deps venv tools
 
 test-unit: venv
 	$(PYTHON) -m pytest -m unit $(PYTEST_ARGS)
+
+# The same properties `make test` runs with a bounded number of examples, run far longer.
+# FUZZ_EXAMPLES=N sets the examples per property; the per-test timeout is off.
+fuzz: venv
+	HYPOTHESIS_PROFILE=long $(PYTHON) -m pytest tests/fuzz --timeout=0 -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,5 @@
-"""Markers by folder: tests/unit are fast and start nothing; the others start real servers."""
+"""Markers by folder: tests/unit are fast and start nothing; tests/fuzz start nothing either
+but run many generated examples; the others start real servers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_MARKER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+_MARKER_BY_FOLDER = {"unit": "unit", "integration": "integration", "e2e": "e2e", "fuzz": "fuzz"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -39,6 +39,7 @@ class IngestSettings(BaseSettings):
     database_dsn: SecretStr
     database_schema: Annotated[str, Field(pattern=SCHEMA_PATTERN)] | None = None
     retention_days: int = Field(90, ge=1, le=3650)
+    max_future_skew_s: int = Field(3600, ge=0, le=7 * 86400)
     compress_after_days: int = Field(7, ge=1, le=3650)
     partitions_ahead_days: int = Field(2, ge=1, le=60)
     batch_size: int = Field(1000, ge=1, le=50_000)

@@ -26,6 +26,10 @@ class IngestMetrics:
             "kubiot_ingest_messages_rejected_total",
             "Messages stored in the dead-letter table, by reason.", (*t, "reason"),
             registry=registry)
+        self._quarantined = Counter(
+            "kubiot_ingest_messages_quarantined_total",
+            "Messages the ingest failed on unexpectedly, kept as dead letters (reason "
+            "quarantined).", t, registry=registry)
         self._batch_size = Histogram(
             "kubiot_ingest_batch_size", "Messages per committed batch.", t,
             buckets=BATCH_SIZE_BUCKETS, registry=registry)
@@ -51,6 +55,7 @@ class IngestMetrics:
             "kubiot_ingest_database_up", "1 while the database accepts writes.", t,
             registry=registry)
         self.received = self._received.labels(tenant)
+        self.quarantined = self._quarantined.labels(tenant)
         self.batch_size = self._batch_size.labels(tenant)
         self.lag = self._lag.labels(tenant)
         self.queue_depth = self._queue.labels(tenant)

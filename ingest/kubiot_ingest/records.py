@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from kubiot_contract.telemetry import RejectReason, TelemetryRejected, parse_payload
 from kubiot_contract.topics import (
@@ -20,6 +20,7 @@ from kubiot_contract.topics import (
     ParsedTopic,
     parse_topic,
 )
+from kubiot_contract.device_json import parse_device_json
 
 #: The stream name stored for `telemetry` without a stream level; part of the primary key, so
 #: it is a value rather than NULL.
@@ -74,6 +75,34 @@ class DeadLetter:
 Outcome = TelemetryRecords | DeviceUpdate | DeadLetter
 
 
+@dataclass(frozen=True, slots=True)
+class StoredWindow:
+    """Which sample times are stored, relative to when their message arrived.
+
+    A sample older than the retention would be deleted by the next retention pass, and one far
+    ahead of its arrival comes from a device whose clock is wrong: both are dead-lettered at
+    once, so nothing is acknowledged and then silently lost.
+    """
+
+    retention: timedelta = timedelta(days=90)
+    max_future_skew: timedelta = timedelta(hours=1)
+
+    def refusal(self, ts: datetime, received_at: datetime) -> str | None:
+        """Why a sample taken at `ts` is not stored, or None when it is inside the window."""
+        # A difference of two datetimes cannot overflow, unlike `received_at - retention`.
+        age = received_at - ts
+        if age > self.retention:
+            return (f"sample time {ts.isoformat()} is older than the retention of "
+                    f"{self.retention.days} days")
+        if -age > self.max_future_skew:
+            return (f"sample time {ts.isoformat()} is more than "
+                    f"{int(self.max_future_skew.total_seconds())} s ahead of its arrival")
+        return None
+
+
+DEFAULT_WINDOW = StoredWindow()
+
+
 @functools.lru_cache(maxsize=TOPIC_CACHE_SIZE)
 def _parse_topic(topic: str) -> ParsedTopic | str:
     """parse_topic, remembered: a device sends on the same few topics all the time."""
@@ -83,30 +112,36 @@ def _parse_topic(topic: str) -> ParsedTopic | str:
         return str(exc)
 
 
-def classify(message: InboundMessage, tenant: str, max_payload_bytes: int) -> Outcome:
+def classify(message: InboundMessage, tenant: str, max_payload_bytes: int,
+             window: StoredWindow = DEFAULT_WINDOW) -> Outcome:
     """Decide what one message becomes; never raises for anything a device can send."""
     parsed = _parse_topic(message.topic)
     if isinstance(parsed, str):
-        return _dead(message, RejectReason.BAD_TOPIC, parsed)
+        return dead_letter(message, RejectReason.BAD_TOPIC, parsed)
     if parsed.tenant != tenant:
-        return _dead(message, RejectReason.BAD_TOPIC,
+        return dead_letter(message, RejectReason.BAD_TOPIC,
                      f"topic belongs to tenant {parsed.tenant!r}, not {tenant!r}")
     if len(message.payload) > max_payload_bytes:
-        return _dead(message, RejectReason.TOO_LARGE,
+        return dead_letter(message, RejectReason.TOO_LARGE,
                      f"payload is {len(message.payload)} bytes, the limit is {max_payload_bytes}")
     try:
         if parsed.channel is Channel.TELEMETRY:
             rows = telemetry_rows(parsed.name, parsed.stream, message.payload, max_payload_bytes)
-            return TelemetryRecords(parsed.kind, parsed.name, rows, max(r[0] for r in rows))
+            latest = max(r[0] for r in rows)
+            for ts in {min(r[0] for r in rows), latest}:
+                refusal = window.refusal(ts, message.received_at)
+                if refusal is not None:
+                    return dead_letter(message, RejectReason.OUTSIDE_WINDOW, refusal)
+            return TelemetryRecords(parsed.kind, parsed.name, rows, latest)
         if parsed.channel is Channel.PRESENCE:
             return DeviceUpdate(parsed.kind, parsed.name, message.received_at,
                                 online=parse_presence(message.payload))
         if parsed.channel is Channel.STATE_REPORTED:
             return DeviceUpdate(parsed.kind, parsed.name, message.received_at,
-                                reported=parse_reported(message.payload))
+                                reported=parse_reported(message.payload, max_payload_bytes))
     except TelemetryRejected as exc:
-        return _dead(message, exc.reason, exc.message)
-    return _dead(message, RejectReason.BAD_TOPIC,
+        return dead_letter(message, exc.reason, exc.message)
+    return dead_letter(message, RejectReason.BAD_TOPIC,
                  f"channel {parsed.channel.value!r} is not read by the ingest service")
 
 
@@ -148,25 +183,26 @@ def parse_presence(payload: bytes) -> bool:
                             f"presence must be {PRESENCE_ONLINE!r} or {PRESENCE_OFFLINE!r}")
 
 
-def parse_reported(payload: bytes) -> str:
-    """The reported state: any JSON object, returned as canonical JSON text."""
-    try:
-        value = json.loads(payload, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise TelemetryRejected(RejectReason.BAD_JSON, str(exc)) from exc
+def parse_reported(payload: bytes, max_payload_bytes: int) -> str:
+    """The reported state: any JSON object jsonb can store, returned as canonical JSON text."""
+    # Bounded depth, finite numbers, no NUL and no lone surrogates: what jsonb refuses is
+    # refused here, so the batch it joins stays writable.
+    value = parse_device_json(payload, max_bytes=max_payload_bytes)
     if not isinstance(value, dict):
         raise TelemetryRejected(RejectReason.BAD_SCHEMA, "reported state must be a JSON object")
-    text = json.dumps(value, separators=(",", ":"))
-    if "\\u0000" in text:
-        # jsonb refuses NUL; refusing here keeps the batch writable.
-        raise TelemetryRejected(RejectReason.BAD_SCHEMA, "reported state contains a NUL character")
-    return text
+    return json.dumps(value, separators=(",", ":"))
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
+def dead_letter(message: InboundMessage, reason: RejectReason, detail: str) -> DeadLetter:
+    """The dead letter of a message, with text the dead-letter table can always store."""
+    return DeadLetter(message.received_at, storable_text(message.topic), message.payload, reason,
+                      storable_text(detail[:MAX_DETAIL_LENGTH]))
 
 
-def _dead(message: InboundMessage, reason: RejectReason, detail: str) -> DeadLetter:
-    return DeadLetter(message.received_at, message.topic, message.payload, reason,
-                      detail[:MAX_DETAIL_LENGTH])
+def storable_text(text: str) -> str:
+    """`text` with what PostgreSQL text refuses (NUL, lone surrogates) replaced."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
@@ -16,10 +16,17 @@ from kubiot_contract.topics import ingest_shared_subscriptions
 from kubiot_ingest.batcher import Batch, Batcher, single
 from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.metrics import IngestMetrics
-from kubiot_ingest.records import DeadLetter, classify
+from kubiot_ingest.records import (
+    DeadLetter,
+    InboundMessage,
+    Outcome,
+    StoredWindow,
+    classify,
+    dead_letter,
+)
 from kubiot_ingest.server import MetricsServer, build_app
 from kubiot_ingest.sinks.influx import InfluxSink
-from kubiot_ingest.sinks.postgres import DATA_ERRORS, PostgresSink
+from kubiot_ingest.sinks.postgres import PostgresSink, WriteFailure, write_failure
 from kubiot_ingest.subscriber import Inbox, Subscriber
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,10 @@ INFLUX_ATTEMPTS = 3
 LAG_SAMPLES_PER_BATCH = 100
 #: Messages classified between two turns of the event loop while a batch is being committed.
 CLASSIFY_SLICE = 500
+#: How much of a quarantined message's payload goes into the log line.
+LOGGED_PAYLOAD_BYTES = 200
+
+Entries = Sequence[tuple[InboundMessage, Outcome]]
 
 
 def utcnow() -> datetime:
@@ -54,6 +65,8 @@ class IngestService:
         self.registry = registry or CollectorRegistry()
         self.metrics = IngestMetrics(self.registry, settings.tenant)
         self.clock = clock
+        self.window = StoredWindow(retention=timedelta(days=settings.retention_days),
+                                   max_future_skew=timedelta(seconds=settings.max_future_skew_s))
         self.sink = postgres_sink(settings)
         self.influx: InfluxSink | None = None
         if settings.influx_url and settings.influx_org and settings.influx_bucket:
@@ -190,7 +203,7 @@ class IngestService:
                     # next step, so that it progresses while the next batch is classified.
                     await asyncio.sleep(0)
                 for message in drained[start:start + CLASSIFY_SLICE]:
-                    batcher.add(message, classify(message, s.tenant, s.max_payload_bytes), now)
+                    batcher.add(message, self._classify(message), now)
             flush = batcher.is_due(time.monotonic()) or (not taking and not len(inbox))
             if flush and batcher.pending_messages:
                 if committing is not None and not await committing:
@@ -221,23 +234,40 @@ class IngestService:
         inbox = len(self._inbox) if self._inbox is not None else 0
         self.metrics.queue_depth.set(inbox + building + self._committing_messages)
 
+    def _classify(self, message: InboundMessage) -> Outcome:
+        s = self.settings
+        try:
+            return classify(message, s.tenant, s.max_payload_bytes, self.window)
+        except Exception as exc:
+            # classify() refuses whatever a device can send with a reason; reaching this is a
+            # bug, and the message must not hold back the ones behind it.
+            return self._quarantine(message, "classifying", exc)
+
+    def _quarantine(self, message: InboundMessage, stage: str, exc: Exception) -> DeadLetter:
+        self.metrics.quarantined.inc()
+        log.error("quarantined a message: %s it raised %s: %s (topic %r, payload %r)",
+                  stage, type(exc).__name__, exc, message.topic,
+                  message.payload[:LOGGED_PAYLOAD_BYTES], exc_info=exc)
+        return dead_letter(message, RejectReason.QUARANTINED,
+                           f"{stage} it raised {type(exc).__name__}: {exc}")
+
     async def _commit(self, batch: Batch) -> bool:
-        """Write the batch, retrying until it is committed; False if stopping runs out of time."""
+        """Write the batch, retrying until it is committed; False if stopping runs out of time.
+
+        Only database failures are retried. Messages whose data the database refuses, or on
+        which the write fails for no known reason, are found by splitting the batch and kept as
+        dead letters, so that they cannot hold back the stream.
+        """
         delay = FIRST_RETRY_DELAY_S
         while True:
+            refused: list[DeadLetter] = []
             try:
-                await self.sink.connect(self.clock())
                 started = time.perf_counter()
-                try:
-                    result = await self.sink.write(batch, self.clock())
-                except DATA_ERRORS as exc:
-                    log.warning("database refused a batch (%s); writing it message by message",
-                                exc)
-                    await self._write_each(batch)
-                    result = None
+                inserted = await self._write_isolating(batch.entries, refused, whole=batch)
                 self.metrics.commit_duration("postgres", time.perf_counter() - started)
                 break
             except Exception as exc:
+                # Only database failures get here: connecting (whatever it raised) or writing.
                 self._database_failed(exc)
                 if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                     log.warning("giving up on %d messages at shutdown; the broker keeps them",
@@ -246,26 +276,60 @@ class IngestService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_delay_s)
         self._set_database(True)
-        self._record(batch, None if result is None else result.telemetry_rows)
+        self._record(batch, inserted, refused)
         if self.influx is not None and batch.telemetry:
             await self._write_influx(batch)
         return True
 
-    async def _write_each(self, batch: Batch) -> None:
-        """Find the messages the database refuses and keep them as dead letters instead."""
-        for message, outcome in batch.entries:
-            try:
-                await self.sink.write(single(message, outcome), self.clock())
-            except DATA_ERRORS as exc:
-                letter = DeadLetter(message.received_at, message.topic, message.payload,
-                                    RejectReason.BAD_SCHEMA, f"database refused it: {exc}")
-                await self.sink.write(single(message, letter), self.clock())
+    async def _write_isolating(self, entries: Entries, refused: list[DeadLetter],
+                               whole: Batch | None = None) -> int:
+        """Write `entries`, halving them around the messages the write fails on; those become
+        dead letters (added to `refused`). Returns the telemetry rows inserted; raises only on
+        a database failure."""
+        batch = whole if whole is not None else _batch_of(entries)
+        await self.sink.connect(self.clock())
+        try:
+            return (await self.sink.write(batch, self.clock())).telemetry_rows
+        except Exception as exc:
+            failure = write_failure(exc)
+            if failure is WriteFailure.DATABASE:
+                raise
+            problem = exc
+        if len(entries) > 1:
+            log.warning("the write of %d messages failed (%s: %s); splitting them",
+                        len(entries), type(problem).__name__, problem)
+            half = len(entries) // 2
+            return (await self._write_isolating(entries[:half], refused)
+                    + await self._write_isolating(entries[half:], refused))
+        message, _ = entries[0]
+        if failure is WriteFailure.DATA:
+            letter = dead_letter(message, RejectReason.BAD_SCHEMA,
+                                 f"database refused it: {problem}")
+        else:
+            letter = self._quarantine(message, "writing", problem)
+        await self._keep_dead_letter(message, letter)
+        refused.append(letter)
+        return 0
 
-    def _record(self, batch: Batch, inserted: int | None) -> None:
+    async def _keep_dead_letter(self, message: InboundMessage, letter: DeadLetter) -> None:
+        await self.sink.connect(self.clock())
+        try:
+            await self.sink.write(single(message, letter), self.clock())
+        except Exception as exc:
+            if write_failure(exc) is WriteFailure.DATABASE:
+                raise
+            # A dead letter holds only cleaned text and raw bytes, so this is a bug. Holding the
+            # message back would stop the tenant's stream for good: log it and let it go.
+            self.metrics.quarantined.inc()
+            log.error("could not keep a message even as a dead letter (%s: %s); dropping it "
+                      "(topic %r, payload %r)", type(exc).__name__, exc, message.topic,
+                      message.payload[:LOGGED_PAYLOAD_BYTES], exc_info=exc)
+
+    def _record(self, batch: Batch, inserted: int, refused: list[DeadLetter]) -> None:
         m = self.metrics
         m.batch_size.observe(batch.messages)
-        m.rows_written("postgres", len(batch.telemetry) if inserted is None else inserted)
-        for letter in batch.dead_letters:
+        m.rows_written("postgres", inserted)
+        for letter in [*batch.dead_letters, *refused]:
             m.rejected(letter.reason.value)
         committed_at = self.clock()
         # Observing is not free: a large batch is sampled evenly, LAG_SAMPLES_PER_BATCH at most.
@@ -298,3 +362,10 @@ class IngestService:
             return
         if dropped:
             log.info("dropped expired telemetry partitions: %s", dropped)
+
+
+def _batch_of(entries: Entries) -> Batch:
+    batch = Batch()
+    for message, outcome in entries:
+        batch.add(message, outcome)
+    return batch

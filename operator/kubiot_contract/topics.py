@@ -16,6 +16,7 @@ from enum import StrEnum
 #: `$`, so they are safe as topic levels and keep broker usernames unambiguous.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX_LENGTH = 63
+# Used with fullmatch: `$` alone also matches before a trailing newline ("pump-1\n").
 _NAME_RE = re.compile(NAME_PATTERN)
 
 #: The operator's own broker identity. It has no `.`, so it can never equal a tenant identity.
@@ -131,7 +132,7 @@ def topic_spec(channel: Channel) -> TopicSpec:
 
 def validate_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a valid tenant, device or gateway name, else raise ContractError."""
-    if len(name) > NAME_MAX_LENGTH or not _NAME_RE.match(name):
+    if len(name) > NAME_MAX_LENGTH or not _NAME_RE.fullmatch(name):
         raise ContractError(
             f"{what} {name!r} must be a DNS label: lower-case letters, digits and '-', "
             f"starting and ending with a letter or digit, at most {NAME_MAX_LENGTH} characters"
@@ -367,7 +368,7 @@ def _parse_channel(rest: list[str], topic: str) -> tuple[Channel, str | None]:
             continue
         parameter = None
         for expected, level in zip(spec.levels, rest, strict=True):
-            if _is_placeholder(expected) and _NAME_RE.match(level):
+            if _is_placeholder(expected) and _NAME_RE.fullmatch(level):
                 parameter = level
             elif expected != level:
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -131,8 +133,11 @@ def refused(stack: Stack, device: str, port: int) -> bool:
     except ConnectRefused:
         return True
     try:
-        # A valid sample that duplicates the device's first one, so it adds no row.
-        probe = b'{"ts": "2020-01-01T00:00:00Z", "seq": 0, "values": {"probe": 1}}'
+        # A valid sample, dated now so that the ingest stores it rather than dead-lettering it
+        # as outside the stored window, and numbered like the device's first one, so that the
+        # sequence check at the end still holds.
+        probe = json.dumps({"ts": datetime.now(UTC).isoformat(), "seq": 0,
+                            "values": {"probe": 1}}).encode()
         return not client.publish(f"acme/devices/{device}/telemetry", probe).accepted
     finally:
         client.close()

@@ -87,6 +87,9 @@ def ingest_environment(tenant: str, access: BrokerAccess, dsn: str, **extra: Any
         "METRICS_HOST": "127.0.0.1",
         "CLIENT_ID": f"ingest-{tenant}",
         "RETRY_MAX_DELAY_S": 1,
+        # The tests' samples carry fixed dates; a long retention keeps them inside the stored
+        # window (the ingest dead-letters older samples) whatever day the tests run.
+        "RETENTION_DAYS": 3650,
         **extra,
     }
     return {f"KUBIOT_INGEST_{key}": str(value) for key, value in values.items()}

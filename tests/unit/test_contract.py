@@ -106,6 +106,9 @@ def test_parse_topic(topic: str, expected: tuple[object, ...]) -> None:
 @pytest.mark.parametrize("topic", [
     "acme/devices/pump-1", "acme/things/pump-1/telemetry", "acme/devices/Pump/telemetry",
     "acme/devices/pump-1/telemetry/a/b", "acme/devices/pump-1/state", "acme/devices/+/presence",
+    # `$` in a pattern also matches before a final newline: names must match in full.
+    "acme/devices/pump-1\n/telemetry", "acme/devices/pump-1/telemetry/flow\n",
+    "acme\n/devices/pump-1/presence", "acme/devices/pump-1/cmd/ping\n/result",
 ])
 def test_parse_topic_refuses_what_is_not_in_the_contract(topic: str) -> None:
     with pytest.raises(ContractError):
@@ -125,7 +128,8 @@ def test_usernames_round_trip_and_never_collide() -> None:
         contract.parse_username(contract.OPERATOR_USERNAME)
 
 
-@pytest.mark.parametrize("bad", ["", "A", "a.b", "a/b", "+", "#", "-a", "a-", "x" * 64, "$sys"])
+@pytest.mark.parametrize("bad", ["", "A", "a.b", "a/b", "+", "#", "-a", "a-", "x" * 64, "$sys",
+                                 "a\n"])
 def test_names_must_be_dns_labels(bad: str) -> None:
     with pytest.raises(ContractError, match="DNS label"):
         contract.device_root("acme", bad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,8 +13,10 @@ from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
     InboundMessage,
+    StoredWindow,
     TelemetryRecords,
     classify,
+    storable_text,
 )
 
 RECEIVED = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -109,3 +111,89 @@ def test_reported_state_is_kept_as_a_json_object() -> None:
     assert outcome.kind is IdentityKind.GATEWAY
     assert outcome.online is None
     assert json.loads(outcome.reported or "") == {"firmware": "1.2.0", "children": 3}
+
+
+# Each of these raised out of classify() before: the ingest exited, was restarted, received the
+# same unacknowledged message and exited again.
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("acme/devices/pump-1/telemetry",
+     b'{"ts": "2026-11-24T10:00:00Z", "values": {"flow": 1' + b"0" * 400 + b"}}",
+     RejectReason.BAD_SCHEMA),
+    ("acme/devices/pump-1/telemetry",
+     b'{"ts": "9999-12-31T23:30:00-01:00", "values": {"flow": 1}}', RejectReason.BAD_SCHEMA),
+    ("acme/devices/pump-1/telemetry",
+     b'{"ts": "0001-01-01T00:30:00+01:00", "values": {"flow": 1}}', RejectReason.BAD_SCHEMA),
+    ("acme/devices/pump-1/state/reported", b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     RejectReason.BAD_JSON),
+    ("acme/devices/pump-1/state/reported", b"[" * 100_000 + b"]" * 100_000,
+     RejectReason.BAD_JSON),
+])
+def test_hostile_payloads_are_dead_letters_not_exceptions(topic: str, payload: bytes,
+                                                          reason: RejectReason) -> None:
+    outcome = classify(message(topic, payload), "acme", 256 * 1024)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.reason is reason
+
+
+# Accepted before, then refused by jsonb when the batch was written.
+@pytest.mark.parametrize(("payload", "detail"), [
+    (b'{"x": 1e400}', "beyond the range of a double"),
+    (b'{"x": "\\ud800"}', "hex escape"),
+    (b'{"x": "\xed\xa0\x80"}', "unicode"),
+    (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
+])
+def test_reported_state_jsonb_would_refuse_is_a_dead_letter(payload: bytes, detail: str) -> None:
+    outcome = classify(message("acme/devices/pump-1/state/reported", payload), "acme", 4096)
+    assert isinstance(outcome, DeadLetter)
+    assert detail in outcome.detail
+
+
+def test_reported_state_keeps_unicode_and_big_numbers() -> None:
+    # JSON escapes, a surrogate pair among them: what a device's JSON encoder writes.
+    payload = rb'{"name": "Pumpe \u00fc \ud83d\ude00", "big": 1' + b"0" * 100 + b"}"
+    outcome = classify(message("acme/devices/pump-1/state/reported", payload), "acme", 4096)
+    assert isinstance(outcome, DeviceUpdate)
+    assert json.loads(outcome.reported or "") == {"name": "Pumpe \u00fc \U0001f600",
+                                                  "big": 10**100}
+
+
+def test_dead_letter_text_is_always_storable() -> None:
+    outcome = classify(message("acme/devices/pump-1\x00\ud800/telemetry", b"{}"), "acme", 4096)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.reason is RejectReason.BAD_TOPIC
+    for text in (outcome.topic, outcome.detail):
+        assert "\x00" not in text
+        text.encode()
+    assert storable_text("pump-1") == "pump-1"
+    assert storable_text("a\x00b\udc80") == "a\ufffdb?"
+
+
+WINDOW = StoredWindow(retention=timedelta(days=30), max_future_skew=timedelta(minutes=10))
+
+
+def telemetry_at(*times: datetime) -> InboundMessage:
+    return message("acme/devices/pump-1/telemetry", [
+        {"ts": ts.isoformat(), "seq": seq, "values": {"flow": 1}} for seq, ts in enumerate(times)])
+
+
+@pytest.mark.parametrize(("times", "detail"), [
+    ((datetime(1970, 1, 1, tzinfo=UTC),), "older than the retention of 30 days"),
+    ((RECEIVED - timedelta(days=30, seconds=1),), "older than the retention"),
+    ((RECEIVED + timedelta(minutes=10, seconds=1),), "more than 600 s ahead"),
+    ((datetime(9999, 12, 31, tzinfo=UTC),), "ahead of its arrival"),
+    # One sample outside the window refuses the message, like any other broken rule.
+    ((RECEIVED, datetime(2000, 1, 1, tzinfo=UTC)), "older than the retention"),
+])
+def test_samples_outside_the_stored_window_are_dead_letters(times: tuple[datetime, ...],
+                                                            detail: str) -> None:
+    outcome = classify(telemetry_at(*times), "acme", 4096, WINDOW)
+    assert isinstance(outcome, DeadLetter)
+    assert outcome.reason is RejectReason.OUTSIDE_WINDOW
+    assert detail in outcome.detail
+
+
+def test_samples_at_the_edges_of_the_window_are_stored() -> None:
+    times = (RECEIVED - timedelta(days=30), RECEIVED + timedelta(minutes=10), RECEIVED)
+    outcome = classify(telemetry_at(*times), "acme", 4096, WINDOW)
+    assert isinstance(outcome, TelemetryRecords)
+    assert sorted({row[0] for row in outcome.rows}) == sorted(times)

@@ -12,7 +12,7 @@ from kubiot_operator.pki import (
     issue_identity_certificate,
     verify_csr,
 )
-from tests.support.pki import make_csr, tamper_signature
+from tests.support.pki import make_csr, resign_csr, tamper_signature
 
 USERNAME = "acme.sensor-1"
 
@@ -79,3 +79,21 @@ def test_issuing_for_a_bad_csr_raises_the_same_reason() -> None:
         issue_identity_certificate(ca, tenant="acme", kind=IdentityKind.DEVICE,
                                    name="sensor-1", validity_days=30, csr_pem=csr)
     assert caught.value.reason == "SubjectMismatch"
+
+
+def test_text_that_is_not_unicode_is_refused() -> None:
+    # A lone surrogate raised UnicodeEncodeError from str.encode().
+    error = _rejection("-----BEGIN CERTIFICATE REQUEST-----\ud800")
+    assert error.reason == "Unparseable"
+
+
+def test_a_subject_that_does_not_decode_is_refused() -> None:
+    # Signed by the key it carries, but its common name is not UTF-8 (a UTF8String holding
+    # 0xff): the subject decodes lazily and raised ValueError.
+    key = ec.generate_private_key(ec.SECP256R1())
+    placeholder = "x" * len(USERNAME)
+    csr = resign_csr(make_csr(key, placeholder), key, lambda info: info.replace(
+        placeholder.encode(), b"\xff" * len(USERNAME)))
+    error = _rejection(csr)
+    assert error.reason == "Unparseable"
+    assert "subject" in str(error)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from kubiot_contract.topics import IdentityKind
 from kubiot_operator.reconcile.reports import ReportBuffer, ReportKey, TokenBucket
 
@@ -34,6 +36,20 @@ def test_garbage_is_ignored_with_a_reason() -> None:
     assert "JSON object" in buffer.add("acme/devices/p1/state/reported", b"[1]", T0).reason
     assert "not under" in buffer.add("acme/p1/presence", b"online", T0).reason
     assert "not a report" in buffer.add("acme/devices/p1/telemetry", b"{}", T0).reason
+    assert len(buffer) == 0
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100_000 + b"]" * 100_000,          # raised RecursionError out of the MQTT session
+    b'{"a": ' * 40 + b"1" + b"}" * 40,        # deeper than a status patch needs
+    b'{"firmware": "1.0", "load": 1e400}',   # infinity: no valid JSON for the API server
+    b'{"state": "installing", "note": "\\ud800"}',  # a lone surrogate cannot be sent as UTF-8
+])
+@pytest.mark.parametrize("channel", ["state/reported", "ota/status"])
+def test_reports_the_api_server_would_refuse_are_ignored(channel: str, payload: bytes) -> None:
+    buffer = ReportBuffer()
+    ignored = buffer.add(f"acme/devices/p1/{channel}", payload, T0)
+    assert ignored is not None
     assert len(buffer) == 0
 
 

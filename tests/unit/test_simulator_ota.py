@@ -147,3 +147,21 @@ def test_a_scenario_limited_to_versions_lets_other_versions_install() -> None:
     scenario = Scenario(InstallResult.FAIL, versions=frozenset({"2.0.0"}))
     assert scenario.result_for("dev-1", "2.0.0") is InstallResult.FAIL
     assert scenario.result_for("dev-1", "1.1.0") is InstallResult.SUCCEED
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100_000 + b"]" * 100_000,   # raised RecursionError out of the device's job handler
+    b'{"version": "2", "size": 1e400}',
+    b"\xff\xfe{}",
+])
+def test_an_unreadable_job_is_refused_as_malformed(payload: bytes) -> None:
+    with pytest.raises(JobRefused) as caught:
+        parse_job(payload, PUBLIC, tenant="acme", device="dev-1")
+    assert caught.value.reason is Refusal.MALFORMED
+
+
+def test_a_signed_job_with_a_nonsense_size_is_refused_as_malformed() -> None:
+    job = signed_job(KEY, {**MANIFEST, "size": [1]}, "dev-1")
+    with pytest.raises(JobRefused) as caught:
+        parse_job(job, PUBLIC, tenant="acme", device="dev-1")
+    assert (caught.value.reason, caught.value.version) == (Refusal.MALFORMED, "2.0.0")

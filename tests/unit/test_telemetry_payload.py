@@ -87,3 +87,23 @@ def test_published_json_schema_is_current_and_agrees_with_the_parser() -> None:
     good = [{"ts": "2026-11-24T10:00:00Z", "seq": 1, "values": {"flow": 1.5, "on": True}}]
     assert not list(validator.iter_errors(good))
     assert list(validator.iter_errors({"ts": "2026-11-24T10:00:00Z", "values": {"a": [1]}}))
+
+
+@pytest.mark.parametrize(("raw", "detail"), [
+    # float() of an integer past the range of a double raises OverflowError.
+    (b'{"ts": 1, "values": {"a": 1' + b"0" * 400 + b'}}', "values.a"),
+    (b'{"ts": 1, "values": {"a": -1' + b"0" * 309 + b'}}', "values.a"),
+    # An offset that moves the instant past year 9999 or before year 1 in UTC.
+    (b'{"ts": "9999-12-31T23:30:00-01:00", "values": {"a": 1}}', "outside years 1 to 9999"),
+    (b'{"ts": "0001-01-01T00:30:00+01:00", "values": {"a": 1}}', "outside years 1 to 9999"),
+])
+def test_values_beyond_what_is_stored_are_refused_not_raised(raw: bytes, detail: str) -> None:
+    with pytest.raises(TelemetryRejected) as caught:
+        parse_payload(raw)
+    assert caught.value.reason is RejectReason.BAD_SCHEMA
+    assert detail in caught.value.message
+
+
+def test_the_largest_storable_integer_is_kept() -> None:
+    (sample,) = parse_payload(b'{"ts": 1, "values": {"a": ' + str(2**1023).encode() + b"}}")
+    assert sample.values["a"] == 2**1023

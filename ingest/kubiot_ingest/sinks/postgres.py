@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime
+from enum import Enum
 from typing import Any
 
 import asyncpg
@@ -40,6 +41,35 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
+
+
+
+
+class WriteFailure(Enum):
+    """What a failed write says, and so what the service does about it."""
+
+    #: The database or the way to it failed; the same batch is retried with backoff.
+    DATABASE = "database"
+    #: Some message's data was refused; the batch is split to find it.
+    DATA = "data"
+    #: Nothing explains it (a bug): the batch is split, the message that fails is quarantined.
+    UNEXPECTED = "unexpected"
+
+
+def write_failure(exc: BaseException) -> WriteFailure:
+    """Classify an exception raised by `PostgresSink.write`."""
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        # asyncpg's own "invalid input for query argument" (a value it cannot encode) is an
+        # InterfaceError as well: a data error, not a lost connection.
+        return WriteFailure.DATA
+    if isinstance(exc, DATA_ERRORS):
+        return WriteFailure.DATA
+    if isinstance(exc, (*RETRYABLE_ERRORS, asyncpg.PostgresError)):
+        # Any other error the server reports (read-only after a failover, a permission, a
+        # dropped table) is about the database, not about one message: splitting the batch
+        # would only dead-letter good messages.
+        return WriteFailure.DATABASE
+    return WriteFailure.UNEXPECTED
 
 
 @dataclass(frozen=True)
@@ -116,8 +146,11 @@ class PostgresSink:
                         "dead_letter", schema_name=self.schema, columns=DEAD_LETTER_COLUMNS,
                         records=[(d.received_at, d.topic, d.payload, d.reason.value, d.detail)
                                  for d in batch.dead_letters])
-        except RETRYABLE_ERRORS:
-            await self.close()
+        except Exception as exc:
+            # After a data error the transaction is rolled back and the connection is fine;
+            # after anything else its state is unknown, so the next write starts afresh.
+            if write_failure(exc) is not WriteFailure.DATA:
+                await self.close()
             raise
         return WriteResult(inserted, len(batch.dead_letters), len(batch.seen))
 

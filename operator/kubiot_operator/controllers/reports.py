@@ -40,7 +40,13 @@ class ReportPump:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Called by the MQTT connection for each report; never blocks."""
-        if self._buffer.add(topic, payload, self._clock()) is not None:
+        try:
+            if self._buffer.add(topic, payload, self._clock()) is not None:
+                self.ignored += 1
+        except Exception:
+            # ReportBuffer.add refuses what a device sends with Ignored; an exception here is a
+            # bug, and it must not end the MQTT session every other report arrives on.
+            log.exception("could not read a report on %r (payload %r)", topic, payload[:200])
             self.ignored += 1
 
     async def run(self) -> None:

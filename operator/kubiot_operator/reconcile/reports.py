@@ -6,7 +6,6 @@ reports are merged per device (the latest wins) and drained in rate-limited batc
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +19,8 @@ from kubiot_contract.topics import (
     IdentityKind,
     parse_topic,
 )
+from kubiot_contract.device_json import parse_device_json
+from kubiot_contract.telemetry import TelemetryRejected
 
 MAX_REPORTED_BYTES = 64 * 1024
 
@@ -97,15 +98,16 @@ class ReportBuffer:
                 report.online = text == PRESENCE_ONLINE
             case Channel.STATE_REPORTED:
                 reported = _json_object(payload)
-                if reported is None:
-                    return Ignored(topic, "reported state must be a JSON object of at most 64 KiB")
+                if isinstance(reported, str):
+                    return Ignored(topic, f"reported state must be a JSON object of at most "
+                                   f"64 KiB: {reported}")
                 report.reported = reported
                 firmware = reported.get("firmware")
                 if isinstance(firmware, str):
                     report.firmware_current = firmware[:64]
             case Channel.OTA_STATUS:
                 status = _json_object(payload)
-                if status is None or not isinstance(status.get("state"), str):
+                if isinstance(status, str) or not isinstance(status.get("state"), str):
                     return Ignored(topic, "ota/status must be a JSON object with a state")
                 report.ota_state = status["state"][:64]
                 version = status.get("version")
@@ -128,14 +130,15 @@ class ReportBuffer:
         return drained
 
 
-def _json_object(payload: bytes) -> dict[str, Any] | None:
-    if len(payload) > MAX_REPORTED_BYTES:
-        return None
+def _json_object(payload: bytes) -> dict[str, Any] | str:
+    """The JSON object of a report, or why there is none."""
+    # Bounded in size and depth, finite numbers only: the object goes into a status patch,
+    # which the API server must accept whatever the device sent.
     try:
-        value = json.loads(payload)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+        value = parse_device_json(payload, max_bytes=MAX_REPORTED_BYTES)
+    except TelemetryRejected as exc:
+        return exc.message[:200]
+    return value if isinstance(value, dict) else "not an object"
 
 
 class TokenBucket:

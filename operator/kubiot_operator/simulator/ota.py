@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from kubiot_contract.device_json import parse_device_json
 from kubiot_operator.pki import PKIError, verify_manifest
 from kubiot_operator.pki.firmware import SIGNATURE_FIELD
+from kubiot_contract.telemetry import TelemetryRejected
+
+#: Far above any real job (a few hundred bytes); a retained job is read on every reconnect.
+MAX_JOB_BYTES = 16 * 1024
 
 
 class OtaState(StrEnum):
@@ -58,9 +63,11 @@ class FirmwareJob:
 def parse_job(payload: bytes, public_key_pem: bytes, *, tenant: str, device: str) -> FirmwareJob:
     """The job if it is well-formed, signed by the tenant's key, and addressed to this device."""
     try:
-        raw = json.loads(payload)
-    except ValueError as exc:
-        raise JobRefused(Refusal.MALFORMED, f"the job is not JSON: {exc}") from exc
+        # Bounded size and depth: a device reads whatever arrives on its job topic.
+        raw = parse_device_json(payload, max_bytes=MAX_JOB_BYTES)
+    except TelemetryRejected as exc:
+        raise JobRefused(Refusal.MALFORMED, f"the job is not readable JSON: {exc.message}") \
+            from exc
     if not isinstance(raw, dict):
         raise JobRefused(Refusal.MALFORMED, "the job is not a JSON object")
     version = raw.get("version") if isinstance(raw.get("version"), str) else None
@@ -82,9 +89,9 @@ def _job(raw: dict[str, Any], signature: str) -> FirmwareJob:
         return FirmwareJob(version=str(raw["version"]), url=str(raw["url"]),
                            sha256=str(raw["sha256"]).lower(), size=int(raw["size"]),
                            release=str(raw.get("release") or ""), signature=signature)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise JobRefused(Refusal.MALFORMED, f"the job lacks a field: {exc}",
-                         raw.get("version")) from exc
+                         raw["version"] if isinstance(raw.get("version"), str) else None) from exc
 
 
 def check_image(job: FirmwareJob, image: bytes) -> None:
