@@ -161,6 +161,7 @@ class DeviceCommandStatus(KubiotModel):
     counts: RunCounts | None = Field(None, description="The latest run's counts.")
     last_run: datetime | None = Field(None, description="When the latest run started.")
     next_run: datetime | None = Field(None, description="When the next run is due.")
+    runs_started: int | None = Field(None, ge=0, description="Runs started so far.")
     last_scheduled: datetime | None = Field(
         None, description="The latest fire time acted on (run, or skipped by Forbid).")
     runs: Annotated[list[CommandRun], Field(max_length=2 * MAX_HISTORY + 2)] | None = Field(
