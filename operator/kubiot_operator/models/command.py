@@ -149,6 +149,8 @@ class CommandRun(KubiotModel):
     deadline: datetime
     completed_at: datetime | None = None
     phase: RunPhase = RunPhase.RUNNING
+    announced: bool | None = Field(None, description="The run's outcome was posted as an "
+                                   "event.")
     counts: RunCounts = Field(RunCounts())
     targets: Annotated[list[TargetOutcome], Field(max_length=MAX_TARGETS)] = Field(
         default_factory=list)

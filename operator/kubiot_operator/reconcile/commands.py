@@ -345,7 +345,8 @@ def decide_schedule(spec: DeviceCommandSpec, *, created: datetime,
     if spec.schedule is None:
         if runs or last_scheduled is not None:
             return ScheduleDecision(last_scheduled=last_scheduled)
-        due = spec.at or created
+        # Without `at`, now: the API server's creation time may be ahead of this clock.
+        due = spec.at or now
         if spec.suspend or due > now:
             return ScheduleDecision(next_run=None if spec.suspend else due)
         return ScheduleDecision(start_for=due, last_scheduled=due)
