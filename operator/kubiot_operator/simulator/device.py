@@ -3,6 +3,8 @@
 It announces presence (with `offline` as its last will), sends telemetry, reports and applies
 its twin, and installs firmware from signed `ota/job` messages as a real device would: verify
 the signature and that the job is its own, download, check size and SHA-256, install, report.
+It answers commands (`ping`, `set`, `reboot`; see `commands.py`) on the response topic with the
+command's correlation data, keeping each answer until a PUBACK with reason 0, as telemetry.
 
 Telemetry is sampled at a steady rate whether or not the device is connected, and kept in an
 outbox until a PUBACK with reason 0 (see `outbox.py`); reconnection and resending both back off.
@@ -17,6 +19,7 @@ import logging
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,19 +29,24 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from kubiot_contract.commands import result_payload
 from kubiot_contract.telemetry import CURRENT_VERSION
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
+    Channel,
+    command_result_topic,
     ota_job_topic,
     ota_status_topic,
     presence_topic,
     state_desired_topic,
     state_reported_topic,
     telemetry_topic,
+    topic_spec,
 )
 
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
+from .commands import AnswerMemory, Effect, Received, answer, read_command
 from .credentials import DeviceCredentials
 from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
@@ -52,6 +60,16 @@ log = logging.getLogger(__name__)
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
+
+@dataclass
+class PendingAnswer:
+    """A command's answer, kept until a PUBACK with reason 0 (or until the command expires)."""
+
+    topic: str
+    payload: bytes
+    correlation: bytes
+    expires_at: datetime | None
+    then_reboot: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,8 @@ class SimulatedDevice:
                  telemetry_retry: RetryPolicy = TELEMETRY_RETRY,
                  reconnect: RetryPolicy = RECONNECT,
                  outbox_capacity: int = DEFAULT_CAPACITY,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 reboot_seconds: float = 1.0) -> None:
         self.credentials = credentials
         self.firmware = firmware
         self.scenario = scenario or Scenario()
@@ -95,6 +114,17 @@ class SimulatedDevice:
         self.telemetry_sampled = 0  # also the next sample's seq
         self.connected = asyncio.Event()
         self.connects = 0
+        # Commands: what arrived (repeats included), what was acted on, what `set` changed.
+        self.commands_received: list[Received] = []
+        self.commands_executed: list[Received] = []
+        self.settings: dict[str, Any] = {}
+        self.reboots = 0
+        self._reboot_seconds = reboot_seconds
+        self._answers = AnswerMemory()
+        self._pending_answers: list[PendingAnswer] = []
+        self._answer_waiting = asyncio.Event()
+        self._reboot = asyncio.Event()
+        self._booted = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -130,6 +160,12 @@ class SimulatedDevice:
                     self.connected.clear()
                     self._client = None
                 failures = 0 if self.connects > before else failures + 1
+                if self._reboot.is_set():
+                    self._reboot.clear()
+                    self.reboots += 1
+                    await asyncio.sleep(self._reboot_seconds)
+                    self._booted = time.monotonic()
+                    continue
                 await asyncio.sleep(self._reconnect.delay(failures, self._jitter()))
         finally:
             await stop_task(sampling)
@@ -150,13 +186,15 @@ class SimulatedDevice:
             self._client = client
             await client.subscribe(state_desired_topic(self.root), qos=1)
             await client.subscribe(ota_job_topic(self.root), qos=1)
+            await client.subscribe(f"{self.root}/{topic_spec(Channel.COMMAND).filter}", qos=1)
             await self._publish(presence_topic(self.root), PRESENCE_ONLINE.encode(), retain=True)
             await self._report_state()
             self.connects += 1
             self.connected.set()
             try:
                 # Either ending ends the session: a lost connection, or a PUBACK that never came.
-                await until_one_ends(self._receive(client), self._telemetry.run(publisher))
+                await until_one_ends(self._receive(client), self._telemetry.run(publisher),
+                                     self._deliver_answers(publisher), self._until_reboot())
             finally:
                 await self._cancel_job()
         finally:
@@ -167,7 +205,11 @@ class SimulatedDevice:
         async for message in client.messages:
             payload = message.payload
             data = payload if isinstance(payload, bytes) else str(payload).encode()
-            self._dispatch(str(message.topic), data)
+            correlation = getattr(message.properties, "CorrelationData", None)
+            response_topic = getattr(message.properties, "ResponseTopic", None)
+            self._dispatch(str(message.topic), data,
+                           bytes(correlation) if correlation is not None else None,
+                           str(response_topic) if response_topic else None)
 
     def _connect_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._connect_limit if self._connect_limit is not None else contextlib.nullcontext()
@@ -180,7 +222,7 @@ class SimulatedDevice:
     # --- twin and telemetry ------------------------------------------------------------------
 
     async def _report_state(self) -> None:
-        reported = {**self.desired, "firmware": self.firmware}
+        reported = {**self.desired, **self.settings, "firmware": self.firmware}
         await self._publish(state_reported_topic(self.root),
                             json.dumps(reported, sort_keys=True).encode(), retain=True)
 
@@ -212,11 +254,72 @@ class SimulatedDevice:
                                     - loop.time()))
     # --- firmware ----------------------------------------------------------------------------
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, correlation: bytes | None = None,
+                  response_topic: str | None = None) -> None:
         if topic == state_desired_topic(self.root):
             self._spawn_side(self._apply_desired(payload))
         elif topic == ota_job_topic(self.root):
             self._on_job(payload)
+        elif topic.startswith(f"{self.root}/cmd/"):
+            self._on_command(topic.rsplit("/", 1)[1], payload, correlation, response_topic)
+
+    # --- commands ----------------------------------------------------------------------------
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._booted
+
+    def _on_command(self, name: str, payload: bytes, correlation: bytes | None,
+                    response_topic: str | None) -> None:
+        received = read_command(name, payload, correlation)
+        if received is None:
+            log.info("device %s ignored command %s without a correlation id", self.name, name)
+            return
+        self.commands_received.append(received)
+        given = self._answers.get(received.correlation)
+        if given is None:  # a repeated id is answered again, not acted on again
+            given, self.settings = answer(received, uptime_seconds=self.uptime_seconds,
+                                          seq=self.telemetry_sampled, settings=self.settings)
+            self._answers.remember(received.correlation, given)
+            self.commands_executed.append(received)
+            if given.effect is Effect.REPORT_STATE:
+                self._spawn_side(self._report_state())
+        topic = response_topic or command_result_topic(self.root, name)
+        self._pending_answers.append(PendingAnswer(
+            topic, result_payload(received.correlation, given.status, given.message, given.data),
+            received.correlation.encode(), _expiry(payload),
+            then_reboot=given.effect is Effect.REBOOT))
+        self._answer_waiting.set()
+
+    async def _deliver_answers(self, publisher: PubackPublisher) -> None:
+        """Send each answer until a PUBACK with reason 0; 16 means the operator is not
+        listening yet (it restarts), so try again after a pause, until the command expires."""
+        misses = 0
+        while True:
+            if not self._pending_answers:
+                self._answer_waiting.clear()
+                await self._answer_waiting.wait()
+                continue
+            pending = self._pending_answers[0]
+            if pending.expires_at is not None and self._clock() > pending.expires_at:
+                self._pending_answers.pop(0)
+                continue
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = pending.correlation
+            reason = await publisher.publish(pending.topic, pending.payload, properties)
+            if reason != 0:
+                await asyncio.sleep(self._reconnect.delay(misses, self._jitter()))
+                misses += 1
+                continue
+            misses = 0
+            self._pending_answers.pop(0)
+            if pending.then_reboot:
+                self._reboot.set()
+
+    async def _until_reboot(self) -> None:
+        """Ends the session when a reboot was asked for (and answered): offline, then back."""
+        await self._reboot.wait()
+        await self._publish(presence_topic(self.root), PRESENCE_OFFLINE.encode(), retain=True)
 
     def _spawn_side(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -284,6 +387,14 @@ class SimulatedDevice:
         self.ota_reports.append(OtaReport(state, version, reason))
         await self._publish(ota_status_topic(self.root),
                             status_payload(state, version, reason, message))
+
+
+def _expiry(payload: bytes) -> datetime | None:
+    try:
+        body = json.loads(payload)
+        return datetime.fromisoformat(str(body["expiresAt"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
