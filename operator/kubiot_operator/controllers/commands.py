@@ -75,8 +75,9 @@ from .platform import Outcome, Platform
 log = logging.getLogger(__name__)
 #: How often a run under way is looked at again (deadlines, devices coming online).
 RECHECK_SECONDS = 1.0
-#: The longest wait between two looks at an idle schedule (the clock may be adjusted).
-IDLE_RECHECK_SECONDS = 300.0
+#: The longest wait between two looks at an idle schedule: retries wait in monotonic time, and
+#: the wall clock a schedule follows may be adjusted meanwhile.
+IDLE_RECHECK_SECONDS = 10.0
 TENANT_RETRY_SECONDS = 10.0
 COMPLETE = "Complete"
 
@@ -138,6 +139,9 @@ async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome
         if latest is None or latest["metadata"].get("deletionTimestamp"):
             return Outcome(status={})
         outcome = await _reconcile(platform, latest)
+        previous = latest.get("status") or {}
+        if all(previous.get(key) == value for key, value in outcome.status.items()):
+            outcome.status = {}  # nothing changed: an idle schedule costs no write
         await _write(platform, namespace, name, outcome.status)
         return outcome
 
@@ -198,7 +202,9 @@ async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
         outcome.normal("RunSkipped", f"the run due at {_time(decision.skipped)} was skipped: "
                        "the previous run is still under way (concurrencyPolicy Forbid)")
 
-    devices, children, gateway_online = await _fleet(platform, namespace)
+    active = decision.start_for is not None or any(r.completed_at is None for r in record.runs)
+    devices, children, gateway_online = await _fleet(platform, namespace) if active \
+        else ([], {}, {})
     if decision.start_for is not None:
         number = record.runs_started + 1
         if decision.replace:

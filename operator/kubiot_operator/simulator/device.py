@@ -55,6 +55,9 @@ from .scenario import InstallResult, Scenario
 from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
 log = logging.getLogger(__name__)
+# Sending an answer again while the operator is not subscribed (it restarts): soon, and then
+# no more than every 2 s, so the answer lands within moments of its return.
+ANSWER_RETRY = RetryPolicy(first=0.2, ceiling=2.0)
 
 
 def _utc_now() -> datetime:
@@ -93,7 +96,7 @@ class SimulatedDevice:
                  reconnect: RetryPolicy = RECONNECT,
                  outbox_capacity: int = DEFAULT_CAPACITY,
                  jitter: Callable[[], float] = random.random,
-                 reboot_seconds: float = 1.0) -> None:
+                 reboot_seconds: float = 1.0, command_seconds: float = 0.0) -> None:
         self.credentials = credentials
         self.firmware = firmware
         self.scenario = scenario or Scenario()
@@ -120,6 +123,7 @@ class SimulatedDevice:
         self.settings: dict[str, Any] = {}
         self.reboots = 0
         self._reboot_seconds = reboot_seconds
+        self.command_seconds = command_seconds  # how long acting on a command takes
         self._answers = AnswerMemory()
         self._pending_answers: list[PendingAnswer] = []
         self._answer_waiting = asyncio.Event()
@@ -266,6 +270,11 @@ class SimulatedDevice:
     # --- commands ----------------------------------------------------------------------------
 
     @property
+    def answers_pending(self) -> int:
+        """Answers not yet taken by the operator (no PUBACK with reason 0 yet)."""
+        return len(self._pending_answers)
+
+    @property
     def uptime_seconds(self) -> float:
         return time.monotonic() - self._booted
 
@@ -285,10 +294,16 @@ class SimulatedDevice:
             if given.effect is Effect.REPORT_STATE:
                 self._spawn_side(self._report_state())
         topic = response_topic or command_result_topic(self.root, name)
-        self._pending_answers.append(PendingAnswer(
+        pending = PendingAnswer(
             topic, result_payload(received.correlation, given.status, given.message, given.data),
             received.correlation.encode(), _expiry(payload),
-            then_reboot=given.effect is Effect.REBOOT))
+            then_reboot=given.effect is Effect.REBOOT)
+        self._spawn_side(self._answer_after_work(pending))
+
+    async def _answer_after_work(self, pending: PendingAnswer) -> None:
+        if self.command_seconds:
+            await asyncio.sleep(self.command_seconds)
+        self._pending_answers.append(pending)
         self._answer_waiting.set()
 
     async def _deliver_answers(self, publisher: PubackPublisher) -> None:
@@ -308,7 +323,7 @@ class SimulatedDevice:
             properties.CorrelationData = pending.correlation
             reason = await publisher.publish(pending.topic, pending.payload, properties)
             if reason != 0:
-                await asyncio.sleep(self._reconnect.delay(misses, self._jitter()))
+                await asyncio.sleep(ANSWER_RETRY.delay(misses, self._jitter()))
                 misses += 1
                 continue
             misses = 0
