@@ -176,7 +176,9 @@ async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
         return outcome
 
     def refuse(reason: str, message: str) -> Outcome:
-        outcome.warning(reason, message)
+        said = next((c for c in conditions if c.type == "Ready"), None)
+        if said is None or (said.reason, said.message) != (reason, message):
+            outcome.warning(reason, message)  # once, not on every recheck
         return finish(CommandPhase.FAILED, [ConditionUpdate("Ready", False, reason, message)])
 
     try:
