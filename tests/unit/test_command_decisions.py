@@ -188,6 +188,18 @@ def test_an_answer_racing_the_sent_record_counts_and_repeats_are_ignored() -> No
     assert not again
 
 
+def test_status_keeps_a_bounded_message_and_small_data_only() -> None:
+    step = advance_run(run_of("pump-1", "pump-2"), {"pump-1": True, "pump-2": True},
+                       OfflinePolicy.QUEUE, T0)
+    big = CommandResult(status="ok", message="m" * 1000, data={"blob": "x" * 600})
+    run, _ = apply_result(step.run, "pump-1", big, T0)
+    run, _ = apply_result(run, "pump-2", OK, T0)
+    kept = {t.device: t for t in run.targets}
+    assert kept["pump-1"].data is None and len(kept["pump-1"].message or "") == 256
+    assert (kept["pump-1"].message or "").endswith("(data of 611 bytes not kept)")
+    assert kept["pump-2"].data == {"uptimeSeconds": 3}
+
+
 def test_an_answer_for_a_target_never_sent_is_refused() -> None:
     _, accepted = apply_result(run_of("pump-1"), "pump-1", OK, T0)
     assert not accepted
@@ -266,6 +278,9 @@ def test_history_keeps_the_newest_runs_within_each_limit_and_every_active_one() 
             finished(5, True), run_of("pump-1").model_copy(update={"number": 6})]
     kept = kept_runs(runs, scheduled=True, successful_limit=2, failed_limit=1)
     assert [r.number for r in kept] == [3, 4, 5, 6]
+    # Only the latest finished run and the one under way keep each target's outcome.
+    assert [len(r.targets) for r in kept] == [0, 0, 1, 1]
+    assert kept[0].counts.succeeded == 1
     assert [r.number for r in kept_runs(runs, scheduled=True, successful_limit=0,
                                         failed_limit=0)] == [6]
     assert kept_runs(runs[:1], scheduled=False, successful_limit=0, failed_limit=0) == runs[:1]

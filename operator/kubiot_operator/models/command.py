@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator
 
-from kubiot_contract.commands import MAX_MESSAGE_LENGTH, MAX_PARAMETERS_BYTES
+from kubiot_contract.commands import MAX_PARAMETERS_BYTES
 from kubiot_operator.models.common import (
     Conditions,
     DNSLabel,
@@ -19,8 +19,11 @@ from kubiot_operator.models.common import (
     validations,
 )
 
-#: A run's per-target outcomes live in the object's status, which etcd bounds (1.5 MiB).
-MAX_TARGETS = 1000
+#: A run's per-target outcomes live in the object's status, which etcd bounds (1.5 MiB): at
+#: most this many targets, each with a message and data cut to the sizes below.
+MAX_TARGETS = 500
+MAX_MESSAGE_IN_STATUS = 256
+MAX_DATA_IN_STATUS = 512
 MAX_HISTORY = 10
 #: Five fields (minute hour day-of-month month day-of-week) of numbers, names, `*`, `,`, `-`, `/`.
 SCHEDULE_PATTERN = r"^\s*\S+(\s+\S+){4}\s*$"
@@ -116,9 +119,11 @@ class TargetState(StrEnum):
 class TargetOutcome(KubiotModel):
     device: DNSLabel
     state: TargetState
-    message: Annotated[str, StringConstraints(max_length=MAX_MESSAGE_LENGTH)] | None = Field(
-        None, description="The device's message, or why the target ended as it did.")
-    data: dict[str, Any] | None = Field(None, description="What the device answered in `data`.")
+    message: Annotated[str, StringConstraints(max_length=MAX_MESSAGE_IN_STATUS)] | None = Field(
+        None, description="The device's message (its first 256 characters), or why the target "
+        "ended as it did.")
+    data: dict[str, Any] | None = Field(None, description="What the device answered in `data`, "
+                                        "when it encodes to at most 512 bytes.")
     sent_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -153,7 +158,8 @@ class CommandRun(KubiotModel):
                                    "event.")
     counts: RunCounts = Field(RunCounts())
     targets: Annotated[list[TargetOutcome], Field(max_length=MAX_TARGETS)] = Field(
-        default_factory=list)
+        default_factory=list, description="Each target's outcome; kept for runs under way and "
+        "the latest finished run (older runs keep their counts).")
 
 
 class DeviceCommandStatus(KubiotModel):

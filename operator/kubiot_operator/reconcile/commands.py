@@ -11,6 +11,7 @@ sends a Sent one again.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any
 
 from kubiot_contract.commands import CommandResult
 from kubiot_operator.models.command import (
+    MAX_DATA_IN_STATUS,
+    MAX_MESSAGE_IN_STATUS,
     MAX_TARGETS,
     CommandPhase,
     CommandRun,
@@ -199,8 +202,8 @@ def resolve_targets(targets: CommandTargets, devices: Iterable[DeviceFacts],
         chosen |= {c for c in children if c in by_name}
         chosen |= {d.name for d in by_name.values() if d.gateway == gateway}
     ordered = sorted(chosen)
-    return Targets(tuple(ordered[:MAX_TARGETS]), tuple(sorted(unknown)),
-                   too_many=len(ordered) > MAX_TARGETS)
+    room = max(0, MAX_TARGETS - len(unknown))
+    return Targets(tuple(ordered[:room]), tuple(sorted(unknown)), too_many=len(ordered) > room)
 
 
 # --- runs ------------------------------------------------------------------------------------
@@ -301,15 +304,31 @@ def apply_result(run: CommandRun, device: str, result: CommandResult, now: datet
     targets = []
     for target in run.targets:
         if target.device == device and target.state in AWAITING_ANSWER:
+            message, data = _kept_answer(result)
             target = target.model_copy(update={
                 "state": TargetState.SUCCEEDED if result.ok else TargetState.FAILED,
-                "message": result.message or None, "data": result.data,
+                "message": message, "data": data,
                 "sent_at": target.sent_at or now, "finished_at": now})
             accepted = True
         targets.append(target)
     if not accepted:
         return run, False
     return _settled(run.model_copy(update={"targets": targets}), now), True
+
+
+def _kept_answer(result: CommandResult) -> tuple[str | None, dict[str, Any] | None]:
+    """The message and data as status keeps them: bounded, so that a run of hundreds of
+    targets fits in one object."""
+    message = result.message[:MAX_MESSAGE_IN_STATUS] or None
+    data = result.data
+    if data is not None:
+        size = len(json.dumps(data, separators=(",", ":")))
+        if size > MAX_DATA_IN_STATUS:
+            data = None
+            note = f"(data of {size} bytes not kept)"
+            room = MAX_MESSAGE_IN_STATUS - len(note) - 1
+            message = f"{message[:room]} {note}" if message else note
+    return message, data
 
 
 def cancel_run(run: CommandRun, why: str, now: datetime) -> CommandRun:
@@ -369,7 +388,8 @@ def decide_schedule(spec: DeviceCommandSpec, *, created: datetime,
 def kept_runs(runs: Sequence[CommandRun], *, scheduled: bool, successful_limit: int,
               failed_limit: int) -> list[CommandRun]:
     """Runs under way, plus the newest finished ones within each history limit (a one-shot
-    command keeps its one run: it is the command's answer)."""
+    command keeps its one run: it is the command's answer). Only runs under way and the latest
+    finished one keep each target's outcome; older ones keep their counts."""
     if not scheduled:
         return list(runs)
     keep: set[int] = set()
@@ -379,7 +399,10 @@ def kept_runs(runs: Sequence[CommandRun], *, scheduled: bool, successful_limit: 
         newest = sorted(finished, key=lambda r: r.number)[-limit:] if limit else []
         keep |= {r.number for r in newest}
     keep |= {r.number for r in runs if r.completed_at is None}
-    return sorted((r for r in runs if r.number in keep), key=lambda r: r.number)
+    kept = sorted((r for r in runs if r.number in keep), key=lambda r: r.number)
+    latest_finished = max((r.number for r in runs if r.completed_at is not None), default=None)
+    return [r if r.completed_at is None or r.number == latest_finished
+            else r.model_copy(update={"targets": []}) for r in kept]
 
 
 def command_phase(spec: DeviceCommandSpec, runs: Sequence[CommandRun]) -> CommandPhase:
