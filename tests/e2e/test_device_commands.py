@@ -27,6 +27,8 @@ from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.handlers import Operator
 from kubiot_operator.kube.client import Connection, KubeClient
 from kubiot_operator.simulator import Fleet
+from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
+from kubiot_operator.simulator.sender import stop_task
 from tests.support.firmware_env import Clock, bounded_request_history
 from tests.support.kube_emulator import OperatorRun
 from tests.support.operator_env import API, OperatorEnv, operator_env
@@ -37,6 +39,7 @@ NAMESPACE = TENANT = "acme"
 PUMPS = [f"pump-{i:02d}" for i in range(10)]
 SOLO = "solo-01"
 GHOST = "ghost-01"  # has a Device and credentials, never connects
+GATEWAY, METERS = "edge-1", ["meter-01", "meter-02"]  # meters speak through the gateway
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Commands:
     operator: Operator
     run: OperatorRun
     fleet: Fleet
+    gateway: SimulatedGateway
 
     async def create(self, name: str, **spec: Any) -> None:
         await self.env.apply({"apiVersion": API, "kind": "DeviceCommand",
@@ -94,20 +98,37 @@ async def commands(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Co
             await env.apply({"apiVersion": API, "kind": "Tenant", "metadata": {"name": TENANT},
                              "spec": {"displayName": "ACME", "namespace": NAMESPACE}},
                             *(device(n, {"fleet": "pumps"}) for n in PUMPS),
-                            device(SOLO, {"fleet": "solo"}), device(GHOST, {"fleet": "ghost"}))
+                            device(SOLO, {"fleet": "solo"}), device(GHOST, {"fleet": "ghost"}),
+                            *(device(n, {"behind": GATEWAY}) for n in METERS),
+                            {"apiVersion": API, "kind": "Gateway",
+                             "metadata": {"name": GATEWAY, "namespace": NAMESPACE},
+                             "spec": {"selector": {"matchLabels": {"behind": GATEWAY}}}})
             bundles = {}
+            for name in [*PUMPS, SOLO, *METERS]:
+                # Ready, not only issued: a device that connects before its access rules are
+                # in place has its presence refused, and would not show online.
+                await env.wait("Device", name, lambda d: ((d or {}).get("status") or {}).get(
+                    "phase") == "Ready", NAMESPACE, timeout=60)
             for name in [*PUMPS, SOLO]:
-                await env.wait("Secret", f"{name}-device-credentials", lambda s: s is not None,
-                               NAMESPACE, timeout=60)
                 bundles[name] = await env.device_credentials(name, NAMESPACE)
+            await env.wait("Gateway", GATEWAY, lambda g: ((g or {}).get("status") or {}).get(
+                "childCount") == 2 and g["status"].get("phase") == "Ready", NAMESPACE,
+                timeout=60)
+            gateway = SimulatedGateway(gateway_credentials(await env.device_credentials(
+                GATEWAY, NAMESPACE, kind="gateway")), METERS, telemetry_seconds=30,
+                check_hostname=False)
             fleet = Fleet.from_bundles(bundles, telemetry_seconds=30, check_hostname=False,
                                        reboot_seconds=0.5)
+            gateway_task = asyncio.create_task(gateway.run())
             async with fleet:
                 await fleet.wait_connected(30)
-                for name in [*PUMPS, SOLO]:
+                for name in [*PUMPS, SOLO, *METERS]:
                     await env.wait("Device", name, lambda d: (d or {}).get("status", {}).get(
                         "online") is True, NAMESPACE, timeout=30)
-                yield Commands(env, operator, run, fleet)
+                try:
+                    yield Commands(env, operator, run, fleet, gateway)
+                finally:
+                    await stop_task(gateway_task)
 
 
 async def test_a_command_to_one_device_returns_its_answer_in_status(commands: Commands) -> None:
@@ -142,6 +163,18 @@ async def test_a_command_to_a_selector_of_ten_returns_every_answer(commands: Com
     for name in PUMPS:
         await commands.env.wait("Device", name, lambda d: ((d or {}).get("status") or {}).get(
             "reported", {}).get("power") == "on", NAMESPACE)
+
+
+async def test_the_children_of_a_gateway_answer_through_it(commands: Commands) -> None:
+    await commands.create("meters-set", targets={"gateways": [GATEWAY]}, command="set",
+                          parameters={"power": "off"})
+
+    status = await commands.finished("meters-set")
+
+    assert status["phase"] == "Succeeded", status
+    assert {d: t["data"] for d, t in targets(status).items()} == {
+        m: {"power": "off"} for m in METERS}
+    assert commands.gateway.commands.settings == {m: {"power": "off"} for m in METERS}
 
 
 async def test_offline_devices_are_reported_offline_at_once_or_at_the_deadline(
@@ -244,7 +277,8 @@ async def test_a_schedule_fires_on_time_and_keeps_its_history_limit(commands: Co
 async def test_an_operator_restart_mid_command_neither_loses_nor_repeats_it(
         commands: Commands) -> None:
     for name in PUMPS:
-        commands.fleet[name].command_seconds = 2.0  # answers come while the operator is down
+        # Answers come while the operator is down.
+        commands.fleet[name].commands.command_seconds = 2.0
     await commands.create("ping-across-restart", command="ping", timeoutSeconds=30,
                           targets={"selector": {"matchLabels": {"fleet": "pumps"}}})
     await commands.env.wait("DeviceCommand", "ping-across-restart", lambda c: (
@@ -266,7 +300,7 @@ async def test_an_operator_restart_mid_command_neither_loses_nor_repeats_it(
 async def _until_answers_are_pending(commands: Commands) -> None:
     """Every pump has acted and holds its answer: the operator is not there to take it."""
     for _ in range(100):
-        if all(commands.fleet[n].answers_pending for n in PUMPS):
+        if all(commands.fleet[n].commands.pending for n in PUMPS):
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the pumps did not answer while the operator was down")

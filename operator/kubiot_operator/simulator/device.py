@@ -29,13 +29,11 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from kubiot_contract.commands import result_payload
 from kubiot_contract.telemetry import CURRENT_VERSION
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     Channel,
-    command_result_topic,
     ota_job_topic,
     ota_status_topic,
     presence_topic,
@@ -46,33 +44,20 @@ from kubiot_contract.topics import (
 )
 
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
-from .commands import AnswerMemory, Effect, Received, answer, read_command
+from .commands import Effect, Received
 from .credentials import DeviceCredentials
 from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
 from .puback import PubackPublisher
+from .responder import CommandResponder
 from .scenario import InstallResult, Scenario
 from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
 log = logging.getLogger(__name__)
-# Sending an answer again while the operator is not subscribed (it restarts): soon, and then
-# no more than every 2 s, so the answer lands within moments of its return.
-ANSWER_RETRY = RetryPolicy(first=0.2, ceiling=2.0)
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass
-class PendingAnswer:
-    """A command's answer, kept until a PUBACK with reason 0 (or until the command expires)."""
-
-    topic: str
-    payload: bytes
-    correlation: bytes
-    expires_at: datetime | None
-    then_reboot: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,16 +102,10 @@ class SimulatedDevice:
         self.telemetry_sampled = 0  # also the next sample's seq
         self.connected = asyncio.Event()
         self.connects = 0
-        # Commands: what arrived (repeats included), what was acted on, what `set` changed.
-        self.commands_received: list[Received] = []
-        self.commands_executed: list[Received] = []
-        self.settings: dict[str, Any] = {}
+        self.commands = CommandResponder(clock=clock, jitter=jitter,
+                                         command_seconds=command_seconds)
         self.reboots = 0
         self._reboot_seconds = reboot_seconds
-        self.command_seconds = command_seconds  # how long acting on a command takes
-        self._answers = AnswerMemory()
-        self._pending_answers: list[PendingAnswer] = []
-        self._answer_waiting = asyncio.Event()
         self._reboot = asyncio.Event()
         self._booted = time.monotonic()
 
@@ -198,7 +177,7 @@ class SimulatedDevice:
             try:
                 # Either ending ends the session: a lost connection, or a PUBACK that never came.
                 await until_one_ends(self._receive(client), self._telemetry.run(publisher),
-                                     self._deliver_answers(publisher), self._until_reboot())
+                                     self.commands.deliver(publisher), self._until_reboot())
             finally:
                 await self._cancel_job()
         finally:
@@ -270,9 +249,19 @@ class SimulatedDevice:
     # --- commands ----------------------------------------------------------------------------
 
     @property
-    def answers_pending(self) -> int:
-        """Answers not yet taken by the operator (no PUBACK with reason 0 yet)."""
-        return len(self._pending_answers)
+    def settings(self) -> dict[str, Any]:
+        """What `set` commands changed (reported with the twin)."""
+        return self.commands.settings.get(self.name, {})
+
+    @property
+    def commands_received(self) -> list[Received]:
+        """Every command that arrived, repeats included."""
+        return [command for _, command in self.commands.received]
+
+    @property
+    def commands_executed(self) -> list[Received]:
+        """Every command acted on: once per correlation id."""
+        return [command for _, command in self.commands.executed]
 
     @property
     def uptime_seconds(self) -> float:
@@ -280,56 +269,12 @@ class SimulatedDevice:
 
     def _on_command(self, name: str, payload: bytes, correlation: bytes | None,
                     response_topic: str | None) -> None:
-        received = read_command(name, payload, correlation)
-        if received is None:
-            log.info("device %s ignored command %s without a correlation id", self.name, name)
-            return
-        self.commands_received.append(received)
-        given = self._answers.get(received.correlation)
-        if given is None:  # a repeated id is answered again, not acted on again
-            given, self.settings = answer(received, uptime_seconds=self.uptime_seconds,
-                                          seq=self.telemetry_sampled, settings=self.settings)
-            self._answers.remember(received.correlation, given)
-            self.commands_executed.append(received)
-            if given.effect is Effect.REPORT_STATE:
-                self._spawn_side(self._report_state())
-        topic = response_topic or command_result_topic(self.root, name)
-        pending = PendingAnswer(
-            topic, result_payload(received.correlation, given.status, given.message, given.data),
-            received.correlation.encode(), _expiry(payload),
-            then_reboot=given.effect is Effect.REBOOT)
-        self._spawn_side(self._answer_after_work(pending))
-
-    async def _answer_after_work(self, pending: PendingAnswer) -> None:
-        if self.command_seconds:
-            await asyncio.sleep(self.command_seconds)
-        self._pending_answers.append(pending)
-        self._answer_waiting.set()
-
-    async def _deliver_answers(self, publisher: PubackPublisher) -> None:
-        """Send each answer until a PUBACK with reason 0; 16 means the operator is not
-        listening yet (it restarts), so try again after a pause, until the command expires."""
-        misses = 0
-        while True:
-            if not self._pending_answers:
-                self._answer_waiting.clear()
-                await self._answer_waiting.wait()
-                continue
-            pending = self._pending_answers[0]
-            if pending.expires_at is not None and self._clock() > pending.expires_at:
-                self._pending_answers.pop(0)
-                continue
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = pending.correlation
-            reason = await publisher.publish(pending.topic, pending.payload, properties)
-            if reason != 0:
-                await asyncio.sleep(ANSWER_RETRY.delay(misses, self._jitter()))
-                misses += 1
-                continue
-            misses = 0
-            self._pending_answers.pop(0)
-            if pending.then_reboot:
-                self._reboot.set()
+        given = self.commands.on_command(
+            self.name, self.root, name, payload, correlation, response_topic,
+            uptime_seconds=self.uptime_seconds, seq=self.telemetry_sampled,
+            delivered=lambda a: self._reboot.set if a.effect is Effect.REBOOT else None)
+        if given is not None and given.effect is Effect.REPORT_STATE:
+            self._spawn_side(self._report_state())
 
     async def _until_reboot(self) -> None:
         """Ends the session when a reboot was asked for (and answered): offline, then back."""
@@ -402,14 +347,6 @@ class SimulatedDevice:
         self.ota_reports.append(OtaReport(state, version, reason))
         await self._publish(ota_status_topic(self.root),
                             status_payload(state, version, reason, message))
-
-
-def _expiry(payload: bytes) -> datetime | None:
-    try:
-        body = json.loads(payload)
-        return datetime.fromisoformat(str(body["expiresAt"]).replace("Z", "+00:00"))
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
