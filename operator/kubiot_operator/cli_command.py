@@ -196,7 +196,8 @@ def _cluster_connection() -> Connection:
     return Connection.from_kopf(info)
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def send_from_arguments(args: argparse.Namespace, out: TextIO) -> int:
+    """What `kubiot command` does once its arguments are parsed."""
     namespace, targets = parse_target(args.target)
     manifest = command_manifest(
         namespace=namespace, targets=targets, command=args.name,
@@ -204,16 +205,15 @@ async def _run(args: argparse.Namespace) -> int:
         offline_policy=args.offline)
     if args.local is not None:
         return await send_command(LocalCommands(args.local, args.manifests), manifest,
-                                  wait=args.wait, out=sys.stdout)
+                                  wait=args.wait, out=out)
     async with KubeClient(_cluster_connection()) as kube:
-        return await send_command(ClusterCommands(kube), manifest, wait=args.wait,
-                                  out=sys.stdout)
+        return await send_command(ClusterCommands(kube), manifest, wait=args.wait, out=out)
 
 
 def cmd_command(args: argparse.Namespace) -> int:
     """Send a command to a device or to the devices a label selector picks."""
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(send_from_arguments(args, sys.stdout))
     except UsageError as exc:
         print(f"kubiot command: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,18 +15,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 
 from kubiot_operator.cli import parser
-from kubiot_operator.cli_command import (
-    ClusterCommands,
-    command_manifest,
-    parse_params,
-    parse_target,
-    send_command,
-)
+from kubiot_operator.cli_command import send_from_arguments
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.handlers import Operator
-from kubiot_operator.kube.client import Connection, KubeClient
 from kubiot_operator.simulator import Fleet
 from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
 from kubiot_operator.simulator.sender import stop_task
@@ -221,23 +216,29 @@ async def test_a_rebooted_device_goes_offline_and_comes_back(commands: Commands)
     assert commands.fleet[SOLO].reboots == 1
 
 
-async def test_the_cli_prints_each_answer_as_it_comes(commands: Commands,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_cli_prints_each_answer_as_it_comes(
+        commands: Commands, monkeypatch: pytest.MonkeyPatch,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    kubeconfig = tmp_path_factory.mktemp("kubeconfig") / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": commands.env.kube.url,
+                                                      "insecure-skip-tls-verify": True}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "me"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     args = parser().parse_args(["command", f"{NAMESPACE}/fleet=pumps", "ping", "--wait",
                                 "--timeout", "15", "--param", "verbose=true"])
-    namespace, selected = parse_target(args.target)
-    # As `kubiot command` builds it, with a fixed name instead of a random suffix.
-    manifest = command_manifest(namespace=namespace, targets=selected, command=args.name,
-                                params=parse_params(args.param), timeout_seconds=args.timeout,
-                                offline_policy=args.offline, name="cli-ping")
-    assert manifest["spec"]["parameters"] == {"verbose": True}
     out = io.StringIO()
-    async with KubeClient(Connection(server=commands.env.kube.url, insecure=True)) as kube:
-        status = await send_command(ClusterCommands(kube), manifest, wait=args.wait, out=out)
+
+    status = await send_from_arguments(args, out)
 
     lines = out.getvalue().splitlines()
     assert status == 0
-    assert lines[0] == "devicecommand acme/cli-ping created: ping"
+    created = re.fullmatch(r"devicecommand acme/(ping-[0-9a-f]{6}) created: ping", lines[0])
+    assert created is not None
+    body = await commands.env.kube.get(API, "DeviceCommand", created[1], NAMESPACE)
+    assert body is not None and body["spec"]["parameters"] == {"verbose": True}
     assert sorted(line.split()[0] for line in lines[1:-1]) == PUMPS
     assert all(line.split()[1:3] == ["Succeeded", "pong"] for line in lines[1:-1])
     assert lines[-1] == "10/10 succeeded, 0 failed, 0 timed out, 0 offline"

@@ -134,6 +134,9 @@ async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome
     """Start what is due, send what can be sent, time out what is late; return the status."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
+    if _finished_for_good(body):
+        # Finished one-shot commands stay around as records; rechecking one costs no API call.
+        return Outcome(status={})
     async with platform.lock(lock_key(namespace, name)):
         latest = await platform.objects.get(DEVICECOMMANDS, name, namespace)
         if latest is None or latest["metadata"].get("deletionTimestamp"):
@@ -144,6 +147,15 @@ async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome
             outcome.status = {}  # nothing changed: an idle schedule costs no write
         await _write(platform, namespace, name, outcome.status)
         return outcome
+
+
+def _finished_for_good(body: dict[str, Any]) -> bool:
+    """A one-shot command whose run is over, and whose spec has not changed since."""
+    status = body.get("status") or {}
+    return (not (body.get("spec") or {}).get("schedule")
+            and status.get("phase") in (CommandPhase.SUCCEEDED.value, CommandPhase.FAILED.value)
+            and status.get("observedGeneration") == generation(body)
+            and all((run or {}).get("announced") for run in status.get("runs") or []))
 
 
 async def delete_command(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -357,6 +369,11 @@ class CommandResults:
         self._namespaces: dict[str, str] = {}
         self.recorded = 0
         self.ignored = 0
+
+    @property
+    def queued(self) -> int:
+        """Answers received and not yet recorded."""
+        return len(self._queue)
 
     def attach(self, platform: Platform) -> None:
         self._platform = platform
