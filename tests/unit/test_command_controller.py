@@ -151,6 +151,10 @@ async def test_forged_repeated_and_foreign_answers_are_ignored(setup: Setup) -> 
     await setup.answer(0, ResultStatus.ERROR, "again")
     assert setup.targets()["pump-1"] == "Succeeded"
     assert (setup.results.recorded, setup.results.ignored) == (1, 4)
+    answers = setup.platform.metrics.command_answers
+    assert {o: answers.labels(o)._value.get() for o in ("recorded", "refused", "unmatched",
+                                                        "late")} == {
+        "recorded": 1, "refused": 1, "unmatched": 2, "late": 1}
 
 
 async def test_a_schedule_runs_on_time_and_keeps_its_history_limit(setup: Setup) -> None:

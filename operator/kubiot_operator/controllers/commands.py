@@ -250,6 +250,7 @@ async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
             outcome.normal("RunSucceeded", summary)
         else:
             outcome.warning("RunFailed", summary)
+        platform.metrics.command_runs.labels(tenant, run.phase.value).inc()
         record.runs[index] = run.model_copy(update={"announced": True})
     record.runs = kept_runs(record.runs, scheduled=spec.schedule is not None,
                             successful_limit=spec.successful_runs_history_limit,
@@ -287,6 +288,7 @@ async def _send_due(platform: Platform, name: str, namespace: str, tenant: str,
         for index, device in sends:
             run = record.runs[index]
             await _publish(platform, name, tenant, spec, run, device)
+            platform.metrics.commands_sent.labels(tenant).inc()
             published.setdefault(index, []).append(device)
     finally:
         # Whatever went out is recorded, even when a publish failed midway (it is retried).
@@ -383,25 +385,27 @@ class CommandResults:
         try:
             parsed_topic = parse_topic(topic)
         except ContractError as exc:
-            self._ignore(topic, str(exc))
+            self._ignore(topic, "refused", str(exc))
             return
         if parsed_topic.channel is not Channel.COMMAND_RESULT or parsed_topic.stream is None:
-            self._ignore(topic, "not a command result topic")
+            self._ignore(topic, "refused", "not a command result topic")
             return
         parsed = parse_result(payload, correlation_data)
         if isinstance(parsed, ResultRefused):
-            self._ignore(topic, f"{parsed.reason.value}: {parsed.message}")
+            self._ignore(topic, "refused", f"{parsed.reason.value}: {parsed.message}")
             return
         if parsed.correlation.device != parsed_topic.name:
             # A device answers only for itself (a gateway answers on its child's topic).
-            self._ignore(topic, "the correlation id names another device")
+            self._ignore(topic, "unmatched", "the correlation id names another device")
             return
         self._queue.append(_Answer(parsed_topic.tenant, parsed_topic.name, parsed_topic.stream,
                                    parsed))
         self._wakeup.set()
 
-    def _ignore(self, topic: str, why: str) -> None:
+    def _ignore(self, topic: str, outcome: str, why: str) -> None:
         self.ignored += 1
+        if self._platform is not None:
+            self._platform.metrics.command_answers.labels(outcome).inc()
         log.info("command result on %s ignored: %s", topic, why)
 
     async def run(self) -> None:
@@ -433,14 +437,17 @@ class CommandResults:
     async def _record(self, tenant: str, name: str, answers: Sequence[_Answer]) -> None:
         namespace = await self._namespace_of(tenant)
         if namespace is None:
-            self.ignored += len(answers)
+            for answer in answers:
+                self._ignore(f"{tenant}/devices/{answer.device}", "unmatched", "no such tenant")
             return
         platform = self._platform
         assert platform is not None
         async with platform.lock(lock_key(namespace, name)):
             body = await platform.objects.get(DEVICECOMMANDS, name, namespace)
             if body is None:
-                self.ignored += len(answers)
+                for answer in answers:
+                    self._ignore(f"{tenant}/devices/{answer.device}", "unmatched",
+                                 f"no DeviceCommand {namespace}/{name}")
                 return
             command = (body.get("spec") or {}).get("command")
             status = body.get("status") or {}
@@ -452,18 +459,19 @@ class CommandResults:
                                   if r.number == correlation.run), None)
                 if run_index is None or answer.command != command or not hmac.compare_digest(
                         runs[run_index].token.encode(), correlation.token.encode()):
-                    self._ignore(f"{tenant}/devices/{answer.device}", "it answers no run of "
-                                 f"DeviceCommand {namespace}/{name}")
+                    self._ignore(f"{tenant}/devices/{answer.device}", "unmatched",
+                                 f"it answers no run of DeviceCommand {namespace}/{name}")
                     continue
                 updated, accepted = apply_result(runs[run_index], answer.device,
                                                  answer.parsed.result, platform.clock())
                 if not accepted:
-                    self._ignore(f"{tenant}/devices/{answer.device}",
+                    self._ignore(f"{tenant}/devices/{answer.device}", "late",
                                  f"run {correlation.run} is not waiting for its answer")
                     continue
                 runs[run_index] = updated
                 changed = True
                 self.recorded += 1
+                platform.metrics.command_answers.labels("recorded").inc()
             if changed:
                 latest = runs[-1]
                 patch = {"runs": [r.to_wire() for r in runs], "counts": latest.counts.to_wire()}
