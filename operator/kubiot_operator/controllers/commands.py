@@ -131,7 +131,8 @@ class _Record:
 
 
 async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome:
-    """Start what is due, send what can be sent, time out what is late; return the status."""
+    """Start what is due, send what can be sent, time out what is late; write the status
+    (the returned outcome carries events and the next recheck, no status to write)."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     if _finished_for_good(body):
@@ -143,9 +144,11 @@ async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome
             return Outcome(status={})
         outcome = await _reconcile(platform, latest)
         previous = latest.get("status") or {}
-        if all(previous.get(key) == value for key, value in outcome.status.items()):
-            outcome.status = {}  # nothing changed: an idle schedule costs no write
-        await _write(platform, namespace, name, outcome.status)
+        if any(previous.get(key) != value for key, value in outcome.status.items()):
+            await _write(platform, namespace, name, outcome.status)
+        # Written here, under the lock, and not again by the caller: an answer recorded right
+        # after the lock is released must not be overwritten by this (then stale) status.
+        outcome.status = {}
         return outcome
 
 
