@@ -175,7 +175,8 @@ class SimulatedDevice:
             self.connects += 1
             self.connected.set()
             try:
-                # Either ending ends the session: a lost connection, or a PUBACK that never came.
+                # Any of these ending ends the session: a lost connection, a PUBACK that never
+                # came, or a reboot asked for by a command.
                 await until_one_ends(self._receive(client), self._telemetry.run(publisher),
                                      self.commands.deliver(publisher), self._until_reboot())
             finally:
