@@ -200,3 +200,47 @@ def test_whatever_arrives_on_a_result_topic_is_queued_or_ignored_never_raised(
     results = CommandResults()
     results.on_result(topic, payload, correlation)
     assert results.ignored + results.queued == 1
+
+
+async def test_a_command_at_a_time_waits_for_it(setup: Setup) -> None:
+    setup.objects.put(command_body(at="2026-01-01T00:10:00Z", targets={"devices": ["pump-1"]}))
+    outcome = await setup.reconcile()
+    assert (setup.status()["phase"], setup.status()["nextRun"]) == ("Pending",
+                                                                    "2026-01-01T00:10:00Z")
+    assert setup.messenger.published == [] and outcome.retry_after == 10
+
+    setup.clock.now = setup.clock.now.replace(minute=10)
+    await setup.reconcile()
+    assert setup.targets() == {"pump-1": "Sent"}
+    assert "nextRun" not in setup.status()
+
+
+async def test_forbid_skips_a_due_run_and_replace_cancels_the_one_under_way(
+        setup: Setup) -> None:
+    for name, policy in (("forbid", "Forbid"), ("replace", "Replace")):
+        setup.objects.put(command_body(name, schedule="* * * * *", concurrencyPolicy=policy,
+                                       targets={"devices": ["pump-1"]}, timeoutSeconds=300))
+    setup.clock.now = setup.clock.now.replace(minute=1, second=1)
+    for name in ("forbid", "replace"):
+        await setup.reconcile(name)
+    setup.clock.now = setup.clock.now.replace(minute=2, second=1)  # nobody answered
+
+    skipped = await setup.reconcile("forbid")
+    replaced = await setup.reconcile("replace")
+
+    assert [e.reason for e in skipped.events] == ["RunSkipped"]
+    assert [r["number"] for r in setup.status("forbid")["runs"]] == [1]
+    runs = setup.status("replace")["runs"]
+    assert [(r["number"], r["phase"]) for r in runs] == [(1, "Failed"), (2, "Running")]
+    assert runs[0]["counts"]["cancelled"] == 1
+    assert "RunFailed" in [e.reason for e in replaced.events]
+
+
+async def test_parameters_too_large_for_a_command_are_refused_in_status(setup: Setup) -> None:
+    setup.objects.put(command_body(parameters={"blob": "x" * 9000}))
+    outcome = await setup.reconcile()
+    ready = setup.status()["conditions"][0]
+    assert (ready["reason"], setup.status()["phase"]) == ("InvalidSpec", "Failed")
+    assert "parameters are larger than 8192 bytes" in ready["message"]
+    assert [e.reason for e in outcome.events] == ["InvalidSpec"]
+    assert setup.messenger.published == []
