@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
@@ -99,10 +98,14 @@ class Runtime:
         return self.platform
 
     async def stop(self) -> None:
-        if self.platform is not None:
-            # Answers already received are recorded before the session goes (bounded).
-            with contextlib.suppress(Exception):
+        if self.platform is not None and self.results.queued:
+            # Answers already received (and acknowledged to the devices) are recorded before
+            # the session goes; bounded, so stopping cannot hang on an unreachable API server.
+            try:
                 await asyncio.wait_for(self.results.flush(), STOP_TIMEOUT_SECONDS)
+            except Exception as exc:
+                log.warning("%d command answers were not recorded before stopping; their "
+                            "targets will time out: %r", self.results.queued, exc)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
