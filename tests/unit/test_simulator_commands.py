@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import UTC, datetime
 
 from kubiot_contract.commands import ResultStatus
 from kubiot_operator.simulator.commands import (
@@ -12,6 +14,7 @@ from kubiot_operator.simulator.commands import (
     answer,
     read_command,
 )
+from kubiot_operator.simulator.responder import CommandResponder
 
 
 def command(name: str, **params: object) -> Received:
@@ -59,3 +62,26 @@ def test_answers_are_remembered_for_the_latest_commands_only() -> None:
         memory.remember(correlation, answer(command("ping"), uptime_seconds=0, seq=0,
                                             settings={})[0])
     assert memory.get("a") is None and memory.get("c") is not None
+
+
+async def test_a_repeated_id_is_answered_again_without_acting_and_expired_ones_are_dropped(
+) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    responder = CommandResponder(clock=lambda: now, jitter=lambda: 0.0)
+    body = json.dumps({"id": "c-1", "params": {"power": "on"},
+                       "expiresAt": "2026-01-01T00:00:30Z"}).encode()
+    expired = json.dumps({"id": "c-2", "params": {}, "expiresAt": "2025-12-31T23:59:00Z"})
+
+    first = responder.on_command("p1", "acme/devices/p1", "set", body, None, None,
+                                 uptime_seconds=1, seq=0)
+    again = responder.on_command("p1", "acme/devices/p1", "set", body, None, None,
+                                 uptime_seconds=2, seq=1)
+    late = responder.on_command("p1", "acme/devices/p1", "ping", expired.encode(), None, None,
+                                uptime_seconds=3, seq=2)
+    await asyncio.sleep(0)  # the answers are queued once their work is done
+
+    assert first is not None and first.effect is Effect.REPORT_STATE
+    assert again is None and late is None
+    assert len(responder.received) == 3 and len(responder.executed) == 1
+    assert responder.settings == {"p1": {"power": "on"}}
+    assert responder.pending == 2  # the answer, and the same answer again

@@ -73,6 +73,9 @@ class CommandResponder:
         if received is None:
             return None
         self.received.append((device, received))
+        expires_at = _expiry(payload)
+        if expires_at is not None and self._clock() > expires_at:
+            return None  # nobody waits for this answer any more: neither act nor answer
         memory = self._memory.setdefault(device, AnswerMemory())
         given = memory.get(received.correlation)
         fresh = given is None
@@ -85,7 +88,7 @@ class CommandResponder:
         pending = PendingAnswer(
             response_topic or command_result_topic(root, name),
             result_payload(received.correlation, given.status, given.message, given.data),
-            received.correlation.encode(), _expiry(payload),
+            received.correlation.encode(), expires_at,
             delivered(given) if fresh else None)
         task = asyncio.ensure_future(self._queue_after_work(pending))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
