@@ -1,4 +1,5 @@
-"""`kubiot`: the command-line tool. Validate manifests offline, print CRDs, show access rules."""
+"""`kubiot`: the command-line tool. Validate manifests offline, print CRDs, show access rules,
+send commands to devices."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kubiot_contract import topics as contract
+from kubiot_operator.cli_command import add_parser as add_command_parser
 from kubiot_operator.crd.generate import render
 from kubiot_operator.local.cli import add_parser as add_local_parser
 from kubiot_operator.manifests import load_resources
@@ -67,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     who.add_argument("--gateway")
     rules.add_argument("--children", nargs="*", help="devices the gateway serves")
     rules.set_defaults(run=cmd_rules)
+    add_command_parser(commands)
     add_local_parser(commands)
     return root
 

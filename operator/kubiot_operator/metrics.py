@@ -55,6 +55,16 @@ class OperatorMetrics:
         self.rollout_devices = Gauge(
             "kubiot_rollout_devices", "Devices of a firmware release by state.",
             ["tenant", "release", "state"], registry=r)
+        self.commands_sent = Counter(
+            "kubiot_commands_sent_total", "Commands published to devices.", ["tenant"],
+            registry=r)
+        self.command_answers = Counter(
+            "kubiot_command_answers_total", "Command answers received, by what became of them: "
+            "recorded, refused (not in the contract), unmatched (no such run or token), late "
+            "(the target was not waiting for one).", ["outcome"], registry=r)
+        self.command_runs = Counter(
+            "kubiot_command_runs_total", "DeviceCommand runs finished, by phase.",
+            ["tenant", "phase"], registry=r)
         self.rollouts_aborted = Counter(
             "kubiot_rollouts_aborted_total", "Firmware rollouts aborted by their failure budget.",
             ["tenant", "release"], registry=r)

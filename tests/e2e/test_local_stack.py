@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -158,6 +159,26 @@ async def test_make_dev_runs_the_platform_and_stops_cleanly(stack: Stack) -> Non
                                message="telemetry from every simulated device")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; rows only from {seen}\n{stack.output()}") from None
+
+    # Commands: the example's ping got its answer, and one from the command line prints its own.
+    async def example_ping_answered() -> bool:
+        from kubiot_operator.kube.client import DEVICECOMMANDS
+        from kubiot_operator.local.objects import FileObjects
+
+        command = await FileObjects(stack.root / "objects.json").get(
+            DEVICECOMMANDS, "ping-pressure-01", "acme")
+        return ((command or {}).get("status") or {}).get("phase") == "Succeeded"
+
+    await async_wait_until(example_ping_answered, timeout=30, interval=0.5,
+                           message="the example DeviceCommand answered")
+    sent = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", "from kubiot_operator.cli import main; main()",
+                         "command", "acme/pressure-01", "ping", "--wait", "--timeout", "20",
+                         "--local", str(stack.root), "--manifests", str(stack.manifests)],
+        cwd=REPO, capture_output=True, text=True, timeout=90, check=False)
+    assert sent.returncode == 0, sent.stdout + sent.stderr + stack.output()
+    assert "\npressure-01  Succeeded  pong  " in sent.stdout
+    assert sent.stdout.endswith("1/1 succeeded, 0 failed, 0 timed out, 0 offline\n")
 
     # Suspending a device in its manifest: the broker refuses it within seconds.
     ports = dict(line.split("=") for line in (stack.root / "ports.env").read_text().split())

@@ -81,6 +81,8 @@ class Published:
     topic: str
     payload: bytes
     retain: bool
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
 
     def json(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.payload)
@@ -94,8 +96,11 @@ class RecordingMessenger:
     published: list[Published] = field(default_factory=list)
     retained: dict[str, bytes] = field(default_factory=dict)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
-        self.published.append(Published(topic, payload, retain))
+    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1,
+                      correlation_data: bytes | None = None,
+                      response_topic: str | None = None) -> None:
+        self.published.append(Published(topic, payload, retain, correlation_data,
+                                        response_topic))
         if retain:
             if payload:
                 self.retained[topic] = payload

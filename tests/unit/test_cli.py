@@ -22,7 +22,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_validate_accepts_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "validate", str(ROOT / "manifests" / "examples"))
     assert code == 0
-    assert "8 kubiot resources checked, 0 invalid" in out
+    assert "10 kubiot resources checked, 0 invalid" in out
 
 
 def test_validate_names_the_file_and_field(capsys: pytest.CaptureFixture[str],
@@ -44,7 +44,7 @@ def test_crds_prints_every_crd(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     names = [d["metadata"]["name"] for d in yaml.safe_load_all(out)]
     assert names == ["tenants.kubiot.io", "devices.kubiot.io", "gateways.kubiot.io",
-                     "firmwarereleases.kubiot.io"]
+                     "firmwarereleases.kubiot.io", "devicecommands.kubiot.io"]
 
 
 def test_rules_for_a_gateway(capsys: pytest.CaptureFixture[str]) -> None:

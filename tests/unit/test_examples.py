@@ -42,7 +42,7 @@ def _example(kind: str, name: str | None = None) -> dict[str, Any]:
 
 def test_examples_cover_every_kind_and_a_realistic_fleet() -> None:
     kinds = [r["kind"] for r in RESOURCES]
-    assert {"Tenant", "Gateway", "Device", "FirmwareRelease"} <= set(kinds)
+    assert {"Tenant", "Gateway", "Device", "FirmwareRelease", "DeviceCommand"} <= set(kinds)
     assert kinds.count("Device") >= 4
     gateway = _example("Gateway")
     selected = gateway["spec"]["selector"]["matchLabels"]
@@ -101,6 +101,16 @@ BROKEN: list[tuple[str, str, Mutation, str]] = [
      "spec.strategy.failureBudget"),
     ("FirmwareRelease", "waves that never reach everyone (CEL)",
      lambda r: r["spec"]["strategy"].update(waves=[10, 50]), "spec.strategy.waves"),
+    ("DeviceCommand", "command name that cannot be a topic level",
+     lambda r: r["spec"].update(command="Re/boot"), "spec.command"),
+    ("DeviceCommand", "at and schedule together (CEL)",
+     lambda r: r["spec"].update(at="2026-12-01T06:00:00Z", schedule="0 6 * * *"), "spec"),
+    ("DeviceCommand", "no targets (CEL)", lambda r: r["spec"].update(targets={}),
+     "spec.targets"),
+    ("DeviceCommand", "unknown offline policy",
+     lambda r: r["spec"].update(offlinePolicy="Retry"), "spec.offlinePolicy"),
+    ("DeviceCommand", "schedule with four fields",
+     lambda r: r["spec"].update(schedule="0 6 * *"), "spec.schedule"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def run_token() -> str:
+    """A random token for a command run's correlation ids (128 bits)."""
+    return secrets.token_urlsafe(16)
+
+
 @dataclass
 class Platform:
     """The adapters plus the platform facts controllers decide with."""
@@ -36,6 +42,7 @@ class Platform:
     ca_namespace: str
     broker_kind: str = "mosquitto"
     clock: Callable[[], datetime] = utc_now
+    token: Callable[[], str] = run_token
     # Called when a namespace's devices change, so gateways serving them are brought up to date.
     gateway_refresh: Callable[[str], None] = field(default=lambda namespace: None)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, repr=False)

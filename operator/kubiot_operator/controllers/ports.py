@@ -30,7 +30,10 @@ class Objects(Protocol):
 class Messenger(Protocol):
     """The operator's own MQTT connection, for what it sends to devices."""
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None: ...
+    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1,
+                      correlation_data: bytes | None = None,
+                      response_topic: str | None = None) -> None:
+        """Publish; a command carries MQTT v5 correlation data and a response topic."""
 
 
 class TrustPublisher(Protocol):

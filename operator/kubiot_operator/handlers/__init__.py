@@ -14,6 +14,7 @@ import kopf
 
 from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.brokers import BrokerBackend, BrokerError
+from kubiot_operator.controllers.commands import delete_command, reconcile_command
 from kubiot_operator.controllers.device import delete_device, reconcile_device
 from kubiot_operator.controllers.firmware import delete_release, reconcile_release
 from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
@@ -89,6 +90,8 @@ class Operator:
                             timer=self.settings.renewal_check_seconds)
         self._register_kind("firmwarereleases", "FirmwareRelease", reconcile_release,
                             delete_release, timer=5.0)
+        self._register_kind("devicecommands", "DeviceCommand", reconcile_command,
+                            delete_command, timer=5.0)
 
     def _register_kind(self, plural: str, kind: str, reconcile: Controller, delete: Controller,
                        *, timer: float) -> None:

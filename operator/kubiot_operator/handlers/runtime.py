@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from kubiot_contract.topics import operator_client_id, report_filters
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
+from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher
@@ -51,6 +52,7 @@ class Runtime:
         self.platform: Platform | None = None
         self.mqtt: OperatorMqtt | None = None
         self.reports: ReportPump | None = None
+        self.results = CommandResults()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
 
@@ -66,7 +68,7 @@ class Runtime:
             settings.broker_admin_username, settings.broker_admin_password.get_secret_value(),
             client_id=operator_client_id(f"reports-{settings.namespace}"),
             tls=_admin_tls(settings), subscriptions=report_filters(),
-            on_message=self.reports.on_message)
+            on_message=self.reports.on_message, on_command_result=self.results.on_result)
         ca_pem = _read(settings.broker_ca_file)
         self.platform = Platform(
             objects=self.kube,
@@ -83,17 +85,27 @@ class Runtime:
                 platform_database_secret=settings.platform_database_secret,
                 platform_database_key=settings.platform_database_key),
             ca_namespace=settings.namespace, broker_kind=settings.broker.value)
+        self.results.attach(self.platform)
         refresher = GatewayRefresher(self.platform, self.write_status)
         self.platform.gateway_refresh = refresher.request
         self._spawn(self.mqtt.run(), "mqtt")
         self._spawn(self.reports.run(), "reports")
         self._spawn(refresher.run(), "gateways")
+        self._spawn(self.results.run(), "command-results")
         self._spawn(resync_forever(self.platform, settings.resync_period_seconds), "resync")
         if settings.metrics_port:
             await self._serve_http(settings.metrics_port)
         return self.platform
 
     async def stop(self) -> None:
+        if self.platform is not None and self.results.queued:
+            # Answers already received (and acknowledged to the devices) are recorded before
+            # the session goes; bounded, so stopping cannot hang on an unreachable API server.
+            try:
+                await asyncio.wait_for(self.results.flush(), STOP_TIMEOUT_SECONDS)
+            except Exception as exc:
+                log.warning("%d command answers were not recorded before stopping; their "
+                            "targets will time out: %r", self.results.queued, exc)
         for task in self._tasks:
             task.cancel()
         if self._tasks:

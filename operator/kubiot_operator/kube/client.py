@@ -76,6 +76,7 @@ TENANTS = KubeKind("kubiot.io", "v1alpha1", "tenants", namespaced=False)
 DEVICES = KubeKind("kubiot.io", "v1alpha1", "devices", namespaced=True)
 GATEWAYS = KubeKind("kubiot.io", "v1alpha1", "gateways", namespaced=True)
 FIRMWARERELEASES = KubeKind("kubiot.io", "v1alpha1", "firmwarereleases", namespaced=True)
+DEVICECOMMANDS = KubeKind("kubiot.io", "v1alpha1", "devicecommands", namespaced=True)
 
 KINDS_BY_API = {
     (k.api_version, kind): k
@@ -84,7 +85,7 @@ KINDS_BY_API = {
         (DEPLOYMENTS, "Deployment"), (PODDISRUPTIONBUDGETS, "PodDisruptionBudget"),
         (NETWORKPOLICIES, "NetworkPolicy"), (SERVICEMONITORS, "ServiceMonitor"),
         (TENANTS, "Tenant"), (DEVICES, "Device"), (GATEWAYS, "Gateway"),
-        (FIRMWARERELEASES, "FirmwareRelease"),
+        (FIRMWARERELEASES, "FirmwareRelease"), (DEVICECOMMANDS, "DeviceCommand"),
     )
 }
 

@@ -16,11 +16,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubiot_operator.controllers.commands import delete_command, reconcile_command
 from kubiot_operator.controllers.device import delete_device, reconcile_device
 from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.controllers.tenant import delete_tenant, reconcile_tenant
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeKind, kind_of
+from kubiot_operator.kube.client import (
+    DEVICECOMMANDS,
+    DEVICES,
+    GATEWAYS,
+    TENANTS,
+    KubeKind,
+    kind_of,
+)
 from kubiot_operator.kube.secrets import secret_object
 from kubiot_operator.manifests import load_resources, manifest_files
 from kubiot_operator.models.tenant import TenantSpec
@@ -36,6 +44,7 @@ ORDER: tuple[tuple[KubeKind, Controller, Controller], ...] = (
     (TENANTS, reconcile_tenant, delete_tenant),
     (DEVICES, reconcile_device, delete_device),
     (GATEWAYS, reconcile_gateway, delete_gateway),
+    (DEVICECOMMANDS, reconcile_command, delete_command),
 )
 FULL_PASS_SECONDS = 60.0
 

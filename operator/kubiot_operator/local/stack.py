@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_all
@@ -103,9 +104,11 @@ class LocalStack:
         await backend.__aenter__()
         reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
                              patches_per_second=200)
+        results = CommandResults()
         mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
                             client_id=REPORTS_CLIENT_ID, subscriptions=report_filters(),
-                            on_message=reports.on_message)
+                            on_message=reports.on_message,
+                            on_command_result=results.on_result)
         platform = Platform(
             objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,
             trust=self.broker, metrics=self.metrics,
@@ -117,6 +120,7 @@ class LocalStack:
                                      platform_database_key="dsn"),
             ca_namespace="local")
         reconciler.attach(platform, database_dsn=self.postgres.dsn)
+        results.attach(platform)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")
         simulation = Simulation(self.objects, options.root / "devices",
                                 interval=options.telemetry_interval, enabled=options.simulate)
@@ -124,6 +128,7 @@ class LocalStack:
         try:
             self._spawn(mqtt.run(), "mqtt")
             self._spawn(reports.run(), "reports")
+            self._spawn(results.run(), "command-results")
             await mqtt.wait_connected(30)
             await reconciler.sync()
             await resync_all(platform)

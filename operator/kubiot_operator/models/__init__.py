@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kubiot_operator import API_GROUP, API_VERSION
+from kubiot_operator.models.command import DeviceCommandSpec, DeviceCommandStatus
 from kubiot_operator.models.device import DeviceSpec, DeviceStatus
 from kubiot_operator.models.firmware import FirmwareReleaseSpec, FirmwareReleaseStatus
 from kubiot_operator.models.gateway import GatewaySpec, GatewayStatus
@@ -140,7 +141,27 @@ FIRMWARE_RELEASE = ResourceKind(
     ),
 )
 
-KINDS: tuple[ResourceKind, ...] = (TENANT, DEVICE, GATEWAY, FIRMWARE_RELEASE)
+DEVICE_COMMAND = ResourceKind(
+    kind="DeviceCommand", plural="devicecommands", short_names=("dcmd",), namespaced=True,
+    spec=DeviceCommandSpec, status=DeviceCommandStatus, name_in_topics=False,
+    description="A command (ping, set, reboot, ...) sent to the devices it targets, once, at a "
+                "time, or on a cron schedule, with each device's result in status.",
+    printer_columns=(
+        PrinterColumn("Command", ".spec.command"),
+        PHASE,
+        PrinterColumn("Targets", ".status.counts.targeted", "integer"),
+        PrinterColumn("Succeeded", ".status.counts.succeeded", "integer"),
+        PrinterColumn("Failed", ".status.counts.failed", "integer"),
+        PrinterColumn("Timed-Out", ".status.counts.timedOut", "integer", priority=1),
+        PrinterColumn("Offline", ".status.counts.offline", "integer"),
+        PrinterColumn("Schedule", ".spec.schedule", priority=1),
+        PrinterColumn("Last-Run", ".status.lastRun", "date"),
+        PrinterColumn("Next-Run", ".status.nextRun", "date", priority=1),
+        AGE,
+    ),
+)
+
+KINDS: tuple[ResourceKind, ...] = (TENANT, DEVICE, GATEWAY, FIRMWARE_RELEASE, DEVICE_COMMAND)
 
 
 def kind_named(kind: str) -> ResourceKind:

@@ -1,7 +1,8 @@
 """One long-lived MQTT v5 session for the operator, reconnected with backoff.
 
-Publishes (desired state, firmware jobs) wait a bounded time for the session; reports arriving on
-the subscribed filters are handed to a callback, never dropped by a slow reconcile.
+Publishes (desired state, firmware jobs, commands) wait a bounded time for the session; reports
+arriving on the subscribed filters are handed to a callback, never dropped by a slow reconcile.
+Command results go to their own callback with the MQTT v5 correlation data they carry.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from kubiot_contract.topics import REPORTS_CLIENT_ID
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+#: topic, payload, MQTT v5 correlation data (None when the sender set none)
+ResultHandler = Callable[[str, bytes, bytes | None], None]
 
 
 class MessengerUnavailable(RuntimeError):
@@ -34,6 +37,7 @@ class OperatorMqtt:
     def __init__(self, host: str, port: int, username: str, password: str, *,
                  client_id: str = REPORTS_CLIENT_ID, tls: ssl.SSLContext | None = None,
                  subscriptions: list[str] | None = None, on_message: MessageHandler | None = None,
+                 on_command_result: ResultHandler | None = None,
                  publish_timeout: float = 10.0, max_backoff: float = 30.0) -> None:
         self._host, self._port = host, port
         self._username, self._password = username, password
@@ -41,6 +45,7 @@ class OperatorMqtt:
         self._tls = tls
         self._subscriptions = subscriptions or []
         self._on_message = on_message
+        self._on_command_result = on_command_result
         self._publish_timeout = publish_timeout
         self._max_backoff = max_backoff
         self._client: aiomqtt.Client | None = None
@@ -59,15 +64,24 @@ class OperatorMqtt:
             raise MessengerUnavailable(
                 f"no MQTT session with {self._host}:{self._port} after {seconds:.0f} s") from None
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1,
+                      correlation_data: bytes | None = None,
+                      response_topic: str | None = None) -> None:
         await self.wait_connected(self._publish_timeout)
         assert self._client is not None
+        properties = None
+        if correlation_data is not None or response_topic is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
         # Bounded here, not by aiomqtt or `asyncio.wait_for`: on Python 3.11 those swallow a
         # cancellation that lands just as the PUBACK arrives.
         try:
             async with asyncio.timeout(self._publish_timeout):
                 await self._client.publish(topic, payload, qos=qos, retain=retain,
-                                           timeout=math.inf)
+                                           properties=properties, timeout=math.inf)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             raise MessengerUnavailable(f"publishing to {topic} failed: {exc}") from exc
 
@@ -110,7 +124,18 @@ class OperatorMqtt:
             self.connects += 1
             log.info("MQTT session with %s:%s established", self._host, self._port)
             async for message in client.messages:
-                if self._on_message is not None:
-                    payload = message.payload
-                    data = payload if isinstance(payload, bytes) else str(payload).encode()
-                    self._on_message(str(message.topic), data)
+                payload = message.payload
+                data = payload if isinstance(payload, bytes) else str(payload).encode()
+                topic = str(message.topic)
+                if self._on_command_result is not None and is_command_result(topic):
+                    correlation = getattr(message.properties, "CorrelationData", None)
+                    self._on_command_result(
+                        topic, data, bytes(correlation) if correlation is not None else None)
+                elif self._on_message is not None:
+                    self._on_message(topic, data)
+
+
+def is_command_result(topic: str) -> bool:
+    """`…/cmd/{name}/result`; the receiver checks the rest against the contract."""
+    levels = topic.split("/")
+    return len(levels) == 6 and levels[3] == "cmd" and levels[5] == "result"

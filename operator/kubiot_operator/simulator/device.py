@@ -3,6 +3,8 @@
 It announces presence (with `offline` as its last will), sends telemetry, reports and applies
 its twin, and installs firmware from signed `ota/job` messages as a real device would: verify
 the signature and that the job is its own, download, check size and SHA-256, install, report.
+It answers commands (`ping`, `set`, `reboot`; see `commands.py`) on the response topic with the
+command's correlation data, keeping each answer until a PUBACK with reason 0, as telemetry.
 
 Telemetry is sampled at a steady rate whether or not the device is connected, and kept in an
 outbox until a PUBACK with reason 0 (see `outbox.py`); reconnection and resending both back off.
@@ -17,6 +19,7 @@ import logging
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,19 +33,23 @@ from kubiot_contract.telemetry import CURRENT_VERSION
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
+    Channel,
     ota_job_topic,
     ota_status_topic,
     presence_topic,
     state_desired_topic,
     state_reported_topic,
     telemetry_topic,
+    topic_spec,
 )
 
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
+from .commands import Effect, Received
 from .credentials import DeviceCredentials
 from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
 from .puback import PubackPublisher
+from .responder import CommandResponder
 from .scenario import InstallResult, Scenario
 from .sender import RECONNECT, TELEMETRY_RETRY, TelemetrySender, stop_task, until_one_ends
 
@@ -51,7 +58,6 @@ log = logging.getLogger(__name__)
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,8 @@ class SimulatedDevice:
                  telemetry_retry: RetryPolicy = TELEMETRY_RETRY,
                  reconnect: RetryPolicy = RECONNECT,
                  outbox_capacity: int = DEFAULT_CAPACITY,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 reboot_seconds: float = 1.0, command_seconds: float = 0.0) -> None:
         self.credentials = credentials
         self.firmware = firmware
         self.scenario = scenario or Scenario()
@@ -95,6 +102,12 @@ class SimulatedDevice:
         self.telemetry_sampled = 0  # also the next sample's seq
         self.connected = asyncio.Event()
         self.connects = 0
+        self.commands = CommandResponder(clock=clock, jitter=jitter,
+                                         command_seconds=command_seconds)
+        self.reboots = 0
+        self._reboot_seconds = reboot_seconds
+        self._reboot = asyncio.Event()
+        self._booted = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -130,6 +143,12 @@ class SimulatedDevice:
                     self.connected.clear()
                     self._client = None
                 failures = 0 if self.connects > before else failures + 1
+                if self._reboot.is_set():
+                    self._reboot.clear()
+                    self.reboots += 1
+                    await asyncio.sleep(self._reboot_seconds)
+                    self._booted = time.monotonic()
+                    continue
                 await asyncio.sleep(self._reconnect.delay(failures, self._jitter()))
         finally:
             await stop_task(sampling)
@@ -150,13 +169,16 @@ class SimulatedDevice:
             self._client = client
             await client.subscribe(state_desired_topic(self.root), qos=1)
             await client.subscribe(ota_job_topic(self.root), qos=1)
+            await client.subscribe(f"{self.root}/{topic_spec(Channel.COMMAND).filter}", qos=1)
             await self._publish(presence_topic(self.root), PRESENCE_ONLINE.encode(), retain=True)
             await self._report_state()
             self.connects += 1
             self.connected.set()
             try:
-                # Either ending ends the session: a lost connection, or a PUBACK that never came.
-                await until_one_ends(self._receive(client), self._telemetry.run(publisher))
+                # Any of these ending ends the session: a lost connection, a PUBACK that never
+                # came, or a reboot asked for by a command.
+                await until_one_ends(self._receive(client), self._telemetry.run(publisher),
+                                     self.commands.deliver(publisher), self._until_reboot())
             finally:
                 await self._cancel_job()
         finally:
@@ -167,7 +189,11 @@ class SimulatedDevice:
         async for message in client.messages:
             payload = message.payload
             data = payload if isinstance(payload, bytes) else str(payload).encode()
-            self._dispatch(str(message.topic), data)
+            correlation = getattr(message.properties, "CorrelationData", None)
+            response_topic = getattr(message.properties, "ResponseTopic", None)
+            self._dispatch(str(message.topic), data,
+                           bytes(correlation) if correlation is not None else None,
+                           str(response_topic) if response_topic else None)
 
     def _connect_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._connect_limit if self._connect_limit is not None else contextlib.nullcontext()
@@ -180,7 +206,7 @@ class SimulatedDevice:
     # --- twin and telemetry ------------------------------------------------------------------
 
     async def _report_state(self) -> None:
-        reported = {**self.desired, "firmware": self.firmware}
+        reported = {**self.desired, **self.settings, "firmware": self.firmware}
         await self._publish(state_reported_topic(self.root),
                             json.dumps(reported, sort_keys=True).encode(), retain=True)
 
@@ -212,11 +238,49 @@ class SimulatedDevice:
                                     - loop.time()))
     # --- firmware ----------------------------------------------------------------------------
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, correlation: bytes | None = None,
+                  response_topic: str | None = None) -> None:
         if topic == state_desired_topic(self.root):
             self._spawn_side(self._apply_desired(payload))
         elif topic == ota_job_topic(self.root):
             self._on_job(payload)
+        elif topic.startswith(f"{self.root}/cmd/"):
+            self._on_command(topic.rsplit("/", 1)[1], payload, correlation, response_topic)
+
+    # --- commands ----------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What `set` commands changed (reported with the twin)."""
+        return self.commands.settings.get(self.name, {})
+
+    @property
+    def commands_received(self) -> list[Received]:
+        """Every command that arrived, repeats included."""
+        return [command for _, command in self.commands.received]
+
+    @property
+    def commands_executed(self) -> list[Received]:
+        """Every command acted on: once per correlation id."""
+        return [command for _, command in self.commands.executed]
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._booted
+
+    def _on_command(self, name: str, payload: bytes, correlation: bytes | None,
+                    response_topic: str | None) -> None:
+        given = self.commands.on_command(
+            self.name, self.root, name, payload, correlation, response_topic,
+            uptime_seconds=self.uptime_seconds, seq=self.telemetry_sampled,
+            delivered=lambda a: self._reboot.set if a.effect is Effect.REBOOT else None)
+        if given is not None and given.effect is Effect.REPORT_STATE:
+            self._spawn_side(self._report_state())
+
+    async def _until_reboot(self) -> None:
+        """Ends the session when a reboot was asked for (and answered): offline, then back."""
+        await self._reboot.wait()
+        await self._publish(presence_topic(self.root), PRESENCE_OFFLINE.encode(), retain=True)
 
     def _spawn_side(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

@@ -30,10 +30,11 @@ class PubackPublisher:
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._paho.on_publish = self._on_publish
 
-    async def publish(self, topic: str, payload: bytes) -> int:
+    async def publish(self, topic: str, payload: bytes,
+                      properties: Properties | None = None) -> int:
         """Send `payload`; the reason code of its PUBACK (0 delivered, 16 no matching
         subscribers, 0x80 and above refused). Raises `aiomqtt.MqttError` when not connected."""
-        info = self._paho.publish(topic, payload, qos=1)
+        info = self._paho.publish(topic, payload, qos=1, properties=properties)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, f"could not publish to {topic}")
         # Registered after paho returns and still in time: aiomqtt runs paho on this event
