@@ -179,7 +179,11 @@ async def test_an_invalid_spec_is_reported_and_the_operator_keeps_running(
         assert ready is not None and ready["status"] == "False"
         assert ready["reason"] == "InvalidSpec"
         assert "spec.identity.type" in ready["message"]
-        assert any(e.get("reason") == "InvalidSpec" for e in env.kube.events("broken-1"))
+        # kopf posts events in the background, after the status is written.
+        async def invalid_spec_event() -> bool:
+            return any(e.get("reason") == "InvalidSpec" for e in env.kube.events("broken-1"))
+
+        await async_wait_until(invalid_spec_event, timeout=10, message="InvalidSpec event")
 
         fine = copy.deepcopy(broken)
         fine["metadata"]["name"] = "fine-1"
