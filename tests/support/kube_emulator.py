@@ -5,16 +5,38 @@
         await kube.wait_for("kubiot.io/v1alpha1", "Device", "d1", is_ready, namespace="acme")
         await run.kill()  # a crash; a new run_operator() on the same `kube` resumes from its state
 
+It imitates kube-apiserver, its garbage collector and its namespace controller as of Kubernetes
+1.30 (read from kubernetes/kubernetes: pkg/apis/core/validation, staging/.../apimachinery
+validation of names, apiextensions-apiserver's customresource strategy, pkg/controller/
+garbagecollector and pkg/controller/namespace/deletion).
+
 kmock's `KubernetesEmulator` stores objects and serves discovery, lists, watches and patches, but
 keeps no resourceVersion, generation or uid, replays every object on each watch, ignores label
 selectors, stores `generateName` objects under no name, cannot route `/api/v1/namespaces[/x]`,
-turns a failed JSON-patch `test` into a 500 and PUT into nothing, and lets a main-endpoint patch
-overwrite `status`. `ClusterEmulator` adds those parts of the API contract that kopf and the
-operator rely on. Still not emulated: garbage collection by `ownerReferences` (children stay when
-their owner goes), namespace-deletion cascades, the existence check of a namespace on create,
-server-side apply and strategic-merge semantics (both are plain JSON merge patches: lists are
-replaced, never merged by key), schema validation, defaulting and CEL rules of the CRDs, and
-DELETED events for objects that stop matching a watched label selector.
+turns a failed JSON-patch `test` into a 500 and PUT into nothing, lets a main-endpoint patch
+overwrite `status`, and serves any resource it is asked for. `ClusterEmulator` adds those parts
+of the API contract that kopf and the operator rely on, and refuses what a real cluster refuses
+where the product depends on it:
+
+- only the declared resources are served (a CRD that is not installed answers 404, in discovery
+  too);
+- object names are checked per kind (a Service name is a DNS-1035 label, a Namespace a DNS-1123
+  label, most others DNS-1123 subdomains) with 422;
+- `.status` is dropped on create and on writes to the main resource when the kind has a status
+  subresource;
+- a Secret's or ConfigMap's data over 1 MiB is refused with 422, any object over etcd's 1.5 MiB
+  request limit with 500;
+- an object whose owner (by ownerReference uid) is gone is deleted, and a deleted Namespace
+  deletes everything in it, both through finalizers (objects with finalizers wait for them);
+  a terminating Namespace refuses new objects with 403;
+- with `tokens`, a request without one of the accepted bearer tokens gets 401, and a token can
+  be expired while clients hold it.
+
+Still not emulated: the existence check of a namespace on create, foreground and orphan
+deletion propagation, server-side apply and strategic-merge semantics (both are plain JSON merge
+patches: lists are replaced, never merged by key), schema validation, defaulting and CEL rules
+of the CRDs, admission webhooks, RBAC, and DELETED events for objects that stop matching a
+watched label selector.
 """
 
 from __future__ import annotations
@@ -26,6 +48,7 @@ import contextvars
 import copy
 import dataclasses
 import datetime
+import json
 import re
 import secrets
 import time
@@ -91,7 +114,8 @@ class ResourceSpec:
         return "/".join(parts)
 
 
-BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
+#: The kinds every cluster serves (those the operator and the tests touch).
+CORE_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec("", "v1", "namespaces", "Namespace", False, frozenset({"status"})),
     ResourceSpec("", "v1", "secrets", "Secret", True),
     ResourceSpec("", "v1", "configmaps", "ConfigMap", True),
@@ -101,10 +125,15 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True,
                  frozenset({"status"})),
     ResourceSpec("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
-    ResourceSpec("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True),
     ResourceSpec("coordination.k8s.io", "v1", "leases", "Lease", True),
     ResourceSpec("events.k8s.io", "v1", "events", "Event", True),
 )
+#: The Prometheus Operator's CRDs (kube-prometheus-stack installs them; minikube has none).
+PROMETHEUS_OPERATOR_RESOURCES: tuple[ResourceSpec, ...] = (
+    ResourceSpec("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True),
+    ResourceSpec("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor", True),
+)
+BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (*CORE_RESOURCES, *PROMETHEUS_OPERATOR_RESOURCES)
 
 
 def resources_from_crd(crd: Mapping[str, Any]) -> list[ResourceSpec]:
@@ -261,6 +290,86 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# --- What a real API server refuses -----------------------------------------------------------
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+#: Kinds whose names are not DNS-1123 subdomains (apimachinery's NameIsDNSSubdomain, the rule of
+#: every other kind, custom resources included): core validation's ValidateNamespaceName and
+#: ValidateServiceName.
+_NAME_RULES: dict[tuple[str, str], str] = {
+    ("", "namespaces"): "label",
+    ("", "services"): "dns1035",
+}
+#: pkg/apis/core: MaxSecretSize, and the same bound on a ConfigMap's data.
+MAX_DATA_BYTES = 1024 * 1024
+#: etcd's default --max-request-bytes: nothing larger can be stored.
+MAX_OBJECT_BYTES = 1536 * 1024
+
+
+def name_errors(group: str, plural: str, name: str) -> list[str]:
+    """Why the API server refuses `name` for this kind (empty: it accepts it)."""
+    rule = _NAME_RULES.get((group, plural), "subdomain")
+    if rule == "label":
+        if len(name) > 63:
+            return ["must be no more than 63 characters"]
+        if not _DNS1123_LABEL.match(name):
+            return ["a lowercase RFC 1123 label must consist of lower case alphanumeric "
+                    "characters or '-', and must start and end with an alphanumeric character"]
+    elif rule == "dns1035":
+        if len(name) > 63:
+            return ["must be no more than 63 characters"]
+        if not _DNS1035_LABEL.match(name):
+            return ["a DNS-1035 label must consist of lower case alphanumeric characters or "
+                    "'-', start with an alphabetic character, and end with an alphanumeric "
+                    "character"]
+    else:
+        if len(name) > 253:
+            return ["must be no more than 253 characters"]
+        if not _DNS1123_SUBDOMAIN.match(name):
+            return ["a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+                    "characters, '-' or '.', and must start and end with an alphanumeric "
+                    "character"]
+    return []
+
+
+def data_size(obj: Mapping[str, Any], *, base64_data: bool) -> int:
+    """Bytes of a Secret's or ConfigMap's payload as the API server counts them (decoded).
+
+    `base64_data`: `data` holds base64 (a Secret) rather than text (a ConfigMap)."""
+    total = 0
+    for field in ("data", "binaryData", "stringData"):
+        encoded = field == "binaryData" or (field == "data" and base64_data)
+        for key, value in (obj.get(field) or {}).items():
+            raw = str(value)
+            total += len(key) + (len(raw) * 3 // 4 - raw.count("=") if encoded
+                                 else len(raw.encode()))
+    return total
+
+
+def size_refusal(group: str, plural: str, obj: Mapping[str, Any]) -> kmock.KubernetesError | None:
+    """The error a too-large object gets, or None."""
+    if group == "" and plural in ("secrets", "configmaps") and \
+            data_size(obj, base64_data=plural == "secrets") > MAX_DATA_BYTES:
+        kind = "Secret" if plural == "secrets" else "ConfigMap"
+        return kmock.KubernetesError(
+            status=422, reason="Invalid",
+            message=f"{kind} \"{(obj.get('metadata') or {}).get('name')}\" is invalid: data: "
+                    f"Too long: must have at most {MAX_DATA_BYTES} bytes")
+    if len(json.dumps(obj)) > MAX_OBJECT_BYTES:
+        return kmock.KubernetesError(status=500, reason="InternalError",
+                                     message="etcdserver: request is too large")
+    return None
+
+
+def owner_uids(obj: Mapping[str, Any]) -> set[str]:
+    return {ref["uid"] for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+            if ref.get("uid")}
+
+
 # --- The emulator ------------------------------------------------------------------------------
 
 _NAMESPACE_PATH = re.compile(
@@ -274,6 +383,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     selectors, status-subresource isolation, namespaces and 422 on failed JSON-patch tests."""
 
     _revision: int = attrs.field(default=0, init=False)
+    #: Bearer tokens the API accepts; None: every request is accepted, as with no authentication.
+    tokens: set[str] | None = attrs.field(default=None)
+    # The garbage collector and the namespace controller: woken whenever something goes away.
+    _collector: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
 
     def next_resource_version(self) -> str:
         self._revision += 1
@@ -285,19 +399,28 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         copied.setdefault("metadata", {})["resourceVersion"] = self.next_resource_version()
         return copied
 
+    # kmock's `resources[...]` creates what it is asked for: test membership first.
     def _is_namespaced(self, resource: Any) -> bool:
-        try:
-            return self.resources[resource].namespaced is not False
-        except KeyError:
-            return True
+        return resource not in self.resources or self.resources[resource].namespaced is not False
 
     def _status_is_subresource(self, resource: Any) -> bool:
-        try:
-            return "status" in self.resources[resource].subresources
-        except KeyError:
-            return False
+        return resource in self.resources and "status" in self.resources[resource].subresources
+
+    def _authenticated(self, raw_request: aiohttp.web.BaseRequest) -> bool:
+        if self.tokens is None:
+            return True
+        scheme, _, token = raw_request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token in self.tokens
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if not self._authenticated(raw_request):
+            await raw_request.read()
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}, status=401)
+        if self._collector is None:
+            self._collector = asyncio.get_running_loop().create_task(
+                self._collect_garbage(), name="kube-emulator garbage collector")
         try:
             return await self._serve(raw_request)
         finally:
@@ -347,7 +470,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             namespace=None, name=name, subresource=sub,
         )
 
+    async def stop_collecting(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+            self._collector = None
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.resource.plural \
+                and request.resource not in self.resources:
+            # What an API server says for a kind whose CRD is not installed.
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound",
+                message="the server could not find the requested resource")
         action = request.action
         named = request.resource is not None and request.name is not None
         # kmock leaves PUT without an action (so without a fallback); it is a full replacement.
@@ -373,9 +509,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if released is not None:
                 # Like kmock: forget a released object only after its last state was returned.
                 async with self._lock:
-                    gone = self._with_new_version(self._objects[released].raw)
-                    self._objects[released].delete()
-                    await self._buses[request.resource].put({"type": "DELETED", "object": gone})
+                    await self._remove(released)
 
     async def _mutate(self, request: Any, *, replace: bool = False) -> Any:
         """Change the stored state for one create/patch/replace/delete; return a key to release."""
@@ -387,20 +521,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesObjectNotFoundError()
         stored = self._objects[key]
         old: JsonDict = stored.raw
-        meta = old.get("metadata") or {}
         if request.action == kmock_enums.action.DELETE:
-            if meta.get("deletionTimestamp"):
-                return None
-            if meta.get("finalizers"):
-                new = copy.deepcopy(old)
-                new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
-                                       resourceVersion=self.next_resource_version())
-                stored.history.append(new)
-                await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
-                return None
-            stored.delete()
-            gone = self._with_new_version(old)
-            await self._buses[request.resource].put({"type": "DELETED", "object": gone})
+            await self._delete(key)
             return None
 
         if replace:
@@ -417,6 +539,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             resource_version=str(self._revision + 1))
         if new_state is None:
             return None
+        refusal = size_refusal(request.resource.group, request.resource.plural, new_state)
+        if refusal is not None:
+            raise refusal
         self.next_resource_version()
         stored.history.append(new_state)
         await self._buses[request.resource].put({"type": "MODIFIED", "object": new_state})
@@ -439,19 +564,40 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         obj = request.data
         if not isinstance(obj, dict):
             raise kmock.KubernetesError(status=400, reason="BadRequest", message="no object body")
+        resource = request.resource
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = f"{meta['generateName']}{secrets.token_hex(3)}"
         if not meta.get("name"):
             raise kmock.KubernetesError(status=422, reason="Invalid", message="name is required")
+        problems = name_errors(resource.group, resource.plural, meta["name"])
+        if problems:
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid",
+                message=f"{obj.get('kind', resource.plural)} \"{meta['name']}\" is invalid: "
+                        f"metadata.name: Invalid value: \"{meta['name']}\": {problems[0]}")
         if request.namespace:
             meta["namespace"] = request.namespace
-        if not self._is_namespaced(request.resource):
+        if not self._is_namespaced(resource):
             meta.pop("namespace", None)  # as the API server does for cluster-scoped kinds
-        key = (request.resource, meta.get("namespace"), meta["name"])
+        elif self._terminating(meta.get("namespace")):
+            raise kmock.KubernetesError(
+                status=403, reason="Forbidden",
+                message=f"{resource.plural} \"{meta['name']}\" is forbidden: unable to create "
+                        f"new content in namespace {meta.get('namespace')} because it is being "
+                        "terminated")
+        key = (resource, meta.get("namespace"), meta["name"])
         if key in self._objects and not self._objects[key].deleted:
             raise kmock.KubernetesError(status=409, reason="AlreadyExists",
                                         message=f"{meta['name']} already exists")
+        if self._status_is_subresource(resource):
+            obj.pop("status", None)  # the strategy's PrepareForCreate resets it
+        if (resource.group, resource.plural) == ("", "namespaces"):
+            obj["spec"] = {"finalizers": ["kubernetes"]}
+            obj["status"] = {"phase": "Active"}
+        refusal = size_refusal(resource.group, resource.plural, obj)
+        if refusal is not None:
+            raise refusal
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
                     resourceVersion=self.next_resource_version())
         meta.pop("deletionTimestamp", None)
@@ -462,6 +608,69 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             self._objects[key] = stored
         await self._buses[request.resource].put({"type": "ADDED", "object": stored})
+
+    def _terminating(self, namespace: str | None) -> bool:
+        key = (_NAMESPACES, None, namespace)
+        if namespace is None or key not in self._objects or self._objects[key].deleted:
+            return False
+        return bool(self._objects[key].raw["metadata"].get("deletionTimestamp"))
+
+    async def _delete(self, key: Any) -> None:
+        """Delete as the API server does: mark an object with finalizers, remove the rest.
+
+        A Namespace always waits for its `kubernetes` finalizer: the namespace controller
+        (the collector below) removes its content first. Call with the lock held."""
+        stored = self._objects[key]
+        old: JsonDict = stored.raw
+        meta = old.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return
+        is_namespace = key[0] == _NAMESPACES
+        if meta.get("finalizers") or is_namespace:
+            new = copy.deepcopy(old)
+            new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
+                                   resourceVersion=self.next_resource_version())
+            if is_namespace:
+                new["status"] = {"phase": "Terminating"}
+                self._removed.set()
+            stored.history.append(new)
+            await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
+            return
+        await self._remove(key)
+
+    async def _remove(self, key: Any) -> None:
+        """Forget an object for good and tell watchers; call with the lock held."""
+        gone = self._with_new_version(self._objects[key].raw)
+        self._objects[key].delete()
+        await self._buses[key[0]].put({"type": "DELETED", "object": gone})
+        self._removed.set()
+
+    async def _collect_garbage(self) -> None:
+        """The garbage collector and the namespace controller, in one loop.
+
+        An object whose every owner (by uid) is gone is deleted, as with background
+        propagation; a terminating Namespace has everything in it deleted and goes once it is
+        empty. Deletion honours finalizers, so this runs again after each removal."""
+        while True:
+            await self._removed.wait()
+            self._removed.clear()
+            async with self._lock:
+                live = {key: obj.raw for key, obj in self._objects.items() if not obj.deleted}
+                uids = {raw["metadata"].get("uid") for raw in live.values()}
+                terminating = {key[2] for key, raw in live.items() if key[0] == _NAMESPACES
+                               and raw["metadata"].get("deletionTimestamp")}
+                occupied: set[str] = set()
+                for key, raw in live.items():
+                    owners = owner_uids(raw)
+                    orphaned = bool(owners) and not owners & uids
+                    if key[1] in terminating:
+                        occupied.add(key[1])
+                    if (orphaned or key[1] in terminating) and key in self._objects:
+                        await self._delete(key)
+                for name in terminating - occupied:
+                    key = (_NAMESPACES, None, name)
+                    if not self._objects[key].raw["metadata"].get("finalizers"):
+                        await self._remove(key)
 
     async def _serve_list(self, request: Any) -> Any:
         payload: Any = await super()._serve_list(request)
@@ -498,23 +707,41 @@ class KubeEmulatorError(RuntimeError):
         self.body = body
 
 
+#: kube-apiserver's --max-request-bytes default: larger bodies never reach validation.
+MAX_REQUEST_BYTES = 3 * 1024 * 1024
+
+
+class _ApiServer(aiohttp.web.Server):
+    """aiohttp's low-level server taking request bodies as large as kube-apiserver does."""
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                      task: asyncio.Task[None]) -> aiohttp.web.BaseRequest:
+        return aiohttp.web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                                       client_max_size=MAX_REQUEST_BYTES)
+
+
 class _QuietTestServer(aiohttp.test_utils.RawTestServer):
     """kmock's default server, without an access-log line for every request kopf makes."""
 
     async def _make_runner(self, debug: bool = True, **kwargs: Any) -> aiohttp.web.ServerRunner:
-        runner: aiohttp.web.ServerRunner = await super()._make_runner(
-            debug=debug, access_log=None, **kwargs)
-        return runner
+        server = _ApiServer(self._handler, loop=self._loop, debug=debug, access_log=None,
+                            **kwargs)
+        return aiohttp.web.ServerRunner(server, debug=debug, access_log=None, **kwargs)
 
 
 class KubeEmulator:
     """A running `ClusterEmulator` on a free loopback port, with kubectl-like helpers."""
 
-    def __init__(self, resources: Iterable[ResourceSpec] | None = None) -> None:
+    def __init__(self, resources: Iterable[ResourceSpec] | None = None, *,
+                 authenticate: bool = False) -> None:
+        """`resources`: what the cluster serves (by default the built-in kinds, the Prometheus
+        Operator's and kubiot's). `authenticate`: refuse requests without an issued token."""
         specs = list(resources) if resources is not None else \
             [*BUILTIN_RESOURCES, *kubiot_resources()]
         self._specs = {(spec.api_version, spec.kind): spec for spec in specs}
-        self.cluster = ClusterEmulator()
+        # The harness's own calls use a token of their own, which never expires.
+        self._harness_token = secrets.token_urlsafe(16)
+        self.cluster = ClusterEmulator(tokens={self._harness_token} if authenticate else None)
         for spec in specs:
             self.cluster.resources[spec.key] = kmock.ResourceInfo(
                 kind=spec.kind, namespaced=spec.namespaced, verbs=set(_VERBS),
@@ -530,11 +757,25 @@ class KubeEmulator:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.cluster.stop_collecting()
         await self._stack.aclose()
 
     @property
     def url(self) -> str:
         return str(self._server.url).rstrip("/")
+
+    def issue_token(self) -> str:
+        """A new bearer token the API accepts (like a freshly projected service-account token)."""
+        if self.cluster.tokens is None:
+            raise RuntimeError("the emulator was started without authenticate=True")
+        token = secrets.token_urlsafe(16)
+        self.cluster.tokens.add(token)
+        return token
+
+    def expire_token(self, token: str) -> None:
+        """From now on, requests with `token` get 401."""
+        if self.cluster.tokens is not None:
+            self.cluster.tokens.discard(token)
 
     def spec(self, api_version: str, kind: str) -> ResourceSpec:
         try:
@@ -548,6 +789,7 @@ class KubeEmulator:
         """A raw API call: the HTTP status and the decoded JSON answer."""
         client: aiohttp.ClientSession = self._server.client
         headers = {"Content-Type": content_type} if body is not None else {}
+        headers["Authorization"] = f"Bearer {self._harness_token}"
         async with client.request(method, path, json=body, headers=headers,
                                   params=params) as response:
             return response.status, await response.json(content_type=None)
