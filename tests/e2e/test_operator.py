@@ -13,6 +13,7 @@ from cryptography import x509
 
 from kubiot_operator.pki import revoked_serials
 from tests.support.dynsec import send_commands
+from tests.support.kube_emulator import CORE_RESOURCES, kubiot_resources
 from tests.support.mqtt_client import ConnectRefused
 from tests.support.operator_env import (
     API,
@@ -247,3 +248,21 @@ async def test_a_broker_identity_deleted_by_hand_comes_back_with_the_next_resync
                                message="drift repair restored the device")
         drift = env.operators[-1].platform.metrics.drift_repairs.labels("acme", "resync")
         assert drift._value.get() >= 1
+
+
+async def test_a_tenant_is_ready_on_a_cluster_without_the_prometheus_operator(
+        tmp_path: Path) -> None:
+    async with operator_env(tmp_path, resources=[*CORE_RESOURCES, *kubiot_resources()]) as env, \
+            env.running():
+        await env.apply(*example_documents("tenant.yaml"))
+
+        tenant = await env.wait("Tenant", "acme", is_ready, timeout=30)
+
+        monitoring = condition(tenant, "Monitoring")
+        assert monitoring is not None and monitoring["status"] == "False"
+        assert monitoring["reason"] == "PrometheusOperatorAbsent"
+        assert "ServiceMonitor" in monitoring["message"]
+        for api, kind in (("apps/v1", "Deployment"), ("v1", "Service"),
+                          ("policy/v1", "PodDisruptionBudget"),
+                          ("networking.k8s.io/v1", "NetworkPolicy")):
+            assert await env.kube.get(api, kind, "acme-ingest", "acme") is not None, kind

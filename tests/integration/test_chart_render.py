@@ -177,7 +177,8 @@ def test_cluster_role_covers_what_the_operator_creates_for_a_tenant(
     rules = _rules(_one(default_objects, "ClusterRole"))
     environment = IngestEnvironment(image="ingest:1", broker_host="emqx", broker_port=1883,
                                     platform_database_secret="db", platform_database_key="dsn")
-    for obj in ingest_objects("acme", TenantSpec(), environment):
+    for obj in ingest_objects("acme", TenantSpec(), environment, monitor="ServiceMonitor") + \
+            ingest_objects("acme", TenantSpec(), environment, monitor="PodMonitor")[-1:]:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
         assert {"get", "create", "patch"} <= _grants(rules, kind.group, kind.plural), obj["kind"]
     assert {"create", "patch"} <= _grants(rules, "", "namespaces")
@@ -306,3 +307,22 @@ def test_notes_tell_what_to_do_next() -> None:
     assert "create secret generic kubiot-emqx-api" in notes
     assert "kubectl apply -f manifests/examples/tenant.yaml" in notes
     assert "docs/operations.md" in notes
+
+
+def test_eks_ingest_monitors_get_the_release_label_and_admit_the_monitoring_namespace() -> None:
+    deployment = _one(_render(VALUE_FILES["eks"]), "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = OperatorSettings.model_validate({
+        "ingest_monitor_labels": json.loads(env["KUBIOT_INGEST_MONITOR_LABELS"]),
+        "monitoring_namespace": env["KUBIOT_MONITORING_NAMESPACE"]})
+    environment = IngestEnvironment(
+        image="ingest:1", broker_host="emqx", broker_port=1883, platform_database_secret="db",
+        platform_database_key="dsn", monitoring_namespace=settings.monitoring_namespace,
+        monitor_labels=settings.ingest_monitor_labels)
+    objects = {o["kind"]: o for o in ingest_objects("acme", TenantSpec(), environment,
+                                                     monitor="ServiceMonitor")}
+
+    assert objects["ServiceMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    allowed = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+    assert allowed["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
 from kubiot_operator.controllers.platform import Platform
-from kubiot_operator.kube.client import KubeError, KubeKind, kind_of
+from kubiot_operator.kube.client import KINDS_BY_API, KubeError, KubeKind, kind_of
 from kubiot_operator.local.objects import merge_patch
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import MemoryMaterialStore, TenantAuthority
@@ -50,6 +50,9 @@ class MemoryObjects:
                         (T0 + timedelta(seconds=self._created)).isoformat().replace("+00:00", "Z"))
         self.items[(kind.plural, meta.get("namespace"), meta["name"])] = obj
         return obj
+
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        return frozenset(kind for api, kind in KINDS_BY_API if api == api_version)
 
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.local.broker import BrokerPorts, LocalBroker
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.settings import OperatorSettings
-from tests.support.kube_emulator import KubeEmulator, OperatorRun, run_operator
+from tests.support.kube_emulator import KubeEmulator, OperatorRun, ResourceSpec, run_operator
 from tests.support.mqtt_client import MqttTestClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
@@ -117,8 +117,12 @@ def _quick_retries(settings: kopf.OperatorSettings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def operator_env(root: Path, **overrides: Any) -> AsyncIterator[OperatorEnv]:
-    """An emulated cluster and a started broker; operators are started by the test."""
+async def operator_env(root: Path, *, resources: Iterable[ResourceSpec] | None = None,
+                       **overrides: Any) -> AsyncIterator[OperatorEnv]:
+    """An emulated cluster and a started broker; operators are started by the test.
+
+    `resources`: the APIs the cluster serves (by default every built-in kind, the Prometheus
+    Operator's and kubiot's)."""
     broker = LocalBroker(root / "broker", BrokerPorts(free_port(), free_port()))
     await broker.start()
     try:
@@ -129,7 +133,7 @@ async def operator_env(root: Path, **overrides: Any) -> AsyncIterator[OperatorEn
             broker_ca_file=broker.server_ca_file, metrics_port=0, namespace="kubiot-system",
             resync_period_seconds=overrides.pop("resync_period_seconds", 3600),
             status_flush_seconds=0.2, log_format="text", **overrides)
-        async with KubeEmulator() as kube:
+        async with KubeEmulator(resources) as kube:
             yield OperatorEnv(kube=kube, broker=broker, root=root, settings=settings)
     finally:
         await broker.stop()

@@ -12,6 +12,8 @@ from kubiot_operator.kube.client import KubeKind
 class Objects(Protocol):
     """Kubernetes objects (KubeClient in a cluster, a file-backed store in the local stack)."""
 
+    async def served_kinds(self, api_version: str) -> frozenset[str]: ...
+
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None: ...
 

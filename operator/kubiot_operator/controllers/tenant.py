@@ -10,15 +10,33 @@ from pydantic import ValidationError
 
 from kubiot_operator.brokers import BrokerError, BrokerIdentity, PasswordCredential
 from kubiot_operator.contract import IdentityKind, ingest_access, ingest_username, tenant_root
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
+from kubiot_operator.kube.client import (
+    DEPLOYMENTS,
+    DEVICES,
+    GATEWAYS,
+    KINDS_BY_API,
+    NETWORKPOLICIES,
+    PODDISRUPTIONBUDGETS,
+    PODMONITORS,
+    SECRETS,
+    SERVICEMONITORS,
+    SERVICES,
+    NotFound,
+)
 from kubiot_operator.models.tenant import TenantPhase, TenantSpec
 from kubiot_operator.pki import PKIError, certificate_summary
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.tenant import (
+    INGEST_METRICS_PORT,
     MANAGED_BY,
+    MONITORING_API,
+    POD_MONITOR,
+    SERVICE_MONITOR,
     TENANT_LABEL,
     ingest_broker_secret_name,
+    ingest_name,
     ingest_objects,
+    monitor_kind,
     namespace_object,
     tenant_namespace,
 )
@@ -37,6 +55,10 @@ from .objects import (
 from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
+#: Whether Prometheus scrapes the ingest; informational, not part of Ready.
+MONITORING = "Monitoring"
+INGEST_KINDS = (DEPLOYMENTS, SERVICES, PODDISRUPTIONBUDGETS, NETWORKPOLICIES, SERVICEMONITORS,
+                PODMONITORS)
 REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY)
 
 
@@ -70,7 +92,7 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
 
     updates = [await _ensure_ca(platform, name, spec, outcome)]
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
-    updates.append(await _ensure_ingest(platform, name, spec, owner))
+    updates += await _ensure_ingest(platform, name, spec, owner)
 
     devices = await platform.objects.list(DEVICES, namespace)
     gateways = await platform.objects.list(GATEWAYS, namespace)
@@ -138,14 +160,48 @@ async def _ingest_password(platform: Platform, name: str, namespace: str,
 
 
 async def _ensure_ingest(platform: Platform, name: str, spec: TenantSpec,
-                         owner: dict[str, Any]) -> ConditionUpdate:
-    objects = ingest_objects(name, spec, platform.ingest)
-    if not objects:
-        return ConditionUpdate(INGEST_READY, True, "Disabled", "spec.ingest.enabled is false")
+                         owner: dict[str, Any]) -> list[ConditionUpdate]:
+    """The ingest objects, and whether Prometheus scrapes them (a condition, never a failure:
+    a cluster without the Prometheus Operator, such as minikube, is a fine place to run)."""
+    namespace = tenant_namespace(name, spec)
+    if not spec.ingest.enabled:
+        await _remove_ingest(platform, name, namespace)
+        return [ConditionUpdate(INGEST_READY, True, "Disabled", "spec.ingest.enabled is false"),
+                ConditionUpdate(MONITORING, False, "IngestDisabled",
+                                "there is no ingest to scrape")]
+    served = await platform.objects.served_kinds(MONITORING_API)
+    monitor = monitor_kind(served)
+    objects = ingest_objects(name, spec, platform.ingest, monitor=monitor)
     for obj in objects:
-        await platform.objects.ensure(owned(obj, owner))
+        try:
+            await platform.objects.ensure(owned(obj, owner))
+        except NotFound:
+            if obj["kind"] != monitor:
+                raise
+            monitor = None  # its CRD went away since discovery
+    for stale in sorted(({SERVICE_MONITOR, POD_MONITOR} & served) - {monitor}):
+        await platform.objects.delete(KINDS_BY_API[(MONITORING_API, stale)],
+                                      ingest_name(name), namespace)
     deployment = objects[0]
-    return ConditionUpdate(INGEST_READY, True, "Applied",
-                           f"Deployment {deployment['metadata']['namespace']}/"
-                           f"{deployment['metadata']['name']} with "
-                           f"{spec.ingest.replicas} replicas")
+    ingest = ConditionUpdate(INGEST_READY, True, "Applied",
+                             f"Deployment {deployment['metadata']['namespace']}/"
+                             f"{deployment['metadata']['name']} with "
+                             f"{spec.ingest.replicas} replicas")
+    if monitor is None:
+        return [ingest, ConditionUpdate(
+            MONITORING, False, "PrometheusOperatorAbsent",
+            f"the cluster serves neither {SERVICE_MONITOR} nor {POD_MONITOR} "
+            f"({MONITORING_API}), so nothing scrapes the ingest metrics on port "
+            f"{INGEST_METRICS_PORT}; once the Prometheus Operator's CRDs are installed the "
+            "next reconcile adds one")]
+    return [ingest, ConditionUpdate(MONITORING, True, f"{monitor}Applied",
+                                    f"{monitor} {namespace}/{ingest_name(name)}")]
+
+
+async def _remove_ingest(platform: Platform, name: str, namespace: str) -> None:
+    """Delete the ingest objects of a tenant whose ingest was turned off (absent ones are fine)."""
+    for kind in INGEST_KINDS:
+        try:
+            await platform.objects.delete(kind, ingest_name(name), namespace)
+        except NotFound:  # an optional API the cluster does not serve
+            continue

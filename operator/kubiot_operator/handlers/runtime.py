@@ -81,7 +81,9 @@ class Runtime:
                 image=settings.ingest_image, broker_host=settings.broker_admin_host,
                 broker_port=settings.broker_admin_port,
                 platform_database_secret=settings.platform_database_secret,
-                platform_database_key=settings.platform_database_key),
+                platform_database_key=settings.platform_database_key,
+                monitoring_namespace=settings.monitoring_namespace,
+                monitor_labels=settings.ingest_monitor_labels),
             ca_namespace=settings.namespace, broker_kind=settings.broker.value)
         refresher = GatewayRefresher(self.platform, self.write_status)
         self.platform.gateway_refresh = refresher.request

@@ -72,6 +72,7 @@ DEPLOYMENTS = KubeKind("apps", "v1", "deployments", namespaced=True)
 PODDISRUPTIONBUDGETS = KubeKind("policy", "v1", "poddisruptionbudgets", namespaced=True)
 NETWORKPOLICIES = KubeKind("networking.k8s.io", "v1", "networkpolicies", namespaced=True)
 SERVICEMONITORS = KubeKind("monitoring.coreos.com", "v1", "servicemonitors", namespaced=True)
+PODMONITORS = KubeKind("monitoring.coreos.com", "v1", "podmonitors", namespaced=True)
 TENANTS = KubeKind("kubiot.io", "v1alpha1", "tenants", namespaced=False)
 DEVICES = KubeKind("kubiot.io", "v1alpha1", "devices", namespaced=True)
 GATEWAYS = KubeKind("kubiot.io", "v1alpha1", "gateways", namespaced=True)
@@ -83,6 +84,7 @@ KINDS_BY_API = {
         (NAMESPACES, "Namespace"), (SECRETS, "Secret"), (SERVICES, "Service"),
         (DEPLOYMENTS, "Deployment"), (PODDISRUPTIONBUDGETS, "PodDisruptionBudget"),
         (NETWORKPOLICIES, "NetworkPolicy"), (SERVICEMONITORS, "ServiceMonitor"),
+        (PODMONITORS, "PodMonitor"),
         (TENANTS, "Tenant"), (DEVICES, "Device"), (GATEWAYS, "Gateway"),
         (FIRMWARERELEASES, "FirmwareRelease"),
     )
@@ -199,6 +201,17 @@ class KubeClient:
             if response.status >= 400:
                 raise KubeError(response.status, f"{method} {path}: {_message(body)}")
             return body
+
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        """The kinds the API server serves under `api_version` (discovery); empty when the
+        group is not installed, as for a CRD-defined API whose CRDs are absent."""
+        base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+        try:
+            body = await self._request("GET", base)
+        except NotFound:
+            return frozenset()
+        return frozenset(str(r["kind"]) for r in (body or {}).get("resources", [])
+                         if "/" not in str(r.get("name", "")))
 
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None:

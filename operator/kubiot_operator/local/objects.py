@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from kubiot_operator.kube.client import KINDS_BY_API, KubeError, KubeKind, NotFound, kind_of
+from kubiot_operator.kube.client import (
+    KINDS_BY_API,
+    KubeError,
+    KubeKind,
+    NotFound,
+    kind_of,
+)
 
 Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
 
@@ -63,6 +69,10 @@ class FileObjects:
         if path.exists():
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
+
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        """Every kind the store keeps: it stands in for a cluster with every optional API."""
+        return frozenset(kind for api, kind in KINDS_BY_API if api == api_version)
 
     @staticmethod
     def _key_of(obj: Mapping[str, Any]) -> Key:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubiot_operator.contract import ingest_username
@@ -41,6 +42,12 @@ def namespace_object(tenant: str, namespace: str) -> dict[str, Any]:
     }
 
 
+#: The Prometheus Operator's API: optional, a cluster without it (minikube) serves neither kind.
+MONITORING_API = "monitoring.coreos.com/v1"
+SERVICE_MONITOR = "ServiceMonitor"
+POD_MONITOR = "PodMonitor"
+
+
 @dataclass(frozen=True)
 class IngestEnvironment:
     """Platform facts the ingest Deployment needs besides the tenant's spec."""
@@ -50,7 +57,21 @@ class IngestEnvironment:
     broker_port: int
     platform_database_secret: str
     platform_database_key: str
+    #: Namespace of the Prometheus allowed through the ingest NetworkPolicy.
     monitoring_namespace: str = "monitoring"
+    #: Labels the cluster's Prometheus selects monitors by (kube-prometheus-stack: `release`).
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def monitor_kind(served: Collection[str]) -> str | None:
+    """Which Prometheus Operator object scrapes the ingest, of those the cluster serves.
+
+    A ServiceMonitor fits the ingest Service; a cluster with only the PodMonitor CRD gets that.
+    None: no Prometheus Operator, the ingest is not scraped (and that is no failure)."""
+    for kind in (SERVICE_MONITOR, POD_MONITOR):
+        if kind in served:
+            return kind
+    return None
 
 
 def _labels(tenant: str) -> dict[str, str]:
@@ -62,32 +83,43 @@ def _selector(tenant: str) -> dict[str, str]:
     return {TENANT_LABEL: tenant, COMPONENT_LABEL: "ingest"}
 
 
-def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment) -> list[dict[str, Any]]:
-    """Deployment, Service, ServiceMonitor, PodDisruptionBudget and NetworkPolicy for a tenant's
-    ingest; an empty list when ingest is disabled."""
+def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment, *,
+                   monitor: str | None) -> list[dict[str, Any]]:
+    """Deployment, Service, PodDisruptionBudget, NetworkPolicy and the `monitor` kind
+    (ServiceMonitor, PodMonitor or none, see `monitor_kind`) for a tenant's ingest; an empty
+    list when ingest is disabled."""
     if not spec.ingest.enabled:
         return []
     namespace = tenant_namespace(tenant, spec)
     name = ingest_name(tenant)
     meta = {"name": name, "namespace": namespace, "labels": _labels(tenant)}
-    return [
+    objects = [
         _deployment(tenant, spec, env, meta),
         {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
             "selector": _selector(tenant),
             "ports": [{"name": "metrics", "port": INGEST_METRICS_PORT,
                        "targetPort": "metrics"}],
         }},
-        {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
-         "spec": {
-             "selector": {"matchLabels": _selector(tenant)},
-             "endpoints": [{"port": "metrics", "interval": "30s", "path": "/metrics"}],
-         }},
         {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta, "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": _selector(tenant)},
         }},
         _network_policy(tenant, env, meta),
     ]
+    if monitor is not None:
+        objects.append(_monitor(tenant, env, meta, monitor))
+    return objects
+
+
+def _monitor(tenant: str, env: IngestEnvironment, meta: dict[str, Any],
+             kind: str) -> dict[str, Any]:
+    endpoint = {"port": "metrics", "interval": "30s", "path": "/metrics"}
+    endpoints = "podMetricsEndpoints" if kind == POD_MONITOR else "endpoints"
+    return {
+        "apiVersion": MONITORING_API, "kind": kind,
+        "metadata": {**meta, "labels": {**env.monitor_labels, **meta["labels"]}},
+        "spec": {"selector": {"matchLabels": _selector(tenant)}, endpoints: [endpoint]},
+    }
 
 
 def _database_secret(tenant: str, spec: TenantSpec, env: IngestEnvironment) -> dict[str, str]:
