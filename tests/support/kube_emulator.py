@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import random
 import re
 import secrets
 import time
@@ -388,6 +389,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # The garbage collector and the namespace controller: woken whenever something goes away.
     _collector: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    #: The order in which a terminating namespace's kinds are emptied (by default: any).
+    namespace_content_order: Callable[[list[Any]], list[Any]] = attrs.field(
+        default=lambda kinds: random.sample(kinds, len(kinds)))
+    #: Seconds between two kinds, as the real controller's API calls take.
+    namespace_content_pause: float = attrs.field(default=0.0)
 
     def next_resource_version(self) -> str:
         self._revision += 1
@@ -615,16 +621,17 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return False
         return bool(self._objects[key].raw["metadata"].get("deletionTimestamp"))
 
-    async def _delete(self, key: Any) -> None:
+    async def _delete(self, key: Any) -> bool:
         """Delete as the API server does: mark an object with finalizers, remove the rest.
 
         A Namespace always waits for its `kubernetes` finalizer: the namespace controller
-        (the collector below) removes its content first. Call with the lock held."""
+        (the collector below) removes its content first. Call with the lock held; True when
+        this changed anything."""
         stored = self._objects[key]
         old: JsonDict = stored.raw
         meta = old.get("metadata") or {}
         if meta.get("deletionTimestamp"):
-            return
+            return False
         is_namespace = key[0] == _NAMESPACES
         if meta.get("finalizers") or is_namespace:
             new = copy.deepcopy(old)
@@ -635,8 +642,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 self._removed.set()
             stored.history.append(new)
             await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
-            return
+            return True
         await self._remove(key)
+        return True
 
     async def _remove(self, key: Any) -> None:
         """Forget an object for good and tell watchers; call with the lock held."""
@@ -649,28 +657,49 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         """The garbage collector and the namespace controller, in one loop.
 
         An object whose every owner (by uid) is gone is deleted, as with background
-        propagation; a terminating Namespace has everything in it deleted and goes once it is
-        empty. Deletion honours finalizers, so this runs again after each removal."""
+        propagation; a terminating Namespace has its content deleted kind by kind and goes once
+        it is empty. Deletion honours finalizers, so this runs again after each removal."""
         while True:
             await self._removed.wait()
             self._removed.clear()
             async with self._lock:
                 live = {key: obj.raw for key, obj in self._objects.items() if not obj.deleted}
                 uids = {raw["metadata"].get("uid") for raw in live.values()}
-                terminating = {key[2] for key, raw in live.items() if key[0] == _NAMESPACES
-                               and raw["metadata"].get("deletionTimestamp")}
-                occupied: set[str] = set()
                 for key, raw in live.items():
                     owners = owner_uids(raw)
-                    orphaned = bool(owners) and not owners & uids
-                    if key[1] in terminating:
-                        occupied.add(key[1])
-                    if (orphaned or key[1] in terminating) and key in self._objects:
+                    if owners and not owners & uids:
                         await self._delete(key)
-                for name in terminating - occupied:
-                    key = (_NAMESPACES, None, name)
-                    if not self._objects[key].raw["metadata"].get("finalizers"):
-                        await self._remove(key)
+                terminating = sorted(key[2] for key, raw in live.items()
+                                     if key[0] == _NAMESPACES
+                                     and raw["metadata"].get("deletionTimestamp"))
+            for namespace in terminating:
+                await self._empty_namespace(namespace)
+
+    async def _empty_namespace(self, namespace: str) -> None:
+        """One pass of the namespace controller: delete every kind's objects, then the
+        Namespace itself if nothing is left.
+
+        The real controller walks the kinds in Go map order, that is in any order, with API
+        calls in between: `namespace_content_order` and `namespace_content_pause` let a test
+        pick the order and the time between two kinds."""
+        async with self._lock:
+            kinds = sorted({key[0] for key, obj in self._objects.items()
+                            if key[1] == namespace and not obj.deleted}, key=str)
+        for resource in self.namespace_content_order(kinds):
+            deleted = False
+            async with self._lock:
+                for key in [k for k, obj in self._objects.items()
+                            if k[0] == resource and k[1] == namespace and not obj.deleted]:
+                    deleted = await self._delete(key) or deleted
+            if deleted and self.namespace_content_pause:
+                await asyncio.sleep(self.namespace_content_pause)
+        async with self._lock:
+            key = (_NAMESPACES, None, namespace)
+            empty = not any(k[1] == namespace and not obj.deleted
+                            for k, obj in self._objects.items())
+            if empty and key in self._objects and not self._objects[key].deleted \
+                    and not self._objects[key].raw["metadata"].get("finalizers"):
+                await self._remove(key)
 
     async def _serve_list(self, request: Any) -> Any:
         payload: Any = await super()._serve_list(request)

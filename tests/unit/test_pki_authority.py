@@ -254,3 +254,14 @@ async def test_file_store_permissions_hold_for_real_material(tmp_path: Path) -> 
     await authority.crl("acme")
     for path in (tmp_path / "pki").rglob("*"):
         assert (path.stat().st_mode & 0o777) == (0o700 if path.is_dir() else 0o600), path
+
+
+async def test_revoking_for_a_forgotten_tenant_brings_no_ca_back(authority: TenantAuthority,
+                                                                 store: MaterialStore) -> None:
+    issued = await authority.issue("acme", DEVICE, "d1", validity_days=30)
+    await authority.forget_tenant("acme")
+
+    assert await authority.revoke("acme", issued.serial) is None
+
+    for bundle in ("tenant-acme-ca", "tenant-acme-crl", "tenant-acme-firmware-signing"):
+        assert await store.get(bundle) is None, bundle

@@ -10,6 +10,7 @@ from kubiot_operator.reconcile.tenant import (
     database_schema,
     ingest_objects,
     monitor_kind,
+    namespace_refusal,
     tenant_namespace,
 )
 
@@ -110,3 +111,16 @@ def test_monitors_carry_the_labels_prometheus_selects_and_admit_its_namespace() 
     assert "release" not in objects["Service"]["metadata"]["labels"]
     allowed = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
     assert allowed == {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}
+
+
+def test_a_tenant_uses_only_a_namespace_it_created() -> None:
+    ours = {"metadata": {"name": "acme", "labels": {"kubiot.io/tenant": "acme"},
+                         "ownerReferences": [{"kind": "Tenant", "name": "acme", "uid": "u1"}]}}
+    assert namespace_refusal("acme", "u1", "acme", None) is None
+    assert namespace_refusal("acme", "u1", "acme", ours) is None
+    # A Tenant deleted and created again has a new uid: the old namespace is not its own.
+    assert namespace_refusal("acme", "u2", "acme", ours) is not None
+    other = namespace_refusal("globex", "u3", "acme", ours)
+    assert other is not None and "belongs to Tenant acme" in other
+    system = namespace_refusal("acme", "u1", "kube-system", {"metadata": {"name": "kube-system"}})
+    assert system is not None and "did not create" in system

@@ -19,7 +19,7 @@ from kubiot_operator.contract import (
     gateway_root,
     gateway_username,
 )
-from kubiot_operator.kube.client import SECRETS, TENANTS
+from kubiot_operator.kube.client import SECRETS, TENANTS, NotFound
 from kubiot_operator.models.common import CertificateSummary
 from kubiot_operator.models.identity import IdentitySpec, IdentityType
 from kubiot_operator.models.tenant import TenantSpec
@@ -149,8 +149,9 @@ async def revoke_credential(platform: Platform, subject: Subject, secret: dict[s
         await publish_trust(platform)
         platform.metrics.certificates_revoked.labels(subject.tenant).inc()
         outcome.normal("CertificateRevoked", f"serial {record.serial} revoked ({reason})")
-    await platform.objects.patch(SECRETS, secret["metadata"]["name"], {
-        "metadata": {"annotations": {REVOKED_ANNOTATION: "true"}}}, subject.namespace)
+    with contextlib.suppress(NotFound):  # deleted meanwhile (its namespace is going away)
+        await platform.objects.patch(SECRETS, secret["metadata"]["name"], {
+            "metadata": {"annotations": {REVOKED_ANNOTATION: "true"}}}, subject.namespace)
 
 
 async def retire_credential(platform: Platform, body: dict[str, Any], kind: IdentityKind,

@@ -20,6 +20,9 @@ class Objects(Protocol):
     async def list(self, kind: KubeKind, namespace: str | None = None,
                    label_selector: str | None = None) -> list[dict[str, Any]]: ...
 
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A new object; raises Conflict when one of that name exists."""
+
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]: ...
 
     async def patch(self, kind: KubeKind, name: str, patch: Mapping[str, Any],

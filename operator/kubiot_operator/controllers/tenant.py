@@ -13,14 +13,17 @@ from kubiot_operator.contract import IdentityKind, ingest_access, ingest_usernam
 from kubiot_operator.kube.client import (
     DEPLOYMENTS,
     DEVICES,
+    FIRMWARERELEASES,
     GATEWAYS,
     KINDS_BY_API,
+    NAMESPACES,
     NETWORKPOLICIES,
     PODDISRUPTIONBUDGETS,
     PODMONITORS,
     SECRETS,
     SERVICEMONITORS,
     SERVICES,
+    Conflict,
     NotFound,
 )
 from kubiot_operator.models.tenant import TenantPhase, TenantSpec
@@ -38,6 +41,7 @@ from kubiot_operator.reconcile.tenant import (
     ingest_objects,
     monitor_kind,
     namespace_object,
+    namespace_refusal,
     tenant_namespace,
 )
 
@@ -55,11 +59,14 @@ from .objects import (
 from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
+NAMESPACE_READY = "NamespaceReady"
+NAMESPACE_RETRY_SECONDS = 5.0
+TEARDOWN_RECHECK_SECONDS = 1.0
 #: Whether Prometheus scrapes the ingest; informational, not part of Ready.
 MONITORING = "Monitoring"
 INGEST_KINDS = (DEPLOYMENTS, SERVICES, PODDISRUPTIONBUDGETS, NETWORKPOLICIES, SERVICEMONITORS,
                 PODMONITORS)
-REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY)
+REQUIRED = (NAMESPACE_READY, IDENTITY_READY, ACCESS_READY, INGEST_READY)
 
 
 async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -87,10 +94,15 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
                       TenantPhase.FAILED)
     owner = owner_reference(body)
     namespace = tenant_namespace(name, spec)
-    await platform.objects.ensure(owned(namespace_object(name, namespace), owner))
+    claim = await _claim_namespace(platform, name, namespace, owner)
+    if not claim.ok:
+        outcome.warning(claim.reason, claim.message)
+        if claim.reason == "NamespaceTerminating":
+            outcome.retry_after, outcome.retry_reason = NAMESPACE_RETRY_SECONDS, claim.reason
+        return finish([claim], TenantPhase.PENDING if outcome.retry_after else TenantPhase.FAILED)
     outcome.status.update(namespace=namespace, topicRoot=f"{tenant_root(name)}/")
 
-    updates = [await _ensure_ca(platform, name, spec, outcome)]
+    updates = [claim, await _ensure_ca(platform, name, spec, outcome)]
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
     updates += await _ensure_ingest(platform, name, spec, owner)
 
@@ -101,12 +113,68 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
 
 
 async def delete_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
-    """Remove everything the broker knows of the tenant; the namespace goes by ownership."""
+    """Retire the tenant's devices, gateways and releases first, then remove what the broker
+    and the PKI keep of it; the namespace goes by ownership.
+
+    The order matters: each Device's finalizer revokes its certificate with the tenant's CA,
+    so the CA may only go once no Device is left. Deleting the namespace first would run those
+    finalizers after the CA is gone."""
     name = body["metadata"]["name"]
+    outcome = Outcome(status={})
+    namespace = (body.get("status") or {}).get("namespace") or _spec_namespace(name, body)
+    existing = await platform.objects.get(NAMESPACES, namespace)
+    if namespace_refusal(name, body["metadata"]["uid"], namespace, existing) is None \
+            and existing is not None:
+        remaining = await _retire_children(platform, namespace)
+        if remaining:
+            outcome.retry_after, outcome.retry_reason = TEARDOWN_RECHECK_SECONDS, "Retiring"
+            outcome.planned = True
+            outcome.normal("Retiring", f"waiting for {remaining} devices, gateways and "
+                           f"firmware releases in {namespace} to be retired")
+            return outcome
     await platform.broker.remove_tenant(name)
     await platform.authority.forget_tenant(name)
     await publish_trust(platform)
-    return Outcome(status={})
+    return outcome
+
+
+def _spec_namespace(name: str, body: dict[str, Any]) -> str:
+    try:
+        return tenant_namespace(name, parse_spec(TenantSpec, body))
+    except ValidationError:
+        return name
+
+
+async def _retire_children(platform: Platform, namespace: str) -> int:
+    """Ask for the deletion of every kubiot resource in the namespace; how many are left."""
+    remaining = 0
+    for kind in (FIRMWARERELEASES, GATEWAYS, DEVICES):
+        for obj in await platform.objects.list(kind, namespace):
+            remaining += 1
+            if not obj["metadata"].get("deletionTimestamp"):
+                await platform.objects.delete(kind, obj["metadata"]["name"], namespace)
+    return remaining
+
+
+async def _claim_namespace(platform: Platform, name: str, namespace: str,
+                           owner: dict[str, Any]) -> ConditionUpdate:
+    """Create the tenant's namespace, or confirm it is the one this Tenant created before."""
+    wanted = owned(namespace_object(name, namespace), owner)
+    existing = await platform.objects.get(NAMESPACES, namespace)
+    if existing is None:
+        try:
+            existing = await platform.objects.create(wanted)
+        except Conflict:  # created by someone else since we looked
+            existing = await platform.objects.get(NAMESPACES, namespace)
+    refusal = namespace_refusal(name, owner["uid"], namespace, existing)
+    if refusal is not None:
+        terminating = bool((existing or {}).get("metadata", {}).get("deletionTimestamp"))
+        return ConditionUpdate(NAMESPACE_READY, False,
+                               "NamespaceTerminating" if terminating else "NamespaceTaken",
+                               refusal)
+    await platform.objects.ensure(wanted)  # labels put back if someone removed them
+    return ConditionUpdate(NAMESPACE_READY, True, "Created",
+                           f"namespace {namespace} belongs to this Tenant")
 
 
 async def _ensure_ca(platform: Platform, name: str, spec: TenantSpec, outcome: Outcome

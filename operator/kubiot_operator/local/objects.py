@@ -18,6 +18,7 @@ from uuid import uuid4
 
 from kubiot_operator.kube.client import (
     KINDS_BY_API,
+    Conflict,
     KubeError,
     KubeKind,
     NotFound,
@@ -106,6 +107,12 @@ class FileObjects:
         return [copy.deepcopy(obj) for (plural, ns, _), obj in sorted(self._objects.items())
                 if plural == kind.plural and (namespace is None or ns == namespace)
                 and selector_matches(obj["metadata"].get("labels") or {}, label_selector)]
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a new object; Conflict when one of that name exists."""
+        if self._key_of(obj) in self._objects:
+            raise Conflict(409, f"{obj['kind']} {obj['metadata']['name']} already exists")
+        return await self.ensure(obj)
 
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
         key = self._key_of(obj)

@@ -249,11 +249,18 @@ class TenantAuthority:
 
     # --- revocation -------------------------------------------------------------------------
 
-    async def revoke(self, tenant: str, serial: int, *, reason: str = "unspecified") -> bytes:
-        """Add a serial to the tenant's CRL and return the new CRL; revoking twice is a no-op."""
+    async def revoke(self, tenant: str, serial: int, *,
+                     reason: str = "unspecified") -> bytes | None:
+        """Add a serial to the tenant's CRL and return the new CRL; revoking twice is a no-op.
+
+        None when the tenant has no CA (any more): its certificates are trusted by nobody, and
+        revoking must not bring a CA into being, as a tenant's teardown would otherwise do."""
         revocation = Revocation(serial, self.now(), reason)
         async with self._lock(tenant):
-            ca = await self._ca_locked(tenant)
+            bundle = await self.store.get(crl_bundle_name(tenant))
+            if bundle is None and tenant not in self._cas:
+                return None
+            ca = await self._ca_locked(tenant)  # may re-sign the CRL: read it again after
             state = _CRLState.read(await self.store.get(crl_bundle_name(tenant)))
             if serial in state.serials() and state.pem is not None:
                 return state.pem

@@ -35,6 +35,29 @@ def ingest_broker_secret_name(tenant: str) -> str:
     return f"{tenant}-ingest-broker"
 
 
+def namespace_refusal(tenant: str, tenant_uid: str, namespace: str,
+                      existing: Mapping[str, Any] | None) -> str | None:
+    """Why a Tenant may not use an existing namespace; None when it is absent or the Tenant's.
+
+    A namespace is the Tenant's only if the Tenant created it (its ownerReference carries the
+    Tenant's uid). Adopting any other would hand it to garbage collection, so deleting the
+    Tenant would delete, say, `monitoring` or another Tenant's devices."""
+    if existing is None:
+        return None
+    meta = existing.get("metadata") or {}
+    if any(ref.get("uid") == tenant_uid for ref in meta.get("ownerReferences") or []):
+        return None
+    owner = (meta.get("labels") or {}).get(TENANT_LABEL)
+    if meta.get("deletionTimestamp"):
+        return f"namespace {namespace} is being deleted; it can be created again once it is gone"
+    if owner and owner != tenant:
+        return (f"namespace {namespace} belongs to Tenant {owner}; choose another "
+                "spec.namespace")
+    return (f"namespace {namespace} already exists and kubiot did not create it for this "
+            "Tenant; kubiot never adopts a namespace (deleting the Tenant would delete it). "
+            "Choose another spec.namespace, or delete the namespace")
+
+
 def namespace_object(tenant: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Namespace",
