@@ -56,3 +56,32 @@ def test_rules_for_a_gateway(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "rules", "--tenant", "acme", "--device", "Bad.Name")
     assert code == 2
     assert "DNS label" in err
+
+
+@pytest.mark.parametrize(("kind", "name", "accepted"), [
+    ("Tenant", "7eleven", False),                  # its `7eleven-ingest` Service is refused
+    ("Tenant", "a" * 57, False),                   # `<57 chars>-ingest` exceeds 63
+    ("Tenant", "a" * 56, True),
+    ("Tenant", "seven-eleven", True),
+    ("FirmwareRelease", "pump-fw-2.1.0", True),    # a DNS subdomain may have dots
+    ("FirmwareRelease", "pump_fw", False),
+    ("FirmwareRelease", "Pump-FW", False),
+    ("Device", "7-sensor", True),                  # a Device derives no Service
+])
+def test_validate_refuses_names_the_api_server_would_refuse_for_derived_objects(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, name: str,
+        accepted: bool) -> None:
+    specs = {"Tenant": {}, "Device": {},
+             "FirmwareRelease": {"version": "2.1.0", "selector": {"model": "ps-10"},
+                                 "artifact": {"url": "https://fw.example.com/p.bin",
+                                              "sha256": "ab" * 32, "size": 1024}}}
+    manifest = tmp_path / "named.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "kubiot.io/v1alpha1", "kind": kind,
+        "metadata": {"name": name, "namespace": "acme"}, "spec": specs[kind]}))
+
+    code, _, err = run(capsys, "validate", str(manifest))
+
+    assert (code == 0) is accepted, err
+    if not accepted:
+        assert "metadata.name" in err

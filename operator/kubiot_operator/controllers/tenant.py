@@ -6,7 +6,7 @@ import base64
 import secrets
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from kubiot_operator.brokers import BrokerError, BrokerIdentity, PasswordCredential
 from kubiot_operator.contract import IdentityKind, ingest_access, ingest_username, tenant_root
@@ -26,7 +26,7 @@ from kubiot_operator.kube.client import (
     Conflict,
     NotFound,
 )
-from kubiot_operator.models.tenant import TenantPhase, TenantSpec
+from kubiot_operator.models.tenant import TenantName, TenantPhase, TenantSpec
 from kubiot_operator.pki import PKIError, certificate_summary
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.tenant import (
@@ -60,6 +60,7 @@ from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
 NAMESPACE_READY = "NamespaceReady"
+TENANT_NAME: TypeAdapter[str] = TypeAdapter(TenantName)
 NAMESPACE_RETRY_SECONDS = 5.0
 TEARDOWN_RECHECK_SECONDS = 1.0
 #: Whether Prometheus scrapes the ingest; informational, not part of Ready.
@@ -85,6 +86,14 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
         outcome.status.update(phase=phase.value, conditions=conditions_wire(merged))
         return outcome
 
+    try:
+        # The CRD refuses such names; a cluster too old for its CEL rules does not.
+        TENANT_NAME.validate_python(name)
+    except ValidationError:
+        message = f"metadata.name {TENANT_NAME.json_schema()['description']}"
+        outcome.warning("InvalidName", message)
+        return finish([ConditionUpdate(NAMESPACE_READY, False, "InvalidName", message)],
+                      TenantPhase.FAILED)
     try:
         spec = parse_spec(TenantSpec, body)
     except ValidationError as exc:
