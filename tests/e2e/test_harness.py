@@ -397,3 +397,20 @@ async def test_an_expired_token_is_refused() -> None:
                 assert after.status == 401
             async with client.get(url) as anonymous:
                 assert anonymous.status == 401
+
+
+async def test_custom_resources_are_pruned_and_validated_against_their_crd(
+        kube: KubeEmulator) -> None:
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(device("d0", identity={"type": "Smartcard"}))
+    await kube.create(device("d1"))
+    with pytest.raises(KubeEmulatorError) as bad_status:
+        await kube.patch(API, "Device", "d1", {"status": {"online": True, "firmware": {
+            "current": "1.2.0 beta"}}}, namespace="acme", subresource="status")
+    pruned = await kube.patch(API, "Device", "d1", {"status": {"online": True, "mood": "ok"}},
+                              namespace="acme", subresource="status")
+
+    assert refused.value.status == 422 and "spec.identity.type" in str(refused.value.body)
+    assert bad_status.value.status == 422
+    assert "status.firmware.current" in str(bad_status.value.body)
+    assert pruned["status"] == {"online": True}

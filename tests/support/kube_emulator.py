@@ -24,6 +24,8 @@ where the product depends on it:
   label, most others DNS-1123 subdomains) with 422;
 - `.status` is dropped on create and on writes to the main resource when the kind has a status
   subresource;
+- a custom resource is pruned of fields its CRD does not declare and checked against the
+  CRD's OpenAPI schema on every write, status writes included (422 naming the fields);
 - a Secret's or ConfigMap's data over 1 MiB is refused with 422, any object over etcd's 1.5 MiB
   request limit with 500;
 - an object whose owner (by ownerReference uid) is gone is deleted, and a deleted Namespace
@@ -34,9 +36,9 @@ where the product depends on it:
 
 Still not emulated: the existence check of a namespace on create, foreground and orphan
 deletion propagation, server-side apply and strategic-merge semantics (both are plain JSON merge
-patches: lists are replaced, never merged by key), schema validation, defaulting and CEL rules
-of the CRDs, admission webhooks, RBAC, and DELETED events for objects that stop matching a
-watched label selector.
+patches: lists are replaced, never merged by key), defaulting and CEL rules of the CRDs,
+schema validation of built-in kinds, admission webhooks, RBAC, and DELETED events for objects
+that stop matching a watched label selector.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import aiohttp.test_utils
 import aiohttp.web
 import attrs
 import jsonpatch
+import jsonschema
 import kmock
 import kopf
 import yaml
@@ -90,6 +93,9 @@ class ResourceSpec:
     kind: str
     namespaced: bool
     subresources: frozenset[str] = frozenset()
+    #: A CRD's openAPIV3Schema, which the API server prunes and validates every write with.
+    schema: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
+                                                         hash=False)
 
     @property
     def api_version(self) -> str:
@@ -145,6 +151,7 @@ def resources_from_crd(crd: Mapping[str, Any]) -> list[ResourceSpec]:
             group=spec["group"], version=version["name"], plural=spec["names"]["plural"],
             kind=spec["names"]["kind"], namespaced=spec["scope"] == "Namespaced",
             subresources=frozenset((version.get("subresources") or {}).keys()),
+            schema=(version.get("schema") or {}).get("openAPIV3Schema"),
         )
         for version in spec["versions"] if version.get("served", True)
     ]
@@ -366,6 +373,50 @@ def size_refusal(group: str, plural: str, obj: Mapping[str, Any]) -> kmock.Kuber
     return None
 
 
+def prune_unknown_fields(schema: Mapping[str, Any], value: Any) -> None:
+    """Drop, in place, fields a structural schema does not declare, as the API server does."""
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        if properties is not None:
+            for key in list(value):
+                if key in properties:
+                    prune_unknown_fields(properties[key], value[key])
+                elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                    del value[key]
+        elif isinstance(schema.get("additionalProperties"), Mapping):
+            for item in value.values():
+                prune_unknown_fields(schema["additionalProperties"], item)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for item in value:
+            prune_unknown_fields(schema["items"], item)
+
+
+class CustomResourceSchema:
+    """A CRD's schema as the API server applies it to each write: prune, then validate.
+
+    The OpenAPI checks (types, patterns, lengths, bounds, enums, required fields) are made;
+    defaulting and CEL rules (`x-kubernetes-validations`) are not."""
+
+    def __init__(self, kind: str, schema: Mapping[str, Any]) -> None:
+        self.kind = kind
+        self.schema = schema
+        self._validator = jsonschema.Draft7Validator(dict(schema))
+
+    def admit(self, obj: JsonDict) -> None:
+        """Prune `obj` in place; raise a 422 naming each invalid field."""
+        for part, part_schema in (self.schema.get("properties") or {}).items():
+            if part not in ("apiVersion", "kind", "metadata") and part in obj:
+                prune_unknown_fields(part_schema, obj[part])
+        problems = [f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: "
+                    f"Invalid value: {error.instance!r}: {error.message}"
+                    for error in self._validator.iter_errors(obj)]
+        if problems:
+            name = (obj.get("metadata") or {}).get("name")
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid",
+                message=f"{self.kind} \"{name}\" is invalid: " + ", ".join(sorted(problems)))
+
+
 def owner_uids(obj: Mapping[str, Any]) -> set[str]:
     return {ref["uid"] for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
             if ref.get("uid")}
@@ -389,6 +440,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # The garbage collector and the namespace controller: woken whenever something goes away.
     _collector: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    #: Custom resources' schemas, applied to every write.
+    schemas: dict[Any, CustomResourceSchema] = attrs.field(factory=dict)
     #: The order in which a terminating namespace's kinds are emptied (by default: any).
     namespace_content_order: Callable[[list[Any]], list[Any]] = attrs.field(
         default=lambda kinds: random.sample(kinds, len(kinds)))
@@ -548,6 +601,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         refusal = size_refusal(request.resource.group, request.resource.plural, new_state)
         if refusal is not None:
             raise refusal
+        if request.resource in self.schemas:
+            self.schemas[request.resource].admit(new_state)
         self.next_resource_version()
         stored.history.append(new_state)
         await self._buses[request.resource].put({"type": "MODIFIED", "object": new_state})
@@ -604,6 +659,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         refusal = size_refusal(resource.group, resource.plural, obj)
         if refusal is not None:
             raise refusal
+        if resource in self.schemas:
+            self.schemas[resource].admit(obj)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
                     resourceVersion=self.next_resource_version())
         meta.pop("deletionTimestamp", None)
@@ -775,6 +832,9 @@ class KubeEmulator:
             self.cluster.resources[spec.key] = kmock.ResourceInfo(
                 kind=spec.kind, namespaced=spec.namespaced, verbs=set(_VERBS),
                 subresources=set(spec.subresources))
+            if spec.schema is not None:
+                self.cluster.schemas[kmock.resource(spec.group, spec.version, spec.plural)] = \
+                    CustomResourceSchema(spec.kind, spec.schema)
         self._stack = contextlib.AsyncExitStack()
         self._server: Any = None
 
