@@ -332,3 +332,28 @@ async def test_deleting_a_tenant_leaves_nothing_behind_and_brings_no_ca_back(
             "v1", "Secret", operator_namespace)}
         assert not {s for s in after - before if "acme" in s}, sorted(after - before)
         assert [n["metadata"]["name"] for n in await env.kube.list("v1", "Namespace")] == []
+
+
+async def test_a_bad_report_field_is_dropped_and_the_rest_of_the_report_reaches_status(
+        env: OperatorEnv) -> None:
+    async with env.running():
+        await env.apply(*example_documents("tenant.yaml"))
+        await env.wait("Tenant", "acme", is_ready, timeout=60)
+        await env.apply({"apiVersion": API, "kind": "Device",
+                         "metadata": {"name": "beta-1", "namespace": "acme"}, "spec": {}})
+        await env.wait("Device", "beta-1", is_ready, namespace="acme")
+        files = await env.device_credentials("beta-1")
+        with env.device_client(files, "beta-1").connect() as client:
+            client.publish("acme/devices/beta-1/presence", b"online", retain=True)
+            client.publish("acme/devices/beta-1/state/reported",
+                           b'{"firmware": "1.2.0 beta", "temperature": 21}', retain=True)
+            device = await env.wait("Device", "beta-1", lambda d: bool(
+                (d or {}).get("status", {}).get("reported")), namespace="acme")
+
+    assert device is not None
+    status = device["status"]
+    assert status["online"] is True and status["lastSeen"]
+    assert status["reported"] == {"firmware": "1.2.0 beta", "temperature": 21}
+    assert "current" not in status.get("firmware", {})
+    rejected = env.operators[-1].platform.metrics.report_fields_rejected
+    assert rejected.labels("Device", "firmware.current")._value.get() == 1
