@@ -145,7 +145,8 @@ async def revoke_credential(platform: Platform, subject: Subject, secret: dict[s
     if record is None or record.revoked:
         return
     if record.serial:
-        await platform.authority.revoke(subject.tenant, int(record.serial, 16))
+        await platform.authority.revoke(subject.tenant, int(record.serial, 16),
+                                        expires_at=record.not_after)
         await publish_trust(platform)
         platform.metrics.certificates_revoked.labels(subject.tenant).inc()
         outcome.normal("CertificateRevoked", f"serial {record.serial} revoked ({reason})")

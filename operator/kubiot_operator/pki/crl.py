@@ -27,6 +27,8 @@ class Revocation:
     serial: int
     revoked_at: datetime
     reason: str = UNSPECIFIED
+    #: When the revoked certificate expires; after that the CRL need not list it any more.
+    expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.reason not in REVOCATION_REASONS:
@@ -37,13 +39,26 @@ class Revocation:
             raise PKIError("InvalidSerial", f"serial {self.serial} is not a certificate serial")
 
     def to_json(self) -> dict[str, Any]:
-        return {"serial": format(self.serial, "x"), "revokedAt": self.revoked_at.isoformat(),
-                "reason": self.reason}
+        record = {"serial": format(self.serial, "x"), "revokedAt": self.revoked_at.isoformat(),
+                  "reason": self.reason}
+        if self.expires_at is not None:
+            record["expiresAt"] = self.expires_at.isoformat()
+        return record
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Revocation:
+        expires = data.get("expiresAt")
         return cls(int(data["serial"], 16), as_utc(datetime.fromisoformat(data["revokedAt"])),
-                   data.get("reason", UNSPECIFIED))
+                   data.get("reason", UNSPECIFIED),
+                   as_utc(datetime.fromisoformat(expires)) if expires else None)
+
+    def listed_at(self, now: datetime, crl_validity: timedelta) -> bool:
+        """Whether a CRL issued at `now` must still list this revocation.
+
+        RFC 5280 3.3: an entry may go once it has appeared on one regularly scheduled CRL
+        issued after the certificate expired; waiting one CRL lifetime past expiry ensures
+        that. Without a known expiry it stays."""
+        return self.expires_at is None or now < as_utc(self.expires_at) + crl_validity
 
 
 def build_crl(ca: CertificateAuthority, revocations: Sequence[Revocation], *,
