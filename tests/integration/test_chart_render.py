@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,36 @@ def test_eks_ingest_monitors_get_the_release_label_and_admit_the_monitoring_name
     assert objects["ServiceMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     allowed = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
     assert allowed["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"
+
+
+def _claimed_minor_versions() -> list[int]:
+    """Kubernetes minor versions the chart claims, up to the newest kubernetes-validate knows."""
+    claim = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    match = re.fullmatch(r">=\s*1\.(\d+)\.0-0", claim)
+    assert match, f"unexpected kubeVersion {claim!r}"
+    newest = int(kubernetes_validate.latest_version().split(".")[1])
+    return list(range(int(match[1]), newest + 1))
+
+
+def test_chart_and_crds_validate_on_every_kubernetes_version_the_chart_claims() -> None:
+    objects = [o for values in VALUE_FILES.values()
+               for o in _render(values, "--include-crds") if o["kind"] not in MONITORING_KINDS]
+    for minor in _claimed_minor_versions():
+        for obj in objects:
+            try:
+                kubernetes_validate.validate(obj, f"1.{minor}.0", strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} on 1.{minor}: "
+                            f"{str(exc)[:300]}")
+
+
+def test_terraform_accepts_exactly_the_kubernetes_versions_the_chart_claims() -> None:
+    variables = (REPO_ROOT / "terraform" / "variables.tf").read_text()
+    block = variables[variables.index('variable "kubernetes_version"'):]
+    pattern = re.search(r'regex\("(.+?)", var\.kubernetes_version\)', block)
+    assert pattern is not None
+    accepted = re.compile(pattern[1].replace("\\\\", "\\"))
+    oldest = _claimed_minor_versions()[0]
+    assert not accepted.fullmatch(f"1.{oldest - 1}")
+    for minor in range(oldest, oldest + 15):
+        assert accepted.fullmatch(f"1.{minor}"), f"1.{minor}"
