@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubiot_operator.controllers.objects import owner_reference
 from kubiot_operator.crd.generate import generated_files
 from kubiot_operator.kube.client import KINDS_BY_API
 from kubiot_operator.models.tenant import TenantSpec
@@ -360,3 +361,15 @@ def test_terraform_accepts_exactly_the_kubernetes_versions_the_chart_claims() ->
     assert not accepted.fullmatch(f"1.{oldest - 1}")
     for minor in range(oldest, oldest + 15):
         assert accepted.fullmatch(f"1.{minor}"), f"1.{minor}"
+
+
+def test_owner_references_need_no_right_the_cluster_role_lacks(
+        default_objects: list[dict[str, Any]]) -> None:
+    """Under OwnerReferencesPermissionEnforcement (OpenShift), `blockOwnerDeletion: true`
+    needs `update` on the owner's finalizers."""
+    rules = _rules(_one(default_objects, "ClusterRole"))
+    for plural, kind in (("tenants", "Tenant"), ("devices", "Device"), ("gateways", "Gateway")):
+        reference = owner_reference({"apiVersion": "kubiot.io/v1alpha1", "kind": kind,
+                                     "metadata": {"name": "owner", "uid": "u1"}})
+        if reference.get("blockOwnerDeletion"):
+            assert "update" in _grants(rules, "kubiot.io", f"{plural}/finalizers"), kind
