@@ -73,6 +73,9 @@ class OperatorSettings(BaseSettings):
         "selects monitors by.")
     monitoring_namespace: str = Field("monitoring", description="Namespace of the Prometheus "
                                       "that scrapes the ingest; its NetworkPolicy admits it.")
+    api_refusal_limit_seconds: float = Field(
+        300.0, ge=1, description="/healthz fails once the Kubernetes API has refused the "
+        "operator's credentials this long, even after logging in again.")
     # Serving
     metrics_port: int = Field(8080, ge=0, le=65535, description="Prometheus metrics and probes.")
     log_format: str = Field("json", pattern="^(json|text)$", description="json (one object "

@@ -8,13 +8,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.test_utils
 import kmock
+import kopf
 import pytest
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
+from kubiot_operator.handlers.http import http_app
+from kubiot_operator.handlers.runtime import Runtime
+from kubiot_operator.kube.client import TENANTS, Connection, KubeClient, KubeError
+from kubiot_operator.local.ports import free_port
 from kubiot_operator.pki import revoked_serials
+from kubiot_operator.settings import OperatorSettings
 from tests.support.dynsec import send_commands
-from tests.support.kube_emulator import CORE_RESOURCES, kubiot_resources
+from tests.support.kube_emulator import CORE_RESOURCES, KubeEmulator, kubiot_resources
 from tests.support.mqtt_client import ConnectRefused
 from tests.support.operator_env import (
     API,
@@ -184,7 +193,11 @@ async def test_an_invalid_spec_is_reported_and_the_operator_keeps_running(
         assert ready is not None and ready["status"] == "False"
         assert ready["reason"] == "InvalidSpec"
         assert "spec.identity.type" in ready["message"]
-        assert any(e.get("reason") == "InvalidSpec" for e in env.kube.events("broken-1"))
+
+        async def warned() -> bool:  # kopf posts events from a queue of its own
+            return any(e.get("reason") == "InvalidSpec" for e in env.kube.events("broken-1"))
+
+        await async_wait_until(warned, timeout=10, message="an InvalidSpec event")
 
         fine = copy.deepcopy(broken)
         fine["metadata"]["name"] = "fine-1"
@@ -357,3 +370,63 @@ async def test_a_bad_report_field_is_dropped_and_the_rest_of_the_report_reaches_
     assert "current" not in status.get("firmware", {})
     rejected = env.operators[-1].platform.metrics.report_fields_rejected
     assert rejected.labels("Device", "firmware.current")._value.get() == 1
+
+
+async def test_a_rotated_service_account_token_is_read_again(tmp_path: Path) -> None:
+    port = free_port()
+    async with operator_env(tmp_path, authenticate=True, metrics_port=port) as env:
+        token_file = tmp_path / "token"  # as a projected service-account token is mounted
+        token_file.write_text(env.kube.issue_token())
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=env.kube.url, insecure=True,
+                                       token=token_file.read_text())
+
+        async with env.running(env.operator(login=login)):
+            await env.apply(*example_documents("tenant.yaml"))
+            await env.wait("Tenant", "acme", is_ready, timeout=60)
+            old = token_file.read_text()
+            token_file.write_text(env.kube.issue_token())  # the kubelet rotates it
+            env.kube.expire_token(old)
+
+            await env.apply({"apiVersion": API, "kind": "Device",
+                             "metadata": {"name": "after-rotation", "namespace": "acme"},
+                             "spec": {}})
+
+            await env.wait("Device", "after-rotation", is_ready, namespace="acme", timeout=30)
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{port}/healthz") as probe:
+                assert probe.status == 200
+
+
+async def test_the_liveness_probe_fails_while_the_api_keeps_refusing_the_credentials(
+        kube_with_tokens: KubeEmulator) -> None:
+    token = kube_with_tokens.issue_token()
+    connection = Connection(server=kube_with_tokens.url, token=token, insecure=True)
+    now = [0.0]
+    runtime = Runtime(OperatorSettings(api_refusal_limit_seconds=60), connection)
+    app = http_app(CollectorRegistry(), ready=lambda: True, authority=lambda: None,
+                   unhealthy=runtime.unhealthy)
+    async with KubeClient(connection, relogin=lambda: connection, clock=lambda: now[0]) as client, \
+            aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(app)) as http:
+        runtime.kube = client
+        await client.list(TENANTS)
+        kube_with_tokens.expire_token(token)  # and no newer one to read
+
+        with pytest.raises(KubeError) as refused:
+            await client.list(TENANTS)
+        now[0] = 30
+        early = await http.get("/healthz")
+        now[0] = 61
+        late = await http.get("/healthz")
+        late_text = await late.text()
+
+    assert refused.value.status == 401
+    assert early.status == 200
+    assert late.status == 503 and "refused" in late_text
+
+
+@pytest.fixture
+async def kube_with_tokens() -> AsyncIterator[KubeEmulator]:
+    async with KubeEmulator(authenticate=True) as emulator:
+        yield emulator
