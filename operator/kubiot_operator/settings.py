@@ -44,6 +44,10 @@ class OperatorSettings(BaseSettings):
     broker_public_host: str = Field("mqtt.example.com", description="Broker host devices "
                                     "connect to; written into each device Secret.")
     broker_public_port: int = Field(8883, ge=1, le=65535, description="Mutual-TLS port.")
+    broker_trust_namespace: str | None = Field(
+        None, description="Namespace of the broker's pods, where the operator keeps the "
+        "`kubiot-broker-trust` Secret (every tenant CA and CRL) for them to mount; unset: the "
+        "operator's own namespace.")
     broker_ca_file: Path | None = Field(None, description="CA that signed the broker's server "
                                         "certificate; written into each device Secret.")
     crl_url_template: str | None = Field(

@@ -16,11 +16,13 @@ import pytest
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
+from kubiot_operator.contract import IdentityKind
 from kubiot_operator.handlers.http import http_app
 from kubiot_operator.handlers.runtime import Runtime
 from kubiot_operator.kube.client import TENANTS, Connection, KubeClient, KubeError
+from kubiot_operator.kube.secrets import SecretMaterialStore, SecretTrustPublisher, secret_data
 from kubiot_operator.local.ports import free_port
-from kubiot_operator.pki import revoked_serials
+from kubiot_operator.pki import TenantAuthority, revoked_serials
 from kubiot_operator.settings import OperatorSettings
 from tests.support.dynsec import send_commands
 from tests.support.kube_emulator import CORE_RESOURCES, KubeEmulator, kubiot_resources
@@ -430,3 +432,22 @@ async def test_the_liveness_probe_fails_while_the_api_keeps_refusing_the_credent
 async def kube_with_tokens() -> AsyncIterator[KubeEmulator]:
     async with KubeEmulator(authenticate=True) as emulator:
         yield emulator
+
+
+async def test_the_broker_trust_bundle_is_published_where_the_broker_can_mount_it(
+        tmp_path: Path) -> None:
+    settings = OperatorSettings(namespace="kubiot-system", broker_trust_namespace="emqx")
+    async with KubeEmulator() as kube, KubeClient(Connection(server=kube.url)) as client:
+        authority = TenantAuthority(SecretMaterialStore(client, settings.namespace))
+        issued = await authority.issue("acme", IdentityKind.DEVICE, "d1", validity_days=30)
+        await authority.revoke("acme", issued.serial)
+        trust = SecretTrustPublisher(client, settings.broker_trust_namespace or "")
+        await trust.publish(await authority.ca_bundle(["acme"]),
+                            await authority.crl_bundle(["acme"]))
+
+        secret = await kube.get("v1", "Secret", "kubiot-broker-trust", "emqx")
+
+    assert secret is not None
+    files = secret_data(secret)  # the file names docs/brokers.md mounts
+    assert b"BEGIN CERTIFICATE" in files["tenant-cas.pem"]
+    assert issued.serial in bundle_revocations(files["tenant-crls.pem"])

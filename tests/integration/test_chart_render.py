@@ -373,3 +373,16 @@ def test_owner_references_need_no_right_the_cluster_role_lacks(
                                      "metadata": {"name": "owner", "uid": "u1"}})
         if reference.get("blockOwnerDeletion"):
             assert "update" in _grants(rules, "kubiot.io", f"{plural}/finalizers"), kind
+
+
+@pytest.mark.parametrize(("values", "namespace"), [
+    ((), "emqx"),
+    (("--set", "broker.backend=mosquitto"), NAMESPACE),
+    (("--set", "broker.trustNamespace=brokers"), "brokers"),
+])
+def test_the_trust_bundle_goes_to_the_brokers_namespace(values: tuple[str, ...],
+                                                        namespace: str) -> None:
+    deployment = _one(_render(None, *values), "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBIOT_BROKER_TRUST_NAMESPACE"] == namespace

@@ -75,7 +75,8 @@ class Runtime:
             authority=TenantAuthority(SecretMaterialStore(self.kube, settings.namespace),
                                       crl_url_template=settings.crl_url_template),
             broker=broker, messenger=self.mqtt,
-            trust=self._trust or SecretTrustPublisher(self.kube, settings.namespace),
+            trust=self._trust or SecretTrustPublisher(
+                self.kube, settings.broker_trust_namespace or settings.namespace),
             metrics=self.metrics,
             endpoint=BrokerEndpoint(settings.broker_public_host, settings.broker_public_port,
                                     ca_pem),

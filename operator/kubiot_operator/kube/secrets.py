@@ -11,6 +11,10 @@ from kubiot_operator.reconcile.tenant import MANAGED_BY
 from .client import SECRETS, KubeClient
 
 TRUST_SECRET = "kubiot-broker-trust"
+#: Keys of the trust Secret, the file names docs/brokers.md mounts them as: EMQX's and
+#: Mosquitto's `cacertfile`/`cafile`, and Mosquitto's `crlfile` (EMQX fetches CRLs instead).
+TENANT_CAS_KEY = "tenant-cas.pem"
+TENANT_CRLS_KEY = "tenant-crls.pem"
 
 
 def secret_object(name: str, namespace: str, data: Mapping[str, bytes],
@@ -46,7 +50,9 @@ class SecretMaterialStore:
 
 
 class SecretTrustPublisher:
-    """Writes the CA and CRL bundles into one Secret that the broker mounts."""
+    """Writes the CA and CRL bundles into one Secret that the broker mounts.
+
+    `namespace` is the broker's: a pod can mount Secrets of its own namespace only."""
 
     def __init__(self, kube: KubeClient, namespace: str, name: str = TRUST_SECRET) -> None:
         self._kube = kube
@@ -55,4 +61,4 @@ class SecretTrustPublisher:
 
     async def publish(self, ca_bundle: bytes, crl_bundle: bytes) -> None:
         await self._kube.ensure(secret_object(self._name, self._namespace, {
-            "ca-bundle.pem": ca_bundle, "crl-bundle.pem": crl_bundle}))
+            TENANT_CAS_KEY: ca_bundle, TENANT_CRLS_KEY: crl_bundle}))
