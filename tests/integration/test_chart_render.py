@@ -386,3 +386,13 @@ def test_the_trust_bundle_goes_to_the_brokers_namespace(values: tuple[str, ...],
     env = {v["name"]: v.get("value") for v in
            deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBIOT_BROKER_TRUST_NAMESPACE"] == namespace
+
+
+def test_the_crl_url_keeps_answering_while_the_operator_is_not_ready() -> None:
+    objects = _render(None)
+    deployment = _one(objects, "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    host = env["KUBIOT_CRL_URL_TEMPLATE"].removeprefix("http://").split(".")[0]
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == host]
+    assert service["spec"]["publishNotReadyAddresses"] is True
