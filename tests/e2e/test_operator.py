@@ -451,3 +451,21 @@ async def test_the_broker_trust_bundle_is_published_where_the_broker_can_mount_i
     files = secret_data(secret)  # the file names docs/brokers.md mounts
     assert b"BEGIN CERTIFICATE" in files["tenant-cas.pem"]
     assert issued.serial in bundle_revocations(files["tenant-crls.pem"])
+
+
+async def test_turning_ingest_off_removes_the_ingest_objects(env: OperatorEnv) -> None:
+    async with env.running():
+        await env.apply(*example_documents("tenant.yaml"))
+        await env.wait("Tenant", "acme", is_ready, timeout=60)
+        assert await env.kube.get("apps/v1", "Deployment", "acme-ingest", "acme") is not None
+
+        await env.kube.patch(API, "Tenant", "acme", {"spec": {"ingest": {"enabled": False}}})
+
+        await env.wait("Deployment", "acme-ingest", lambda d: d is None, namespace="acme")
+        for api, kind in (("v1", "Service"), ("policy/v1", "PodDisruptionBudget"),
+                          ("networking.k8s.io/v1", "NetworkPolicy"),
+                          ("monitoring.coreos.com/v1", "ServiceMonitor")):
+            assert await env.kube.get(api, kind, "acme-ingest", "acme") is None, kind
+        tenant = await env.wait("Tenant", "acme", lambda t: (condition(t, "IngestReady") or {})
+                                .get("reason") == "Disabled")
+        assert is_ready(tenant)
