@@ -77,9 +77,8 @@ def test_rendered_objects_are_valid_kubernetes(rendered: list[dict[str, Any]]) -
 def test_default_install_creates_the_operator_and_its_monitoring(
         default_objects: list[dict[str, Any]]) -> None:
     kinds = sorted(o["kind"] for o in default_objects)
-    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                 "RoleBinding", "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy",
-                 "ConfigMap"):
+    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                 "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"):
         assert kind in kinds
     for obj in default_objects:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -182,7 +181,8 @@ def test_cluster_role_covers_what_the_operator_creates_for_a_tenant(
     for obj in ingest_objects("acme", TenantSpec(), environment, monitor="ServiceMonitor") + \
             ingest_objects("acme", TenantSpec(), environment, monitor="PodMonitor")[-1:]:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
-        assert {"get", "create", "patch"} <= _grants(rules, kind.group, kind.plural), obj["kind"]
+        assert {"create", "patch", "delete"} <= _grants(rules, kind.group, kind.plural), \
+            obj["kind"]
     assert {"create", "patch"} <= _grants(rules, "", "namespaces")
     # Device identities: by name only; listing every Secret of the cluster is not needed.
     assert _grants(rules, "", "secrets") == {"get", "create", "patch", "delete"}
@@ -194,16 +194,15 @@ def test_cluster_role_lets_kopf_watch_and_patch_every_kubiot_kind(
     kubiot_kinds = [k for k in KINDS_BY_API.values() if k.group == "kubiot.io"]
     assert kubiot_kinds
     for kind in kubiot_kinds:
-        assert _grants(rules, kind.group, kind.plural) == {"get", "list", "watch", "patch"}
-        assert _grants(rules, kind.group, f"{kind.plural}/status") == {"get", "patch"}
-    assert _grants(rules, "", "events") == {"create", "patch"}
+        assert {"list", "watch", "patch"} <= _grants(rules, kind.group, kind.plural)
+        assert _grants(rules, kind.group, f"{kind.plural}/status") == {"patch"}
+    assert _grants(rules, "", "events") == {"create"}
 
 
-def test_role_is_bound_in_the_operator_namespace_to_its_service_account(
+def test_cluster_role_is_bound_to_the_operators_service_account(
         default_objects: list[dict[str, Any]]) -> None:
     account = _one(default_objects, "ServiceAccount")["metadata"]["name"]
-    for binding_kind, role_kind in (("RoleBinding", "Role"),
-                                    ("ClusterRoleBinding", "ClusterRole")):
+    for binding_kind, role_kind in (("ClusterRoleBinding", "ClusterRole"),):
         binding = _one(default_objects, binding_kind)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind,
                                       "name": _one(default_objects, role_kind)["metadata"]["name"]}
@@ -293,11 +292,10 @@ def test_optional_subcharts_are_declared_off_by_default() -> None:
     assert dependencies["kubiot"]["version"] == kubiot_chart["version"]
 
 
-def test_role_lets_the_operator_manage_secrets_in_its_own_namespace_only(
-        default_objects: list[dict[str, Any]]) -> None:
-    role = _one(default_objects, "Role")
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert {"get", "list", "watch", "create", "patch"} <= _grants(_rules(role), "", "secrets")
+def test_no_role_beyond_the_cluster_role(default_objects: list[dict[str, Any]]) -> None:
+    """The operator's Secrets are read and written by name, never listed or watched: the
+    ClusterRole covers its own namespace too."""
+    assert not [o for o in default_objects if o["kind"] in ("Role", "RoleBinding")]
 
 
 def test_notes_tell_what_to_do_next() -> None:

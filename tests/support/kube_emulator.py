@@ -32,7 +32,9 @@ where the product depends on it:
   deletes everything in it, both through finalizers (objects with finalizers wait for them);
   a terminating Namespace refuses new objects with 403;
 - with `tokens`, a request without one of the accepted bearer tokens gets 401, and a token can
-  be expired while clients hold it.
+  be expired while clients hold it;
+- a Deployment's status reports its replicas available once its generation is applied
+  (`deployments_available=False`: never), as the deployment controller would.
 
 Still not emulated: the existence check of a namespace on create, foreground and orphan
 deletion propagation, server-side apply and strategic-merge semantics (both are plain JSON merge
@@ -417,6 +419,33 @@ class CustomResourceSchema:
                 message=f"{self.kind} \"{name}\" is invalid: " + ", ".join(sorted(problems)))
 
 
+#: Requests carrying this header are the test harness's own, not a client's under test.
+HARNESS_HEADER = "X-Kube-Emulator-Harness"
+
+
+def rbac_attributes(method: str, path: str, query: Mapping[str, str]
+                    ) -> tuple[str, str, str] | None:
+    """(verb, API group, resource[/subresource]) an authorizer sees; None for discovery."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    if not rest:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    named = len(rest) > 1
+    verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(
+        method.upper())
+    if verb is None:
+        verb = "watch" if query.get("watch") in ("true", "1") else ("get" if named else "list")
+    return verb, group, resource
+
+
 def owner_uids(obj: Mapping[str, Any]) -> set[str]:
     return {ref["uid"] for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
             if ref.get("uid")}
@@ -427,6 +456,7 @@ def owner_uids(obj: Mapping[str, Any]) -> set[str]:
 _NAMESPACE_PATH = re.compile(
     r"^/api/v1/namespaces(?:/(?P<name>[^/]+)(?:/(?P<sub>status|finalize))?)?/?$")
 _NAMESPACES = kmock.resource("", "v1", "namespaces")
+_DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 
 
 @attrs.define(kw_only=True)
@@ -439,9 +469,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     tokens: set[str] | None = attrs.field(default=None)
     # The garbage collector and the namespace controller: woken whenever something goes away.
     _collector: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    _removed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    #: Whether Deployments' pods become available (the deployment controller and kubelets that
+    #: the emulator stands in for report every replica available); False: none ever does.
+    deployments_available: bool = attrs.field(default=True)
     #: Custom resources' schemas, applied to every write.
     schemas: dict[Any, CustomResourceSchema] = attrs.field(factory=dict)
+    #: Every (verb, group, resource) clients other than the test harness asked for: what their
+    #: RBAC role must grant.
+    client_verbs: set[tuple[str, str, str]] = attrs.field(factory=set)
     #: The order in which a terminating namespace's kinds are emptied (by default: any).
     namespace_content_order: Callable[[list[Any]], list[Any]] = attrs.field(
         default=lambda kinds: random.sample(kinds, len(kinds)))
@@ -477,6 +513,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response({
                 "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
                 "message": "Unauthorized", "reason": "Unauthorized", "code": 401}, status=401)
+        if HARNESS_HEADER not in raw_request.headers:
+            attributes = rbac_attributes(raw_request.method, raw_request.path,
+                                         raw_request.query)
+            if attributes is not None:
+                self.client_verbs.add(attributes)
         if self._collector is None:
             self._collector = asyncio.get_running_loop().create_task(
                 self._collect_garbage(), name="kube-emulator garbage collector")
@@ -606,6 +647,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.next_resource_version()
         stored.history.append(new_state)
         await self._buses[request.resource].put({"type": "MODIFIED", "object": new_state})
+        if request.resource == _DEPLOYMENTS:
+            await self._report_deployments()  # pods start at once here
         new_meta = new_state["metadata"]
         return key if new_meta.get("deletionTimestamp") and not new_meta.get("finalizers") else None
 
@@ -671,6 +714,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             self._objects[key] = stored
         await self._buses[request.resource].put({"type": "ADDED", "object": stored})
+        if resource == _DEPLOYMENTS:
+            await self._report_deployments()  # pods start at once here
 
     def _terminating(self, namespace: str | None) -> bool:
         key = (_NAMESPACES, None, namespace)
@@ -696,7 +741,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                                    resourceVersion=self.next_resource_version())
             if is_namespace:
                 new["status"] = {"phase": "Terminating"}
-                self._removed.set()
+                self._wake.set()
             stored.history.append(new)
             await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
             return True
@@ -708,7 +753,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         gone = self._with_new_version(self._objects[key].raw)
         self._objects[key].delete()
         await self._buses[key[0]].put({"type": "DELETED", "object": gone})
-        self._removed.set()
+        self._wake.set()
 
     async def _collect_garbage(self) -> None:
         """The garbage collector and the namespace controller, in one loop.
@@ -717,8 +762,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         propagation; a terminating Namespace has its content deleted kind by kind and goes once
         it is empty. Deletion honours finalizers, so this runs again after each removal."""
         while True:
-            await self._removed.wait()
-            self._removed.clear()
+            await self._wake.wait()
+            self._wake.clear()
             async with self._lock:
                 live = {key: obj.raw for key, obj in self._objects.items() if not obj.deleted}
                 uids = {raw["metadata"].get("uid") for raw in live.values()}
@@ -731,6 +776,30 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                                      and raw["metadata"].get("deletionTimestamp"))
             for namespace in terminating:
                 await self._empty_namespace(namespace)
+
+    async def _report_deployments(self) -> None:
+        """What the deployment controller writes once the pods of a generation are up."""
+        for key, stored in list(self._objects.items()):
+            if key[0] != _DEPLOYMENTS or stored.deleted:
+                continue
+            raw = stored.raw
+            generation = raw["metadata"].get("generation", 1)
+            if (raw.get("status") or {}).get("observedGeneration") == generation:
+                continue
+            replicas = int((raw.get("spec") or {}).get("replicas", 1))
+            available = replicas if self.deployments_available else 0
+            new = copy.deepcopy(raw)
+            new["status"] = {
+                "observedGeneration": generation, "replicas": replicas,
+                "updatedReplicas": replicas, "readyReplicas": available,
+                "availableReplicas": available,
+                "conditions": [{"type": "Available", "status": "True" if available or not
+                                replicas else "False",
+                                "reason": "MinimumReplicasAvailable" if available or not
+                                replicas else "MinimumReplicasUnavailable"}]}
+            new["metadata"]["resourceVersion"] = self.next_resource_version()
+            stored.history.append(new)
+            await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
 
     async def _empty_namespace(self, namespace: str) -> None:
         """One pass of the namespace controller: delete every kind's objects, then the
@@ -879,6 +948,7 @@ class KubeEmulator:
         client: aiohttp.ClientSession = self._server.client
         headers = {"Content-Type": content_type} if body is not None else {}
         headers["Authorization"] = f"Bearer {self._harness_token}"
+        headers[HARNESS_HEADER] = "1"
         async with client.request(method, path, json=body, headers=headers,
                                   params=params) as response:
             return response.status, await response.json(content_type=None)

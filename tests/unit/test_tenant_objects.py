@@ -8,6 +8,7 @@ from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import (
     IngestEnvironment,
     database_schema,
+    ingest_availability,
     ingest_objects,
     monitor_kind,
     namespace_refusal,
@@ -124,3 +125,18 @@ def test_a_tenant_uses_only_a_namespace_it_created() -> None:
     assert other is not None and "belongs to Tenant acme" in other
     system = namespace_refusal("acme", "u1", "kube-system", {"metadata": {"name": "kube-system"}})
     assert system is not None and "did not create" in system
+
+
+def test_ingest_availability_reads_the_deployment_status() -> None:
+    def deployment(generation: int, replicas: int, **status: int) -> dict[str, Any]:
+        return {"metadata": {"name": "acme-ingest", "namespace": "acme",
+                             "generation": generation},
+                "spec": {"replicas": replicas}, "status": status}
+
+    assert ingest_availability(None).reason == "Creating"
+    assert ingest_availability(deployment(2, 2, observedGeneration=1,
+                                          availableReplicas=2)).reason == "RollingOut"
+    assert ingest_availability(deployment(1, 2, observedGeneration=1)).reason == "Unavailable"
+    assert ingest_availability(deployment(1, 0, observedGeneration=1)).available
+    ready = ingest_availability(deployment(1, 2, observedGeneration=1, availableReplicas=1))
+    assert ready.available and "1 of 2" in ready.message

@@ -36,6 +36,7 @@ from kubiot_operator.reconcile.tenant import (
     POD_MONITOR,
     SERVICE_MONITOR,
     TENANT_LABEL,
+    ingest_availability,
     ingest_broker_secret_name,
     ingest_name,
     ingest_objects,
@@ -63,6 +64,7 @@ NAMESPACE_READY = "NamespaceReady"
 TENANT_NAME: TypeAdapter[str] = TypeAdapter(TenantName)
 NAMESPACE_RETRY_SECONDS = 5.0
 TEARDOWN_RECHECK_SECONDS = 1.0
+INGEST_RECHECK_SECONDS = 10.0
 #: Whether Prometheus scrapes the ingest; informational, not part of Ready.
 MONITORING = "Monitoring"
 INGEST_KINDS = (DEPLOYMENTS, SERVICES, PODDISRUPTIONBUDGETS, NETWORKPOLICIES, SERVICEMONITORS,
@@ -113,7 +115,7 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
 
     updates = [claim, await _ensure_ca(platform, name, spec, outcome)]
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
-    updates += await _ensure_ingest(platform, name, spec, owner)
+    updates += await _ensure_ingest(platform, name, spec, owner, outcome)
 
     devices = await platform.objects.list(DEVICES, namespace)
     gateways = await platform.objects.list(GATEWAYS, namespace)
@@ -237,7 +239,7 @@ async def _ingest_password(platform: Platform, name: str, namespace: str,
 
 
 async def _ensure_ingest(platform: Platform, name: str, spec: TenantSpec,
-                         owner: dict[str, Any]) -> list[ConditionUpdate]:
+                         owner: dict[str, Any], outcome: Outcome) -> list[ConditionUpdate]:
     """The ingest objects, and whether Prometheus scrapes them (a condition, never a failure:
     a cluster without the Prometheus Operator, such as minikube, is a fine place to run)."""
     namespace = tenant_namespace(name, spec)
@@ -259,11 +261,14 @@ async def _ensure_ingest(platform: Platform, name: str, spec: TenantSpec,
     for stale in sorted(({SERVICE_MONITOR, POD_MONITOR} & served) - {monitor}):
         await platform.objects.delete(KINDS_BY_API[(MONITORING_API, stale)],
                                       ingest_name(name), namespace)
-    deployment = objects[0]
-    ingest = ConditionUpdate(INGEST_READY, True, "Applied",
-                             f"Deployment {deployment['metadata']['namespace']}/"
-                             f"{deployment['metadata']['name']} with "
-                             f"{spec.ingest.replicas} replicas")
+    availability = ingest_availability(
+        await platform.objects.get(DEPLOYMENTS, ingest_name(name), namespace))
+    if not availability.available and outcome.retry_after is None:
+        # Deployments are not watched: look again soon, as a planned recheck.
+        outcome.retry_after, outcome.retry_reason = INGEST_RECHECK_SECONDS, availability.reason
+        outcome.planned = True
+    ingest = ConditionUpdate(INGEST_READY, availability.available, availability.reason,
+                             availability.message)
     if monitor is None:
         return [ingest, ConditionUpdate(
             MONITORING, False, "PrometheusOperatorAbsent",

@@ -106,6 +106,38 @@ def _selector(tenant: str) -> dict[str, str]:
     return {TENANT_LABEL: tenant, COMPONENT_LABEL: "ingest"}
 
 
+@dataclass(frozen=True)
+class IngestAvailability:
+    """Whether the ingest Deployment serves, from its status as the deployment controller
+    wrote it."""
+
+    available: bool
+    reason: str
+    message: str
+
+
+def ingest_availability(deployment: Mapping[str, Any] | None) -> IngestAvailability:
+    """Available once the Deployment's current generation has at least one available pod (or
+    it is scaled to zero on purpose)."""
+    if deployment is None:
+        return IngestAvailability(False, "Creating", "the ingest Deployment does not exist yet")
+    meta, status = deployment.get("metadata") or {}, deployment.get("status") or {}
+    name = f"{meta.get('namespace')}/{meta.get('name')}"
+    wanted = int((deployment.get("spec") or {}).get("replicas", 1))
+    available = int(status.get("availableReplicas") or 0)
+    if status.get("observedGeneration", 0) < meta.get("generation", 1):
+        return IngestAvailability(False, "RollingOut",
+                                  f"Deployment {name} has not yet applied its latest spec")
+    if wanted == 0:
+        return IngestAvailability(True, "ScaledToZero", f"Deployment {name} has 0 replicas")
+    if available == 0:
+        return IngestAvailability(False, "Unavailable",
+                                  f"Deployment {name}: none of {wanted} replicas available "
+                                  "(kubectl describe deployment tells why)")
+    return IngestAvailability(True, "Available",
+                              f"Deployment {name}: {available} of {wanted} replicas available")
+
+
 def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment, *,
                    monitor: str | None) -> list[dict[str, Any]]:
     """Deployment, Service, PodDisruptionBudget, NetworkPolicy and the `monitor` kind
