@@ -12,6 +12,8 @@ from kubiot_operator.models import KINDS, ResourceKind, name_rule
 def _type(node: dict[str, Any]) -> str:
     if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node:
         return "any JSON"
+    if node.get("x-kubernetes-int-or-string"):
+        return "integer or string"
     kind = str(node.get("type", "any"))
     if kind == "array":
         return f"list of {_type(node.get('items', {}))}"

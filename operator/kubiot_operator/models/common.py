@@ -32,8 +32,11 @@ SubdomainName = Annotated[str, StringConstraints(
         "with a letter or digit, at most 253 characters)"))]
 ObjectName = Annotated[str, StringConstraints(
     pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", max_length=253)]
-Quantity = Annotated[str, StringConstraints(
+QuantityText = Annotated[str, StringConstraints(
     pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", max_length=32)]
+#: A resource quantity as Kubernetes takes it: `cpu: 1` as well as `cpu: 500m` or `memory: 1Gi`.
+Quantity = Annotated[int | QuantityText, Field(json_schema_extra={
+    "x-kubernetes-int-or-string": True})]
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
