@@ -242,13 +242,6 @@ def test_toggles_leave_out_monitoring_dashboards_and_network_policy() -> None:
     assert "Deployment" in kinds
 
 
-def test_an_unknown_broker_backend_is_refused() -> None:
-    result = run_tool(require_tool("helm"), "template", "kubiot", CHART,
-                      "--set", "broker.backend=rabbitmq")
-    assert result.returncode != 0
-    assert "broker.backend must be emqx or mosquitto" in result.stderr
-
-
 def test_mosquitto_backend_takes_the_admin_password_from_a_secret() -> None:
     objects = _render(None, "--set", "broker.backend=mosquitto",
                       "--set", "broker.adminPasswordSecret=mosquitto-admin")
@@ -394,3 +387,35 @@ def test_the_crl_url_keeps_answering_while_the_operator_is_not_ready() -> None:
     host = env["KUBIOT_CRL_URL_TEMPLATE"].removeprefix("http://").split(".")[0]
     (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == host]
     assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+@pytest.mark.parametrize(("setting", "complaint"), [
+    ("broker.backend=rabbitmq", "/broker/backend"),
+    ("operator.maxWorkers=many", "/operator/maxWorkers"),
+    ("operator.logFormat=xml", "/operator/logFormat"),
+    ("broker.emqx.crlDistribtion=false", "crlDistribtion"),  # a typo is not silently ignored
+])
+def test_values_schema_refuses_a_wrong_value_before_anything_is_rendered(
+        setting: str, complaint: str) -> None:
+    result = run_tool(require_tool("helm"), "template", "kubiot", CHART, "--set", setting)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_values_schema_documents_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def mismatches(node: dict[str, Any], described: dict[str, Any], where: str) -> list[str]:
+        properties = described.get("properties")
+        if properties is None:  # free-form (resources, labels, security contexts)
+            return []
+        found = [f"{where}{k}: not in the schema" for k in node if k not in properties]
+        found += [f"{where}{k}: not in values.yaml" for k in properties
+                  if k not in node and k not in ("global", "enabled")]
+        for key, value in node.items():
+            if isinstance(value, dict) and key in properties:
+                found += mismatches(value, properties[key], f"{where}{key}.")
+        return found
+
+    assert mismatches(values, schema, "") == []
