@@ -300,3 +300,23 @@ async def test_years_of_revocations_keep_the_crl_secret_under_the_secret_limit(
     assert stored is not None
     assert sum(len(value) for value in stored.values()) < 1024 * 1024
     assert revoked_serials(stored["crl.pem"]) == {current.serial}
+
+
+async def test_a_crl_secret_holds_six_thousand_live_revocations(
+        authority: TenantAuthority, store: MaterialStore, clock: Clock) -> None:
+    await authority.ensure_ca("acme")
+    bundle = await store.get("tenant-acme-crl")
+    assert bundle is not None
+    record = json.loads(bundle["revoked.json"])
+    now, later = int(clock().timestamp()), int((clock() + timedelta(days=365)).timestamp())
+    record["revoked"] = [[format(2**150 + i, "x"), now, "keyCompromise", later]
+                         for i in range(6000)]  # serials as long as real ones (20 bytes)
+    await store.put("tenant-acme-crl", {**bundle, "revoked.json": json.dumps(record).encode()})
+    current = await authority.issue("acme", DEVICE, "d1", validity_days=30)
+
+    await authority.revoke("acme", current.serial, expires_at=current.summary.not_after)
+
+    stored = await store.get("tenant-acme-crl")
+    assert stored is not None
+    assert len(revoked_serials(stored["crl.pem"])) == 6001
+    assert sum(len(value) for value in stored.values()) < 1024 * 1024
