@@ -455,6 +455,16 @@ async def test_the_broker_trust_bundle_is_published_where_the_broker_can_mount_i
     assert issued.serial in bundle_revocations(files["tenant-crls.pem"])
 
 
+async def test_a_broker_that_fetches_crls_gets_a_trust_bundle_of_cas_only() -> None:
+    async with KubeEmulator() as kube, KubeClient(Connection(server=kube.url)) as client:
+        trust = SecretTrustPublisher(client, "emqx", include_crls=False)
+        await trust.publish(b"CAS", b"CRLS" * 300_000)  # CRLs this large would not fit
+
+        secret = await kube.get("v1", "Secret", "kubiot-broker-trust", "emqx")
+
+    assert secret is not None and secret_data(secret) == {"tenant-cas.pem": b"CAS"}
+
+
 async def test_turning_ingest_off_removes_the_ingest_objects(env: OperatorEnv) -> None:
     async with env.running():
         await env.apply(*example_documents("tenant.yaml"))

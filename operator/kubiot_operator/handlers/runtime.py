@@ -76,7 +76,8 @@ class Runtime:
                                       crl_url_template=settings.crl_url_template),
             broker=broker, messenger=self.mqtt,
             trust=self._trust or SecretTrustPublisher(
-                self.kube, settings.broker_trust_namespace or settings.namespace),
+                self.kube, settings.broker_trust_namespace or settings.namespace,
+                include_crls=settings.crl_url_template is None),
             metrics=self.metrics,
             endpoint=BrokerEndpoint(settings.broker_public_host, settings.broker_public_port,
                                     ca_pem),
