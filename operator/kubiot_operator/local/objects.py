@@ -72,7 +72,10 @@ class FileObjects:
                 self._objects[self._key_of(obj)] = obj
 
     async def served_kinds(self, api_version: str) -> frozenset[str]:
-        """Every kind the store keeps: it stands in for a cluster with every optional API."""
+        """The kinds the store keeps, as discovery would list them. There is no Prometheus
+        Operator without a cluster, so its API is not served."""
+        if api_version.startswith("monitoring.coreos.com/"):
+            return frozenset()
         return frozenset(kind for api, kind in KINDS_BY_API if api == api_version)
 
     @staticmethod
