@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -71,6 +72,16 @@ def device_registry(calls: Calls) -> kopf.OperatorRegistry:
         patch.status["phase"] = "Ready"
 
     return registry
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[KubeEmulator]:
+    """An emulated cluster with the namespaces these tests put objects in."""
+    async with KubeEmulator() as emulator:
+        for name in ("acme", "other"):
+            await emulator.create({"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": name}})
+        yield emulator
 
 
 def has_phase(phase: str) -> Any:
@@ -190,10 +201,19 @@ async def test_failed_json_patch_test_is_a_conflict_not_a_crash(kube: KubeEmulat
 
 
 async def test_namespaces_can_be_created_and_read(kube: KubeEmulator) -> None:
-    await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "acme"}})
+    await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "globex"}})
 
-    assert await kube.get("v1", "Namespace", "acme") is not None
-    assert [n["metadata"]["name"] for n in await kube.list("v1", "Namespace")] == ["acme"]
+    assert await kube.get("v1", "Namespace", "globex") is not None
+    assert sorted(n["metadata"]["name"] for n in await kube.list("v1", "Namespace")) == [
+        "acme", "globex", "other"]
+
+
+async def test_an_object_in_a_namespace_that_does_not_exist_is_not_found(
+        kube: KubeEmulator) -> None:
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(device("d1", namespace="nowhere"))
+
+    assert refused.value.status == 404 and "nowhere" in refused.value.body["message"]
 
 
 async def test_killing_mid_reconcile_leaves_the_handler_to_the_next_operator(
@@ -367,7 +387,6 @@ async def test_deleting_an_owner_deletes_its_dependents_through_their_finalizers
 
 async def test_deleting_a_namespace_deletes_its_content_and_refuses_new_objects(
         kube: KubeEmulator) -> None:
-    await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "acme"}})
     held = device("d1")
     held["metadata"]["finalizers"] = ["kubiot.io/cleanup"]
     await kube.create(held)

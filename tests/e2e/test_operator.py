@@ -51,7 +51,10 @@ async def env(tmp_path: Path) -> AsyncIterator[OperatorEnv]:
 
 
 async def apply_examples(env: OperatorEnv) -> None:
-    await env.apply(*example_documents("tenant.yaml", "gateway.yaml", "devices.yaml"))
+    """As a user would: the Tenant, then (once its namespace exists) what goes in it."""
+    await env.apply(*example_documents("tenant.yaml"))
+    await env.wait("Namespace", "acme", lambda namespace: namespace is not None)
+    await env.apply(*example_documents("gateway.yaml", "devices.yaml"))
 
 
 async def wait_all_ready(env: OperatorEnv, seconds: float = 60) -> None:
@@ -348,7 +351,8 @@ async def test_deleting_a_tenant_leaves_nothing_behind_and_brings_no_ca_back(
         after = {s["metadata"]["name"] for s in await env.kube.list(
             "v1", "Secret", operator_namespace)}
         assert not {s for s in after - before if "acme" in s}, sorted(after - before)
-        assert [n["metadata"]["name"] for n in await env.kube.list("v1", "Namespace")] == []
+        namespaces = [n["metadata"]["name"] for n in await env.kube.list("v1", "Namespace")]
+        assert namespaces == [operator_namespace]
 
 
 async def test_a_bad_report_field_is_dropped_and_the_rest_of_the_report_reaches_status(
@@ -440,6 +444,9 @@ async def test_the_broker_trust_bundle_is_published_where_the_broker_can_mount_i
         tmp_path: Path) -> None:
     settings = OperatorSettings(namespace="kubiot-system", broker_trust_namespace="emqx")
     async with KubeEmulator() as kube, KubeClient(Connection(server=kube.url)) as client:
+        for namespace in ("kubiot-system", "emqx"):
+            await kube.create({"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": namespace}})
         authority = TenantAuthority(SecretMaterialStore(client, settings.namespace))
         issued = await authority.issue("acme", IdentityKind.DEVICE, "d1", validity_days=30)
         await authority.revoke("acme", issued.serial)
@@ -457,6 +464,7 @@ async def test_the_broker_trust_bundle_is_published_where_the_broker_can_mount_i
 
 async def test_a_broker_that_fetches_crls_gets_a_trust_bundle_of_cas_only() -> None:
     async with KubeEmulator() as kube, KubeClient(Connection(server=kube.url)) as client:
+        await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "emqx"}})
         trust = SecretTrustPublisher(client, "emqx", include_crls=False)
         await trust.publish(b"CAS", b"CRLS" * 300_000)  # CRLs this large would not fit
 

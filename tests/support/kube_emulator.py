@@ -30,13 +30,14 @@ where the product depends on it:
   request limit with 500;
 - an object whose owner (by ownerReference uid) is gone is deleted, and a deleted Namespace
   deletes everything in it, both through finalizers (objects with finalizers wait for them);
-  a terminating Namespace refuses new objects with 403;
+  a terminating Namespace refuses new objects with 403, and an object in a namespace that does
+  not exist is refused with 404;
 - with `tokens`, a request without one of the accepted bearer tokens gets 401, and a token can
   be expired while clients hold it;
 - a Deployment's status reports its replicas available once its generation is applied
   (`deployments_available=False`: never), as the deployment controller would.
 
-Still not emulated: the existence check of a namespace on create, foreground and orphan
+Still not emulated: foreground and orphan
 deletion propagation, server-side apply and strategic-merge semantics (both are plain JSON merge
 patches: lists are replaced, never merged by key), defaulting and CEL rules of the CRDs,
 schema validation of built-in kinds, admission webhooks, RBAC, and DELETED events for objects
@@ -684,6 +685,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             meta["namespace"] = request.namespace
         if not self._is_namespaced(resource):
             meta.pop("namespace", None)  # as the API server does for cluster-scoped kinds
+        elif not self._namespace_exists(meta.get("namespace")):
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound",
+                message=f"namespaces \"{meta.get('namespace')}\" not found")
         elif self._terminating(meta.get("namespace")):
             raise kmock.KubernetesError(
                 status=403, reason="Forbidden",
@@ -716,6 +721,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         await self._buses[request.resource].put({"type": "ADDED", "object": stored})
         if resource == _DEPLOYMENTS:
             await self._report_deployments()  # pods start at once here
+
+    def _namespace_exists(self, namespace: str | None) -> bool:
+        key = (_NAMESPACES, None, namespace)
+        return key in self._objects and not self._objects[key].deleted
 
     def _terminating(self, namespace: str | None) -> bool:
         key = (_NAMESPACES, None, namespace)

@@ -138,6 +138,9 @@ async def operator_env(root: Path, *, resources: Iterable[ResourceSpec] | None =
             resync_period_seconds=overrides.pop("resync_period_seconds", 3600),
             status_flush_seconds=0.2, log_format="text", **overrides)
         async with KubeEmulator(resources, authenticate=authenticate) as kube:
+            # The operator's own namespace, as the chart's install creates it.
+            await kube.create({"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": settings.namespace}})
             yield OperatorEnv(kube=kube, broker=broker, root=root, settings=settings)
     finally:
         await broker.stop()
