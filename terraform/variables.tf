@@ -26,8 +26,9 @@ variable "kubernetes_version" {
   default     = "1.30"
 
   validation {
-    condition     = can(regex("^1\\.(2[7-9]|3[0-9])$", var.kubernetes_version))
-    error_message = "The Kubernetes version must be 1.27 or later, as major.minor."
+    # As charts/kubiot/Chart.yaml: the CRDs' validation rules carry fieldPath (1.28+).
+    condition     = can(regex("^1\\.(2[89]|[3-9][0-9])$", var.kubernetes_version))
+    error_message = "The Kubernetes version must be 1.28 or later, as major.minor."
   }
 }
 

@@ -52,6 +52,10 @@ class OperatorMetrics:
         self.status_patches = Counter(
             "kubiot_operator_status_patches_total", "Status patches sent for device reports.",
             registry=r)
+        self.report_fields_rejected = Counter(
+            "kubiot_operator_report_fields_rejected_total",
+            "Reported values left out of status because its schema refuses them.",
+            ["kind", "field"], registry=r)
         self.rollout_devices = Gauge(
             "kubiot_rollout_devices", "Devices of a firmware release by state.",
             ["tenant", "release", "state"], registry=r)

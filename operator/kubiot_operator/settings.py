@@ -5,13 +5,14 @@ docs/operator.md has the table; `kubiot-operator --print-settings` shows the val
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_FILE_VARIABLE = "KUBIOT_CONFIG_FILE"
@@ -43,6 +44,10 @@ class OperatorSettings(BaseSettings):
     broker_public_host: str = Field("mqtt.example.com", description="Broker host devices "
                                     "connect to; written into each device Secret.")
     broker_public_port: int = Field(8883, ge=1, le=65535, description="Mutual-TLS port.")
+    broker_trust_namespace: str | None = Field(
+        None, description="Namespace of the broker's pods, where the operator keeps the "
+        "`kubiot-broker-trust` Secret (every tenant CA and CRL) for them to mount; unset: the "
+        "operator's own namespace.")
     broker_ca_file: Path | None = Field(None, description="CA that signed the broker's server "
                                         "certificate; written into each device Secret.")
     crl_url_template: str | None = Field(
@@ -66,11 +71,26 @@ class OperatorSettings(BaseSettings):
     platform_database_secret: str = Field("kubiot-database", description="Secret (in each "
                                           "tenant namespace) with the platform DSN.")
     platform_database_key: str = Field("dsn", description="Key of the DSN in that Secret.")
+    ingest_monitor_labels: dict[str, str] = Field(
+        {}, description="Labels (a JSON object) on each ingest "
+        "ServiceMonitor or PodMonitor, such as the `release` label kube-prometheus-stack "
+        "selects monitors by.")
+    monitoring_namespace: str = Field("monitoring", description="Namespace of the Prometheus "
+                                      "that scrapes the ingest; its NetworkPolicy admits it.")
+    api_refusal_limit_seconds: float = Field(
+        300.0, ge=1, description="/healthz fails once the Kubernetes API has refused the "
+        "operator's credentials this long, even after logging in again.")
     # Serving
     metrics_port: int = Field(8080, ge=0, le=65535, description="Prometheus metrics and probes.")
     log_format: str = Field("json", pattern="^(json|text)$", description="json (one object "
                             "per line) or text.")
     namespace: str = Field("kubiot-system", description="Where the operator itself runs.")
+
+    @field_validator("ingest_monitor_labels", mode="before")
+    @classmethod
+    def _labels_from_json(cls, value: Any) -> Any:
+        # The environment gives JSON text; a config file or a caller may give it too.
+        return json.loads(value) if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(

@@ -104,8 +104,9 @@ async def rollouts(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ro
         operator = env.operator()
         async with env.running(operator):
             await env.apply({"apiVersion": API, "kind": "Tenant", "metadata": {"name": TENANT},
-                             "spec": {"displayName": "ACME pumps", "namespace": NAMESPACE}},
-                            *(device(n) for n in NAMES))
+                             "spec": {"displayName": "ACME pumps", "namespace": NAMESPACE}})
+            await env.wait("Namespace", NAMESPACE, lambda namespace: namespace is not None)
+            await env.apply(*(device(n) for n in NAMES))
             bundles = {}
             for name in NAMES:
                 await env.wait("Secret", f"{name}-device-credentials", lambda s: s is not None,

@@ -4,12 +4,17 @@ events, and resuming after a crash behave as they would against a real API serve
 from __future__ import annotations
 
 import asyncio
+import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import kopf
 import pytest
 
 from tests.support.kube_emulator import (
+    CORE_RESOURCES,
+    PROMETHEUS_OPERATOR_RESOURCES,
     KubeEmulator,
     KubeEmulatorError,
     matches_label_selector,
@@ -67,6 +72,16 @@ def device_registry(calls: Calls) -> kopf.OperatorRegistry:
         patch.status["phase"] = "Ready"
 
     return registry
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[KubeEmulator]:
+    """An emulated cluster with the namespaces these tests put objects in."""
+    async with KubeEmulator() as emulator:
+        for name in ("acme", "other"):
+            await emulator.create({"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": name}})
+        yield emulator
 
 
 def has_phase(phase: str) -> Any:
@@ -186,10 +201,19 @@ async def test_failed_json_patch_test_is_a_conflict_not_a_crash(kube: KubeEmulat
 
 
 async def test_namespaces_can_be_created_and_read(kube: KubeEmulator) -> None:
-    await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "acme"}})
+    await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "globex"}})
 
-    assert await kube.get("v1", "Namespace", "acme") is not None
-    assert [n["metadata"]["name"] for n in await kube.list("v1", "Namespace")] == ["acme"]
+    assert await kube.get("v1", "Namespace", "globex") is not None
+    assert sorted(n["metadata"]["name"] for n in await kube.list("v1", "Namespace")) == [
+        "acme", "globex", "other"]
+
+
+async def test_an_object_in_a_namespace_that_does_not_exist_is_not_found(
+        kube: KubeEmulator) -> None:
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(device("d1", namespace="nowhere"))
+
+    assert refused.value.status == 404 and "nowhere" in refused.value.body["message"]
 
 
 async def test_killing_mid_reconcile_leaves_the_handler_to_the_next_operator(
@@ -275,3 +299,137 @@ async def test_a_namespace_restricted_operator_ignores_other_namespaces(
         await kube.wait_for(API, "Device", "d1", has_phase("Ready"), namespace="acme")
 
     assert calls.log == [("create", "d1")]
+
+
+# --- What a real cluster refuses -------------------------------------------------------------
+
+def secret(name: str, namespace: str = "acme", size: int = 16) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name,
+                                                               "namespace": namespace},
+            "data": {"blob": base64.b64encode(b"x" * size).decode()}}
+
+
+async def test_a_kind_whose_crd_is_not_installed_is_not_found() -> None:
+    async with KubeEmulator(CORE_RESOURCES) as bare:
+        monitor = PROMETHEUS_OPERATOR_RESOURCES[0]
+        status, _ = await bare.request("POST", monitor.url("acme"), body={
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+            "metadata": {"name": "m", "namespace": "acme"}, "spec": {}})
+        discovery, _ = await bare.request("GET", "/apis/monitoring.coreos.com/v1")
+
+    assert status == 404
+    assert discovery == 404
+
+
+@pytest.mark.parametrize(("kind", "plural", "name", "accepted"), [
+    ("Service", "services", "7eleven-ingest", False),
+    ("Service", "services", "a" * 57 + "-ingest", False),
+    ("Service", "services", "acme-ingest", True),
+    ("Namespace", "namespaces", "acme.eu", False),
+    ("Secret", "secrets", "tenant-acme.eu-ca", True),
+    ("Secret", "secrets", "Tenant-acme", False),
+])
+async def test_names_are_checked_per_kind(kube: KubeEmulator, kind: str, plural: str, name: str,
+                                          accepted: bool) -> None:
+    spec = kube.spec("v1", kind)
+    status, body = await kube.request("POST", spec.url("acme"), body={
+        "apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": "acme"}})
+
+    assert (status < 400) is accepted, body
+    if not accepted:
+        assert status == 422 and "metadata.name" in body["message"]
+
+
+async def test_status_is_dropped_on_create_when_it_is_a_subresource(kube: KubeEmulator) -> None:
+    manifest = device("d1")
+    manifest["status"] = {"phase": "Ready"}
+
+    created = await kube.create(manifest)
+
+    assert "status" not in created
+    assert "status" not in (await kube.get(API, "Device", "d1", "acme") or {})
+
+
+async def test_a_secret_over_one_mebibyte_is_refused(kube: KubeEmulator) -> None:
+    await kube.create(secret("small", size=1024 * 1024 - 64))
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(secret("large", size=1024 * 1024 + 1))
+    with pytest.raises(KubeEmulatorError) as grown:
+        await kube.patch("v1", "Secret", "small", {"data": {"more": base64.b64encode(
+            b"y" * 128).decode()}}, namespace="acme")
+
+    assert refused.value.status == 422 and grown.value.status == 422
+
+
+async def test_deleting_an_owner_deletes_its_dependents_through_their_finalizers(
+        kube: KubeEmulator) -> None:
+    owner = await kube.create(tenant("acme"))
+    reference = {"apiVersion": API, "kind": "Tenant", "name": "acme",
+                 "uid": owner["metadata"]["uid"]}
+    held = device("d1")
+    held["metadata"].update(ownerReferences=[reference], finalizers=["kubiot.io/cleanup"])
+    await kube.create(held)
+    loose = secret("s1")
+    loose["metadata"]["ownerReferences"] = [reference]
+    await kube.create(loose)
+    await kube.create(secret("unrelated"))
+
+    await kube.delete(API, "Tenant", "acme")
+
+    await kube.wait_for("v1", "Secret", "s1", lambda s: s is None, "acme")
+    waiting = await kube.wait_for(API, "Device", "d1", lambda d: bool(
+        d and d["metadata"].get("deletionTimestamp")), "acme")
+    assert waiting is not None
+    await kube.patch(API, "Device", "d1", {"metadata": {"finalizers": None}}, namespace="acme")
+    await kube.wait_for(API, "Device", "d1", lambda d: d is None, "acme")
+    assert await kube.get("v1", "Secret", "unrelated", "acme") is not None
+
+
+async def test_deleting_a_namespace_deletes_its_content_and_refuses_new_objects(
+        kube: KubeEmulator) -> None:
+    held = device("d1")
+    held["metadata"]["finalizers"] = ["kubiot.io/cleanup"]
+    await kube.create(held)
+    await kube.create(secret("s1"))
+
+    await kube.delete("v1", "Namespace", "acme")
+
+    await kube.wait_for("v1", "Secret", "s1", lambda s: s is None, "acme")
+    terminating = await kube.get("v1", "Namespace", "acme")
+    assert terminating is not None and terminating["status"]["phase"] == "Terminating"
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(secret("s2"))
+    assert refused.value.status == 403
+    await kube.patch(API, "Device", "d1", {"metadata": {"finalizers": None}}, namespace="acme")
+    await kube.wait_for("v1", "Namespace", "acme", lambda n: n is None)
+
+
+async def test_an_expired_token_is_refused() -> None:
+    async with KubeEmulator(authenticate=True) as secured:
+        token = secured.issue_token()
+        url = f"{secured.url}{secured.spec(API, 'Tenant').url()}"
+        async with aiohttp.ClientSession() as client:
+            async with client.get(url, headers={"Authorization": f"Bearer {token}"}) as before:
+                assert before.status == 200
+            secured.expire_token(token)
+            async with client.get(url, headers={"Authorization": f"Bearer {token}"}) as after:
+                assert after.status == 401
+            async with client.get(url) as anonymous:
+                assert anonymous.status == 401
+
+
+async def test_custom_resources_are_pruned_and_validated_against_their_crd(
+        kube: KubeEmulator) -> None:
+    with pytest.raises(KubeEmulatorError) as refused:
+        await kube.create(device("d0", identity={"type": "Smartcard"}))
+    await kube.create(device("d1"))
+    with pytest.raises(KubeEmulatorError) as bad_status:
+        await kube.patch(API, "Device", "d1", {"status": {"online": True, "firmware": {
+            "current": "1.2.0 beta"}}}, namespace="acme", subresource="status")
+    pruned = await kube.patch(API, "Device", "d1", {"status": {"online": True, "mood": "ok"}},
+                              namespace="acme", subresource="status")
+
+    assert refused.value.status == 422 and "spec.identity.type" in str(refused.value.body)
+    assert bad_status.value.status == 422
+    assert "status.firmware.current" in str(bad_status.value.body)
+    assert pruned["status"] == {"online": True}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubiot_operator.controllers.objects import owner_reference
 from kubiot_operator.crd.generate import generated_files
 from kubiot_operator.kube.client import KINDS_BY_API
 from kubiot_operator.models.tenant import TenantSpec
@@ -75,9 +77,8 @@ def test_rendered_objects_are_valid_kubernetes(rendered: list[dict[str, Any]]) -
 def test_default_install_creates_the_operator_and_its_monitoring(
         default_objects: list[dict[str, Any]]) -> None:
     kinds = sorted(o["kind"] for o in default_objects)
-    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                 "RoleBinding", "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy",
-                 "ConfigMap"):
+    for kind in ("Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                 "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"):
         assert kind in kinds
     for obj in default_objects:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -177,9 +178,11 @@ def test_cluster_role_covers_what_the_operator_creates_for_a_tenant(
     rules = _rules(_one(default_objects, "ClusterRole"))
     environment = IngestEnvironment(image="ingest:1", broker_host="emqx", broker_port=1883,
                                     platform_database_secret="db", platform_database_key="dsn")
-    for obj in ingest_objects("acme", TenantSpec(), environment):
+    for obj in ingest_objects("acme", TenantSpec(), environment, monitor="ServiceMonitor") + \
+            ingest_objects("acme", TenantSpec(), environment, monitor="PodMonitor")[-1:]:
         kind = KINDS_BY_API[(obj["apiVersion"], obj["kind"])]
-        assert {"get", "create", "patch"} <= _grants(rules, kind.group, kind.plural), obj["kind"]
+        assert {"create", "patch", "delete"} <= _grants(rules, kind.group, kind.plural), \
+            obj["kind"]
     assert {"create", "patch"} <= _grants(rules, "", "namespaces")
     # Device identities: by name only; listing every Secret of the cluster is not needed.
     assert _grants(rules, "", "secrets") == {"get", "create", "patch", "delete"}
@@ -191,16 +194,15 @@ def test_cluster_role_lets_kopf_watch_and_patch_every_kubiot_kind(
     kubiot_kinds = [k for k in KINDS_BY_API.values() if k.group == "kubiot.io"]
     assert kubiot_kinds
     for kind in kubiot_kinds:
-        assert _grants(rules, kind.group, kind.plural) == {"get", "list", "watch", "patch"}
-        assert _grants(rules, kind.group, f"{kind.plural}/status") == {"get", "patch"}
-    assert _grants(rules, "", "events") == {"create", "patch"}
+        assert {"list", "watch", "patch"} <= _grants(rules, kind.group, kind.plural)
+        assert _grants(rules, kind.group, f"{kind.plural}/status") == {"patch"}
+    assert _grants(rules, "", "events") == {"create"}
 
 
-def test_role_is_bound_in_the_operator_namespace_to_its_service_account(
+def test_cluster_role_is_bound_to_the_operators_service_account(
         default_objects: list[dict[str, Any]]) -> None:
     account = _one(default_objects, "ServiceAccount")["metadata"]["name"]
-    for binding_kind, role_kind in (("RoleBinding", "Role"),
-                                    ("ClusterRoleBinding", "ClusterRole")):
+    for binding_kind, role_kind in (("ClusterRoleBinding", "ClusterRole"),):
         binding = _one(default_objects, binding_kind)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind,
                                       "name": _one(default_objects, role_kind)["metadata"]["name"]}
@@ -238,13 +240,6 @@ def test_toggles_leave_out_monitoring_dashboards_and_network_policy() -> None:
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"}
     assert "Deployment" in kinds
-
-
-def test_an_unknown_broker_backend_is_refused() -> None:
-    result = run_tool(require_tool("helm"), "template", "kubiot", CHART,
-                      "--set", "broker.backend=rabbitmq")
-    assert result.returncode != 0
-    assert "broker.backend must be emqx or mosquitto" in result.stderr
 
 
 def test_mosquitto_backend_takes_the_admin_password_from_a_secret() -> None:
@@ -290,11 +285,10 @@ def test_optional_subcharts_are_declared_off_by_default() -> None:
     assert dependencies["kubiot"]["version"] == kubiot_chart["version"]
 
 
-def test_role_lets_the_operator_manage_secrets_in_its_own_namespace_only(
-        default_objects: list[dict[str, Any]]) -> None:
-    role = _one(default_objects, "Role")
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert {"get", "list", "watch", "create", "patch"} <= _grants(_rules(role), "", "secrets")
+def test_no_role_beyond_the_cluster_role(default_objects: list[dict[str, Any]]) -> None:
+    """The operator's Secrets are read and written by name, never listed or watched: the
+    ClusterRole covers its own namespace too."""
+    assert not [o for o in default_objects if o["kind"] in ("Role", "RoleBinding")]
 
 
 def test_notes_tell_what_to_do_next() -> None:
@@ -306,3 +300,122 @@ def test_notes_tell_what_to_do_next() -> None:
     assert "create secret generic kubiot-emqx-api" in notes
     assert "kubectl apply -f manifests/examples/tenant.yaml" in notes
     assert "docs/operations.md" in notes
+
+
+def test_eks_ingest_monitors_get_the_release_label_and_admit_the_monitoring_namespace() -> None:
+    deployment = _one(_render(VALUE_FILES["eks"]), "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = OperatorSettings.model_validate({
+        "ingest_monitor_labels": json.loads(env["KUBIOT_INGEST_MONITOR_LABELS"]),
+        "monitoring_namespace": env["KUBIOT_MONITORING_NAMESPACE"]})
+    environment = IngestEnvironment(
+        image="ingest:1", broker_host="emqx", broker_port=1883, platform_database_secret="db",
+        platform_database_key="dsn", monitoring_namespace=settings.monitoring_namespace,
+        monitor_labels=settings.ingest_monitor_labels)
+    objects = {o["kind"]: o for o in ingest_objects("acme", TenantSpec(), environment,
+                                                     monitor="ServiceMonitor")}
+
+    assert objects["ServiceMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    allowed = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+    assert allowed["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"
+
+
+def _claimed_minor_versions() -> list[int]:
+    """Kubernetes minor versions the chart claims, up to the newest kubernetes-validate knows."""
+    claim = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    match = re.fullmatch(r">=\s*1\.(\d+)\.0-0", claim)
+    assert match, f"unexpected kubeVersion {claim!r}"
+    newest = int(kubernetes_validate.latest_version().split(".")[1])
+    return list(range(int(match[1]), newest + 1))
+
+
+def test_chart_and_crds_validate_on_every_kubernetes_version_the_chart_claims() -> None:
+    objects = [o for values in VALUE_FILES.values()
+               for o in _render(values, "--include-crds") if o["kind"] not in MONITORING_KINDS]
+    for minor in _claimed_minor_versions():
+        for obj in objects:
+            try:
+                kubernetes_validate.validate(obj, f"1.{minor}.0", strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} on 1.{minor}: "
+                            f"{str(exc)[:300]}")
+
+
+def test_terraform_accepts_exactly_the_kubernetes_versions_the_chart_claims() -> None:
+    variables = (REPO_ROOT / "terraform" / "variables.tf").read_text()
+    block = variables[variables.index('variable "kubernetes_version"'):]
+    pattern = re.search(r'regex\("(.+?)", var\.kubernetes_version\)', block)
+    assert pattern is not None
+    accepted = re.compile(pattern[1].replace("\\\\", "\\"))
+    oldest = _claimed_minor_versions()[0]
+    assert not accepted.fullmatch(f"1.{oldest - 1}")
+    for minor in range(oldest, oldest + 15):
+        assert accepted.fullmatch(f"1.{minor}"), f"1.{minor}"
+
+
+def test_owner_references_need_no_right_the_cluster_role_lacks(
+        default_objects: list[dict[str, Any]]) -> None:
+    """Under OwnerReferencesPermissionEnforcement (OpenShift), `blockOwnerDeletion: true`
+    needs `update` on the owner's finalizers."""
+    rules = _rules(_one(default_objects, "ClusterRole"))
+    for plural, kind in (("tenants", "Tenant"), ("devices", "Device"), ("gateways", "Gateway")):
+        reference = owner_reference({"apiVersion": "kubiot.io/v1alpha1", "kind": kind,
+                                     "metadata": {"name": "owner", "uid": "u1"}})
+        if reference.get("blockOwnerDeletion"):
+            assert "update" in _grants(rules, "kubiot.io", f"{plural}/finalizers"), kind
+
+
+@pytest.mark.parametrize(("values", "namespace"), [
+    ((), "emqx"),
+    (("--set", "broker.backend=mosquitto"), NAMESPACE),
+    (("--set", "broker.trustNamespace=brokers"), "brokers"),
+])
+def test_the_trust_bundle_goes_to_the_brokers_namespace(values: tuple[str, ...],
+                                                        namespace: str) -> None:
+    deployment = _one(_render(None, *values), "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBIOT_BROKER_TRUST_NAMESPACE"] == namespace
+
+
+def test_the_crl_url_keeps_answering_while_the_operator_is_not_ready() -> None:
+    objects = _render(None)
+    deployment = _one(objects, "Deployment")
+    env = {v["name"]: v.get("value") for v in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    host = env["KUBIOT_CRL_URL_TEMPLATE"].removeprefix("http://").split(".")[0]
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == host]
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+@pytest.mark.parametrize(("setting", "complaint"), [
+    ("broker.backend=rabbitmq", "/broker/backend"),
+    ("operator.maxWorkers=many", "/operator/maxWorkers"),
+    ("operator.logFormat=xml", "/operator/logFormat"),
+    ("broker.emqx.crlDistribtion=false", "crlDistribtion"),  # a typo is not silently ignored
+])
+def test_values_schema_refuses_a_wrong_value_before_anything_is_rendered(
+        setting: str, complaint: str) -> None:
+    result = run_tool(require_tool("helm"), "template", "kubiot", CHART, "--set", setting)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_values_schema_documents_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def mismatches(node: dict[str, Any], described: dict[str, Any], where: str) -> list[str]:
+        properties = described.get("properties")
+        if properties is None:  # free-form (resources, labels, security contexts)
+            return []
+        found = [f"{where}{k}: not in the schema" for k in node if k not in properties]
+        found += [f"{where}{k}: not in values.yaml" for k in properties
+                  if k not in node and k not in ("global", "enabled")]
+        for key, value in node.items():
+            if isinstance(value, dict) and key in properties:
+                found += mismatches(value, properties[key], f"{where}{key}.")
+        return found
+
+    assert mismatches(values, schema, "") == []

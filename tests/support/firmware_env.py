@@ -13,7 +13,7 @@ from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
 from kubiot_operator.controllers.platform import Platform
-from kubiot_operator.kube.client import KubeError, KubeKind, kind_of
+from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, KubeKind, kind_of
 from kubiot_operator.local.objects import merge_patch
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import MemoryMaterialStore, TenantAuthority
@@ -51,6 +51,9 @@ class MemoryObjects:
         self.items[(kind.plural, meta.get("namespace"), meta["name"])] = obj
         return obj
 
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        return frozenset(kind for api, kind in KINDS_BY_API if api == api_version)
+
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None:
         found = self.items.get((kind.plural, namespace, name))
@@ -60,6 +63,12 @@ class MemoryObjects:
                    label_selector: str | None = None) -> list[dict[str, Any]]:
         return [copy.deepcopy(o) for (plural, ns, _), o in sorted(self.items.items())
                 if plural == kind.plural and (namespace is None or ns == namespace)]
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        kind = kind_of(obj)
+        if (kind.plural, obj["metadata"].get("namespace"), obj["metadata"]["name"]) in self.items:
+            raise Conflict(409, f"{obj['metadata']['name']} exists")
+        return self.put(copy.deepcopy(obj))
 
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
         return self.put(copy.deepcopy(obj))

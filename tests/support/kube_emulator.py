@@ -5,16 +5,43 @@
         await kube.wait_for("kubiot.io/v1alpha1", "Device", "d1", is_ready, namespace="acme")
         await run.kill()  # a crash; a new run_operator() on the same `kube` resumes from its state
 
+It imitates kube-apiserver, its garbage collector and its namespace controller as of Kubernetes
+1.30 (read from kubernetes/kubernetes: pkg/apis/core/validation, staging/.../apimachinery
+validation of names, apiextensions-apiserver's customresource strategy, pkg/controller/
+garbagecollector and pkg/controller/namespace/deletion).
+
 kmock's `KubernetesEmulator` stores objects and serves discovery, lists, watches and patches, but
 keeps no resourceVersion, generation or uid, replays every object on each watch, ignores label
 selectors, stores `generateName` objects under no name, cannot route `/api/v1/namespaces[/x]`,
-turns a failed JSON-patch `test` into a 500 and PUT into nothing, and lets a main-endpoint patch
-overwrite `status`. `ClusterEmulator` adds those parts of the API contract that kopf and the
-operator rely on. Still not emulated: garbage collection by `ownerReferences` (children stay when
-their owner goes), namespace-deletion cascades, the existence check of a namespace on create,
-server-side apply and strategic-merge semantics (both are plain JSON merge patches: lists are
-replaced, never merged by key), schema validation, defaulting and CEL rules of the CRDs, and
-DELETED events for objects that stop matching a watched label selector.
+turns a failed JSON-patch `test` into a 500 and PUT into nothing, lets a main-endpoint patch
+overwrite `status`, and serves any resource it is asked for. `ClusterEmulator` adds those parts
+of the API contract that kopf and the operator rely on, and refuses what a real cluster refuses
+where the product depends on it:
+
+- only the declared resources are served (a CRD that is not installed answers 404, in discovery
+  too);
+- object names are checked per kind (a Service name is a DNS-1035 label, a Namespace a DNS-1123
+  label, most others DNS-1123 subdomains) with 422;
+- `.status` is dropped on create and on writes to the main resource when the kind has a status
+  subresource;
+- a custom resource is pruned of fields its CRD does not declare and checked against the
+  CRD's OpenAPI schema on every write, status writes included (422 naming the fields);
+- a Secret's or ConfigMap's data over 1 MiB is refused with 422, any object over etcd's 1.5 MiB
+  request limit with 500;
+- an object whose owner (by ownerReference uid) is gone is deleted, and a deleted Namespace
+  deletes everything in it, both through finalizers (objects with finalizers wait for them);
+  a terminating Namespace refuses new objects with 403, and an object in a namespace that does
+  not exist is refused with 404;
+- with `tokens`, a request without one of the accepted bearer tokens gets 401, and a token can
+  be expired while clients hold it;
+- a Deployment's status reports its replicas available once its generation is applied
+  (`deployments_available=False`: never), as the deployment controller would.
+
+Still not emulated: foreground and orphan
+deletion propagation, server-side apply and strategic-merge semantics (both are plain JSON merge
+patches: lists are replaced, never merged by key), defaulting and CEL rules of the CRDs,
+schema validation of built-in kinds, admission webhooks, RBAC, and DELETED events for objects
+that stop matching a watched label selector.
 """
 
 from __future__ import annotations
@@ -26,6 +53,8 @@ import contextvars
 import copy
 import dataclasses
 import datetime
+import json
+import random
 import re
 import secrets
 import time
@@ -41,6 +70,7 @@ import aiohttp.test_utils
 import aiohttp.web
 import attrs
 import jsonpatch
+import jsonschema
 import kmock
 import kopf
 import yaml
@@ -66,6 +96,9 @@ class ResourceSpec:
     kind: str
     namespaced: bool
     subresources: frozenset[str] = frozenset()
+    #: A CRD's openAPIV3Schema, which the API server prunes and validates every write with.
+    schema: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False,
+                                                         hash=False)
 
     @property
     def api_version(self) -> str:
@@ -91,7 +124,8 @@ class ResourceSpec:
         return "/".join(parts)
 
 
-BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
+#: The kinds every cluster serves (those the operator and the tests touch).
+CORE_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec("", "v1", "namespaces", "Namespace", False, frozenset({"status"})),
     ResourceSpec("", "v1", "secrets", "Secret", True),
     ResourceSpec("", "v1", "configmaps", "ConfigMap", True),
@@ -101,10 +135,15 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     ResourceSpec("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True,
                  frozenset({"status"})),
     ResourceSpec("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
-    ResourceSpec("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True),
     ResourceSpec("coordination.k8s.io", "v1", "leases", "Lease", True),
     ResourceSpec("events.k8s.io", "v1", "events", "Event", True),
 )
+#: The Prometheus Operator's CRDs (kube-prometheus-stack installs them; minikube has none).
+PROMETHEUS_OPERATOR_RESOURCES: tuple[ResourceSpec, ...] = (
+    ResourceSpec("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor", True),
+    ResourceSpec("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor", True),
+)
+BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (*CORE_RESOURCES, *PROMETHEUS_OPERATOR_RESOURCES)
 
 
 def resources_from_crd(crd: Mapping[str, Any]) -> list[ResourceSpec]:
@@ -115,6 +154,7 @@ def resources_from_crd(crd: Mapping[str, Any]) -> list[ResourceSpec]:
             group=spec["group"], version=version["name"], plural=spec["names"]["plural"],
             kind=spec["names"]["kind"], namespaced=spec["scope"] == "Namespaced",
             subresources=frozenset((version.get("subresources") or {}).keys()),
+            schema=(version.get("schema") or {}).get("openAPIV3Schema"),
         )
         for version in spec["versions"] if version.get("served", True)
     ]
@@ -261,11 +301,163 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# --- What a real API server refuses -----------------------------------------------------------
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+#: Kinds whose names are not DNS-1123 subdomains (apimachinery's NameIsDNSSubdomain, the rule of
+#: every other kind, custom resources included): core validation's ValidateNamespaceName and
+#: ValidateServiceName.
+_NAME_RULES: dict[tuple[str, str], str] = {
+    ("", "namespaces"): "label",
+    ("", "services"): "dns1035",
+}
+#: pkg/apis/core: MaxSecretSize, and the same bound on a ConfigMap's data.
+MAX_DATA_BYTES = 1024 * 1024
+#: etcd's default --max-request-bytes: nothing larger can be stored.
+MAX_OBJECT_BYTES = 1536 * 1024
+
+
+def name_errors(group: str, plural: str, name: str) -> list[str]:
+    """Why the API server refuses `name` for this kind (empty: it accepts it)."""
+    rule = _NAME_RULES.get((group, plural), "subdomain")
+    if rule == "label":
+        if len(name) > 63:
+            return ["must be no more than 63 characters"]
+        if not _DNS1123_LABEL.match(name):
+            return ["a lowercase RFC 1123 label must consist of lower case alphanumeric "
+                    "characters or '-', and must start and end with an alphanumeric character"]
+    elif rule == "dns1035":
+        if len(name) > 63:
+            return ["must be no more than 63 characters"]
+        if not _DNS1035_LABEL.match(name):
+            return ["a DNS-1035 label must consist of lower case alphanumeric characters or "
+                    "'-', start with an alphabetic character, and end with an alphanumeric "
+                    "character"]
+    else:
+        if len(name) > 253:
+            return ["must be no more than 253 characters"]
+        if not _DNS1123_SUBDOMAIN.match(name):
+            return ["a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+                    "characters, '-' or '.', and must start and end with an alphanumeric "
+                    "character"]
+    return []
+
+
+def data_size(obj: Mapping[str, Any], *, base64_data: bool) -> int:
+    """Bytes of a Secret's or ConfigMap's payload as the API server counts them (decoded).
+
+    `base64_data`: `data` holds base64 (a Secret) rather than text (a ConfigMap)."""
+    total = 0
+    for field in ("data", "binaryData", "stringData"):
+        encoded = field == "binaryData" or (field == "data" and base64_data)
+        for key, value in (obj.get(field) or {}).items():
+            raw = str(value)
+            total += len(key) + (len(raw) * 3 // 4 - raw.count("=") if encoded
+                                 else len(raw.encode()))
+    return total
+
+
+def size_refusal(group: str, plural: str, obj: Mapping[str, Any]) -> kmock.KubernetesError | None:
+    """The error a too-large object gets, or None."""
+    if group == "" and plural in ("secrets", "configmaps") and \
+            data_size(obj, base64_data=plural == "secrets") > MAX_DATA_BYTES:
+        kind = "Secret" if plural == "secrets" else "ConfigMap"
+        return kmock.KubernetesError(
+            status=422, reason="Invalid",
+            message=f"{kind} \"{(obj.get('metadata') or {}).get('name')}\" is invalid: data: "
+                    f"Too long: must have at most {MAX_DATA_BYTES} bytes")
+    if len(json.dumps(obj)) > MAX_OBJECT_BYTES:
+        return kmock.KubernetesError(status=500, reason="InternalError",
+                                     message="etcdserver: request is too large")
+    return None
+
+
+def prune_unknown_fields(schema: Mapping[str, Any], value: Any) -> None:
+    """Drop, in place, fields a structural schema does not declare, as the API server does."""
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        if properties is not None:
+            for key in list(value):
+                if key in properties:
+                    prune_unknown_fields(properties[key], value[key])
+                elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                    del value[key]
+        elif isinstance(schema.get("additionalProperties"), Mapping):
+            for item in value.values():
+                prune_unknown_fields(schema["additionalProperties"], item)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for item in value:
+            prune_unknown_fields(schema["items"], item)
+
+
+class CustomResourceSchema:
+    """A CRD's schema as the API server applies it to each write: prune, then validate.
+
+    The OpenAPI checks (types, patterns, lengths, bounds, enums, required fields) are made;
+    defaulting and CEL rules (`x-kubernetes-validations`) are not."""
+
+    def __init__(self, kind: str, schema: Mapping[str, Any]) -> None:
+        self.kind = kind
+        self.schema = schema
+        self._validator = jsonschema.Draft7Validator(dict(schema))
+
+    def admit(self, obj: JsonDict) -> None:
+        """Prune `obj` in place; raise a 422 naming each invalid field."""
+        for part, part_schema in (self.schema.get("properties") or {}).items():
+            if part not in ("apiVersion", "kind", "metadata") and part in obj:
+                prune_unknown_fields(part_schema, obj[part])
+        problems = [f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: "
+                    f"Invalid value: {error.instance!r}: {error.message}"
+                    for error in self._validator.iter_errors(obj)]
+        if problems:
+            name = (obj.get("metadata") or {}).get("name")
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid",
+                message=f"{self.kind} \"{name}\" is invalid: " + ", ".join(sorted(problems)))
+
+
+#: Requests carrying this header are the test harness's own, not a client's under test.
+HARNESS_HEADER = "X-Kube-Emulator-Harness"
+
+
+def rbac_attributes(method: str, path: str, query: Mapping[str, str]
+                    ) -> tuple[str, str, str] | None:
+    """(verb, API group, resource[/subresource]) an authorizer sees; None for discovery."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    if not rest:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    named = len(rest) > 1
+    verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(
+        method.upper())
+    if verb is None:
+        verb = "watch" if query.get("watch") in ("true", "1") else ("get" if named else "list")
+    return verb, group, resource
+
+
+def owner_uids(obj: Mapping[str, Any]) -> set[str]:
+    return {ref["uid"] for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+            if ref.get("uid")}
+
+
 # --- The emulator ------------------------------------------------------------------------------
 
 _NAMESPACE_PATH = re.compile(
     r"^/api/v1/namespaces(?:/(?P<name>[^/]+)(?:/(?P<sub>status|finalize))?)?/?$")
 _NAMESPACES = kmock.resource("", "v1", "namespaces")
+_DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 
 
 @attrs.define(kw_only=True)
@@ -274,6 +466,24 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     selectors, status-subresource isolation, namespaces and 422 on failed JSON-patch tests."""
 
     _revision: int = attrs.field(default=0, init=False)
+    #: Bearer tokens the API accepts; None: every request is accepted, as with no authentication.
+    tokens: set[str] | None = attrs.field(default=None)
+    # The garbage collector and the namespace controller: woken whenever something goes away.
+    _collector: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    #: Whether Deployments' pods become available (the deployment controller and kubelets that
+    #: the emulator stands in for report every replica available); False: none ever does.
+    deployments_available: bool = attrs.field(default=True)
+    #: Custom resources' schemas, applied to every write.
+    schemas: dict[Any, CustomResourceSchema] = attrs.field(factory=dict)
+    #: Every (verb, group, resource) clients other than the test harness asked for: what their
+    #: RBAC role must grant.
+    client_verbs: set[tuple[str, str, str]] = attrs.field(factory=set)
+    #: The order in which a terminating namespace's kinds are emptied (by default: any).
+    namespace_content_order: Callable[[list[Any]], list[Any]] = attrs.field(
+        default=lambda kinds: random.sample(kinds, len(kinds)))
+    #: Seconds between two kinds, as the real controller's API calls take.
+    namespace_content_pause: float = attrs.field(default=0.0)
 
     def next_resource_version(self) -> str:
         self._revision += 1
@@ -285,19 +495,33 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         copied.setdefault("metadata", {})["resourceVersion"] = self.next_resource_version()
         return copied
 
+    # kmock's `resources[...]` creates what it is asked for: test membership first.
     def _is_namespaced(self, resource: Any) -> bool:
-        try:
-            return self.resources[resource].namespaced is not False
-        except KeyError:
-            return True
+        return resource not in self.resources or self.resources[resource].namespaced is not False
 
     def _status_is_subresource(self, resource: Any) -> bool:
-        try:
-            return "status" in self.resources[resource].subresources
-        except KeyError:
-            return False
+        return resource in self.resources and "status" in self.resources[resource].subresources
+
+    def _authenticated(self, raw_request: aiohttp.web.BaseRequest) -> bool:
+        if self.tokens is None:
+            return True
+        scheme, _, token = raw_request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token in self.tokens
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if not self._authenticated(raw_request):
+            await raw_request.read()
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}, status=401)
+        if HARNESS_HEADER not in raw_request.headers:
+            attributes = rbac_attributes(raw_request.method, raw_request.path,
+                                         raw_request.query)
+            if attributes is not None:
+                self.client_verbs.add(attributes)
+        if self._collector is None:
+            self._collector = asyncio.get_running_loop().create_task(
+                self._collect_garbage(), name="kube-emulator garbage collector")
         try:
             return await self._serve(raw_request)
         finally:
@@ -347,7 +571,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             namespace=None, name=name, subresource=sub,
         )
 
+    async def stop_collecting(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
+            self._collector = None
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.resource.plural \
+                and request.resource not in self.resources:
+            # What an API server says for a kind whose CRD is not installed.
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound",
+                message="the server could not find the requested resource")
         action = request.action
         named = request.resource is not None and request.name is not None
         # kmock leaves PUT without an action (so without a fallback); it is a full replacement.
@@ -373,9 +610,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if released is not None:
                 # Like kmock: forget a released object only after its last state was returned.
                 async with self._lock:
-                    gone = self._with_new_version(self._objects[released].raw)
-                    self._objects[released].delete()
-                    await self._buses[request.resource].put({"type": "DELETED", "object": gone})
+                    await self._remove(released)
 
     async def _mutate(self, request: Any, *, replace: bool = False) -> Any:
         """Change the stored state for one create/patch/replace/delete; return a key to release."""
@@ -387,20 +622,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesObjectNotFoundError()
         stored = self._objects[key]
         old: JsonDict = stored.raw
-        meta = old.get("metadata") or {}
         if request.action == kmock_enums.action.DELETE:
-            if meta.get("deletionTimestamp"):
-                return None
-            if meta.get("finalizers"):
-                new = copy.deepcopy(old)
-                new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
-                                       resourceVersion=self.next_resource_version())
-                stored.history.append(new)
-                await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
-                return None
-            stored.delete()
-            gone = self._with_new_version(old)
-            await self._buses[request.resource].put({"type": "DELETED", "object": gone})
+            await self._delete(key)
             return None
 
         if replace:
@@ -417,9 +640,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             resource_version=str(self._revision + 1))
         if new_state is None:
             return None
+        refusal = size_refusal(request.resource.group, request.resource.plural, new_state)
+        if refusal is not None:
+            raise refusal
+        if request.resource in self.schemas:
+            self.schemas[request.resource].admit(new_state)
         self.next_resource_version()
         stored.history.append(new_state)
         await self._buses[request.resource].put({"type": "MODIFIED", "object": new_state})
+        if request.resource == _DEPLOYMENTS:
+            await self._report_deployments()  # pods start at once here
         new_meta = new_state["metadata"]
         return key if new_meta.get("deletionTimestamp") and not new_meta.get("finalizers") else None
 
@@ -439,19 +669,46 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         obj = request.data
         if not isinstance(obj, dict):
             raise kmock.KubernetesError(status=400, reason="BadRequest", message="no object body")
+        resource = request.resource
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = f"{meta['generateName']}{secrets.token_hex(3)}"
         if not meta.get("name"):
             raise kmock.KubernetesError(status=422, reason="Invalid", message="name is required")
+        problems = name_errors(resource.group, resource.plural, meta["name"])
+        if problems:
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid",
+                message=f"{obj.get('kind', resource.plural)} \"{meta['name']}\" is invalid: "
+                        f"metadata.name: Invalid value: \"{meta['name']}\": {problems[0]}")
         if request.namespace:
             meta["namespace"] = request.namespace
-        if not self._is_namespaced(request.resource):
+        if not self._is_namespaced(resource):
             meta.pop("namespace", None)  # as the API server does for cluster-scoped kinds
-        key = (request.resource, meta.get("namespace"), meta["name"])
+        elif not self._namespace_exists(meta.get("namespace")):
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound",
+                message=f"namespaces \"{meta.get('namespace')}\" not found")
+        elif self._terminating(meta.get("namespace")):
+            raise kmock.KubernetesError(
+                status=403, reason="Forbidden",
+                message=f"{resource.plural} \"{meta['name']}\" is forbidden: unable to create "
+                        f"new content in namespace {meta.get('namespace')} because it is being "
+                        "terminated")
+        key = (resource, meta.get("namespace"), meta["name"])
         if key in self._objects and not self._objects[key].deleted:
             raise kmock.KubernetesError(status=409, reason="AlreadyExists",
                                         message=f"{meta['name']} already exists")
+        if self._status_is_subresource(resource):
+            obj.pop("status", None)  # the strategy's PrepareForCreate resets it
+        if (resource.group, resource.plural) == ("", "namespaces"):
+            obj["spec"] = {"finalizers": ["kubernetes"]}
+            obj["status"] = {"phase": "Active"}
+        refusal = size_refusal(resource.group, resource.plural, obj)
+        if refusal is not None:
+            raise refusal
+        if resource in self.schemas:
+            self.schemas[resource].admit(obj)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
                     resourceVersion=self.next_resource_version())
         meta.pop("deletionTimestamp", None)
@@ -462,6 +719,122 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         else:
             self._objects[key] = stored
         await self._buses[request.resource].put({"type": "ADDED", "object": stored})
+        if resource == _DEPLOYMENTS:
+            await self._report_deployments()  # pods start at once here
+
+    def _namespace_exists(self, namespace: str | None) -> bool:
+        key = (_NAMESPACES, None, namespace)
+        return key in self._objects and not self._objects[key].deleted
+
+    def _terminating(self, namespace: str | None) -> bool:
+        key = (_NAMESPACES, None, namespace)
+        if namespace is None or key not in self._objects or self._objects[key].deleted:
+            return False
+        return bool(self._objects[key].raw["metadata"].get("deletionTimestamp"))
+
+    async def _delete(self, key: Any) -> bool:
+        """Delete as the API server does: mark an object with finalizers, remove the rest.
+
+        A Namespace always waits for its `kubernetes` finalizer: the namespace controller
+        (the collector below) removes its content first. Call with the lock held; True when
+        this changed anything."""
+        stored = self._objects[key]
+        old: JsonDict = stored.raw
+        meta = old.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return False
+        is_namespace = key[0] == _NAMESPACES
+        if meta.get("finalizers") or is_namespace:
+            new = copy.deepcopy(old)
+            new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
+                                   resourceVersion=self.next_resource_version())
+            if is_namespace:
+                new["status"] = {"phase": "Terminating"}
+                self._wake.set()
+            stored.history.append(new)
+            await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
+            return True
+        await self._remove(key)
+        return True
+
+    async def _remove(self, key: Any) -> None:
+        """Forget an object for good and tell watchers; call with the lock held."""
+        gone = self._with_new_version(self._objects[key].raw)
+        self._objects[key].delete()
+        await self._buses[key[0]].put({"type": "DELETED", "object": gone})
+        self._wake.set()
+
+    async def _collect_garbage(self) -> None:
+        """The garbage collector and the namespace controller, in one loop.
+
+        An object whose every owner (by uid) is gone is deleted, as with background
+        propagation; a terminating Namespace has its content deleted kind by kind and goes once
+        it is empty. Deletion honours finalizers, so this runs again after each removal."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            async with self._lock:
+                live = {key: obj.raw for key, obj in self._objects.items() if not obj.deleted}
+                uids = {raw["metadata"].get("uid") for raw in live.values()}
+                for key, raw in live.items():
+                    owners = owner_uids(raw)
+                    if owners and not owners & uids:
+                        await self._delete(key)
+                terminating = sorted(key[2] for key, raw in live.items()
+                                     if key[0] == _NAMESPACES
+                                     and raw["metadata"].get("deletionTimestamp"))
+            for namespace in terminating:
+                await self._empty_namespace(namespace)
+
+    async def _report_deployments(self) -> None:
+        """What the deployment controller writes once the pods of a generation are up."""
+        for key, stored in list(self._objects.items()):
+            if key[0] != _DEPLOYMENTS or stored.deleted:
+                continue
+            raw = stored.raw
+            generation = raw["metadata"].get("generation", 1)
+            if (raw.get("status") or {}).get("observedGeneration") == generation:
+                continue
+            replicas = int((raw.get("spec") or {}).get("replicas", 1))
+            available = replicas if self.deployments_available else 0
+            new = copy.deepcopy(raw)
+            new["status"] = {
+                "observedGeneration": generation, "replicas": replicas,
+                "updatedReplicas": replicas, "readyReplicas": available,
+                "availableReplicas": available,
+                "conditions": [{"type": "Available", "status": "True" if available or not
+                                replicas else "False",
+                                "reason": "MinimumReplicasAvailable" if available or not
+                                replicas else "MinimumReplicasUnavailable"}]}
+            new["metadata"]["resourceVersion"] = self.next_resource_version()
+            stored.history.append(new)
+            await self._buses[key[0]].put({"type": "MODIFIED", "object": new})
+
+    async def _empty_namespace(self, namespace: str) -> None:
+        """One pass of the namespace controller: delete every kind's objects, then the
+        Namespace itself if nothing is left.
+
+        The real controller walks the kinds in Go map order, that is in any order, with API
+        calls in between: `namespace_content_order` and `namespace_content_pause` let a test
+        pick the order and the time between two kinds."""
+        async with self._lock:
+            kinds = sorted({key[0] for key, obj in self._objects.items()
+                            if key[1] == namespace and not obj.deleted}, key=str)
+        for resource in self.namespace_content_order(kinds):
+            deleted = False
+            async with self._lock:
+                for key in [k for k, obj in self._objects.items()
+                            if k[0] == resource and k[1] == namespace and not obj.deleted]:
+                    deleted = await self._delete(key) or deleted
+            if deleted and self.namespace_content_pause:
+                await asyncio.sleep(self.namespace_content_pause)
+        async with self._lock:
+            key = (_NAMESPACES, None, namespace)
+            empty = not any(k[1] == namespace and not obj.deleted
+                            for k, obj in self._objects.items())
+            if empty and key in self._objects and not self._objects[key].deleted \
+                    and not self._objects[key].raw["metadata"].get("finalizers"):
+                await self._remove(key)
 
     async def _serve_list(self, request: Any) -> Any:
         payload: Any = await super()._serve_list(request)
@@ -498,27 +871,48 @@ class KubeEmulatorError(RuntimeError):
         self.body = body
 
 
+#: kube-apiserver's --max-request-bytes default: larger bodies never reach validation.
+MAX_REQUEST_BYTES = 3 * 1024 * 1024
+
+
+class _ApiServer(aiohttp.web.Server):
+    """aiohttp's low-level server taking request bodies as large as kube-apiserver does."""
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                      task: asyncio.Task[None]) -> aiohttp.web.BaseRequest:
+        return aiohttp.web.BaseRequest(message, payload, protocol, writer, task, self._loop,
+                                       client_max_size=MAX_REQUEST_BYTES)
+
+
 class _QuietTestServer(aiohttp.test_utils.RawTestServer):
     """kmock's default server, without an access-log line for every request kopf makes."""
 
     async def _make_runner(self, debug: bool = True, **kwargs: Any) -> aiohttp.web.ServerRunner:
-        runner: aiohttp.web.ServerRunner = await super()._make_runner(
-            debug=debug, access_log=None, **kwargs)
-        return runner
+        server = _ApiServer(self._handler, loop=self._loop, debug=debug, access_log=None,
+                            **kwargs)
+        return aiohttp.web.ServerRunner(server, debug=debug, access_log=None, **kwargs)
 
 
 class KubeEmulator:
     """A running `ClusterEmulator` on a free loopback port, with kubectl-like helpers."""
 
-    def __init__(self, resources: Iterable[ResourceSpec] | None = None) -> None:
+    def __init__(self, resources: Iterable[ResourceSpec] | None = None, *,
+                 authenticate: bool = False) -> None:
+        """`resources`: what the cluster serves (by default the built-in kinds, the Prometheus
+        Operator's and kubiot's). `authenticate`: refuse requests without an issued token."""
         specs = list(resources) if resources is not None else \
             [*BUILTIN_RESOURCES, *kubiot_resources()]
         self._specs = {(spec.api_version, spec.kind): spec for spec in specs}
-        self.cluster = ClusterEmulator()
+        # The harness's own calls use a token of their own, which never expires.
+        self._harness_token = secrets.token_urlsafe(16)
+        self.cluster = ClusterEmulator(tokens={self._harness_token} if authenticate else None)
         for spec in specs:
             self.cluster.resources[spec.key] = kmock.ResourceInfo(
                 kind=spec.kind, namespaced=spec.namespaced, verbs=set(_VERBS),
                 subresources=set(spec.subresources))
+            if spec.schema is not None:
+                self.cluster.schemas[kmock.resource(spec.group, spec.version, spec.plural)] = \
+                    CustomResourceSchema(spec.kind, spec.schema)
         self._stack = contextlib.AsyncExitStack()
         self._server: Any = None
 
@@ -530,11 +924,25 @@ class KubeEmulator:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.cluster.stop_collecting()
         await self._stack.aclose()
 
     @property
     def url(self) -> str:
         return str(self._server.url).rstrip("/")
+
+    def issue_token(self) -> str:
+        """A new bearer token the API accepts (like a freshly projected service-account token)."""
+        if self.cluster.tokens is None:
+            raise RuntimeError("the emulator was started without authenticate=True")
+        token = secrets.token_urlsafe(16)
+        self.cluster.tokens.add(token)
+        return token
+
+    def expire_token(self, token: str) -> None:
+        """From now on, requests with `token` get 401."""
+        if self.cluster.tokens is not None:
+            self.cluster.tokens.discard(token)
 
     def spec(self, api_version: str, kind: str) -> ResourceSpec:
         try:
@@ -548,6 +956,8 @@ class KubeEmulator:
         """A raw API call: the HTTP status and the decoded JSON answer."""
         client: aiohttp.ClientSession = self._server.client
         headers = {"Content-Type": content_type} if body is not None else {}
+        headers["Authorization"] = f"Bearer {self._harness_token}"
+        headers[HARNESS_HEADER] = "1"
         async with client.request(method, path, json=body, headers=headers,
                                   params=params) as response:
             return response.status, await response.json(content_type=None)

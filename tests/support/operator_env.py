@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,12 @@ import yaml
 
 from kubiot_contract.topics import OPERATOR_USERNAME
 from kubiot_operator.brokers import MosquittoDynsecBackend
-from kubiot_operator.handlers import Operator
+from kubiot_operator.handlers import LoginFn, Operator
 from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.local.broker import BrokerPorts, LocalBroker
 from kubiot_operator.local.ports import free_port
 from kubiot_operator.settings import OperatorSettings
-from tests.support.kube_emulator import KubeEmulator, OperatorRun, run_operator
+from tests.support.kube_emulator import KubeEmulator, OperatorRun, ResourceSpec, run_operator
 from tests.support.mqtt_client import MqttTestClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "examples"
@@ -60,13 +60,14 @@ class OperatorEnv:
     settings: OperatorSettings
     operators: list[Operator] = field(default_factory=list)
 
-    def operator(self) -> Operator:
+    def operator(self, login: LoginFn | None = None) -> Operator:
+        """The operator, logging in to the emulator (`login` overrides how)."""
         backend = MosquittoDynsecBackend("127.0.0.1", self.broker.ports.service,
                                          OPERATOR_USERNAME, self.settings.broker_admin_password
                                          .get_secret_value())
         operator = Operator(self.settings, broker=backend, trust=self.broker,
-                            login=lambda **_: kopf.ConnectionInfo(server=self.kube.url,
-                                                                  insecure=True))
+                            login=login or (lambda **_: kopf.ConnectionInfo(
+                                server=self.kube.url, insecure=True)))
         self.operators.append(operator)
         return operator
 
@@ -117,8 +118,14 @@ def _quick_retries(settings: kopf.OperatorSettings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def operator_env(root: Path, **overrides: Any) -> AsyncIterator[OperatorEnv]:
-    """An emulated cluster and a started broker; operators are started by the test."""
+async def operator_env(root: Path, *, resources: Iterable[ResourceSpec] | None = None,
+                       authenticate: bool = False,
+                       **overrides: Any) -> AsyncIterator[OperatorEnv]:
+    """An emulated cluster and a started broker; operators are started by the test.
+
+    `resources`: the APIs the cluster serves (by default every built-in kind, the Prometheus
+    Operator's and kubiot's). `authenticate`: the API refuses requests without a token the
+    test issued (`env.kube.issue_token()`)."""
     broker = LocalBroker(root / "broker", BrokerPorts(free_port(), free_port()))
     await broker.start()
     try:
@@ -126,10 +133,14 @@ async def operator_env(root: Path, **overrides: Any) -> AsyncIterator[OperatorEn
             broker_admin_host="127.0.0.1", broker_admin_port=broker.ports.service,
             broker_admin_password=await broker.admin_password(),
             broker_public_host="127.0.0.1", broker_public_port=broker.ports.device,
-            broker_ca_file=broker.server_ca_file, metrics_port=0, namespace="kubiot-system",
+            broker_ca_file=broker.server_ca_file, metrics_port=overrides.pop("metrics_port", 0),
+            namespace="kubiot-system",
             resync_period_seconds=overrides.pop("resync_period_seconds", 3600),
             status_flush_seconds=0.2, log_format="text", **overrides)
-        async with KubeEmulator() as kube:
+        async with KubeEmulator(resources, authenticate=authenticate) as kube:
+            # The operator's own namespace, as the chart's install creates it.
+            await kube.create({"apiVersion": "v1", "kind": "Namespace",
+                               "metadata": {"name": settings.namespace}})
             yield OperatorEnv(kube=kube, broker=broker, root=root, settings=settings)
     finally:
         await broker.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -254,3 +255,68 @@ async def test_file_store_permissions_hold_for_real_material(tmp_path: Path) -> 
     await authority.crl("acme")
     for path in (tmp_path / "pki").rglob("*"):
         assert (path.stat().st_mode & 0o777) == (0o700 if path.is_dir() else 0o600), path
+
+
+async def test_revoking_for_a_forgotten_tenant_brings_no_ca_back(authority: TenantAuthority,
+                                                                 store: MaterialStore) -> None:
+    issued = await authority.issue("acme", DEVICE, "d1", validity_days=30)
+    await authority.forget_tenant("acme")
+
+    assert await authority.revoke("acme", issued.serial) is None
+
+    for bundle in ("tenant-acme-ca", "tenant-acme-crl", "tenant-acme-firmware-signing"):
+        assert await store.get(bundle) is None, bundle
+
+
+async def test_the_crl_drops_certificates_once_they_expired(authority: TenantAuthority,
+                                                            clock: Clock) -> None:
+    short = [await authority.issue("acme", DEVICE, f"s{i}", validity_days=1) for i in range(3)]
+    long = await authority.issue("acme", DEVICE, "l1", validity_days=365)
+    for issued in (*short, long):
+        await authority.revoke("acme", issued.serial, expires_at=issued.summary.not_after)
+    assert revoked_serials(await authority.crl("acme")) == {c.serial for c in (*short, long)}
+
+    clock.advance(timedelta(days=1 + 7, minutes=1))  # expired, and listed one lifetime since
+
+    assert revoked_serials(await authority.crl("acme")) == {long.serial}
+
+
+async def test_years_of_revocations_keep_the_crl_secret_under_the_secret_limit(
+        authority: TenantAuthority, store: MaterialStore, clock: Clock) -> None:
+    await authority.ensure_ca("acme")
+    bundle = await store.get("tenant-acme-crl")
+    assert bundle is not None
+    record = json.loads(bundle["revoked.json"])
+    expired = clock() - timedelta(days=30)
+    record["revoked"] = [{"serial": format(10**6 + i, "x"), "revokedAt": expired.isoformat(),
+                          "reason": "superseded", "expiresAt": expired.isoformat()}
+                         for i in range(6000)]
+    await store.put("tenant-acme-crl", {**bundle, "revoked.json": json.dumps(record).encode()})
+    current = await authority.issue("acme", DEVICE, "d1", validity_days=30)
+
+    await authority.revoke("acme", current.serial, expires_at=current.summary.not_after)
+
+    stored = await store.get("tenant-acme-crl")
+    assert stored is not None
+    assert sum(len(value) for value in stored.values()) < 1024 * 1024
+    assert revoked_serials(stored["crl.pem"]) == {current.serial}
+
+
+async def test_a_crl_secret_holds_six_thousand_live_revocations(
+        authority: TenantAuthority, store: MaterialStore, clock: Clock) -> None:
+    await authority.ensure_ca("acme")
+    bundle = await store.get("tenant-acme-crl")
+    assert bundle is not None
+    record = json.loads(bundle["revoked.json"])
+    now, later = int(clock().timestamp()), int((clock() + timedelta(days=365)).timestamp())
+    record["revoked"] = [[format(2**150 + i, "x"), now, "keyCompromise", later]
+                         for i in range(6000)]  # serials as long as real ones (20 bytes)
+    await store.put("tenant-acme-crl", {**bundle, "revoked.json": json.dumps(record).encode()})
+    current = await authority.issue("acme", DEVICE, "d1", validity_days=30)
+
+    await authority.revoke("acme", current.serial, expires_at=current.summary.not_after)
+
+    stored = await store.get("tenant-acme-crl")
+    assert stored is not None
+    assert len(revoked_serials(stored["crl.pem"])) == 6001
+    assert sum(len(value) for value in stored.values()) < 1024 * 1024

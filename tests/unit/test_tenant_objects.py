@@ -8,7 +8,10 @@ from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import (
     IngestEnvironment,
     database_schema,
+    ingest_availability,
     ingest_objects,
+    monitor_kind,
+    namespace_refusal,
     tenant_namespace,
 )
 
@@ -27,7 +30,7 @@ def _env(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_default_tenant_gets_a_complete_ingest_pipeline() -> None:
-    objects = _by_kind(ingest_objects("acme", TenantSpec(), ENV))
+    objects = _by_kind(ingest_objects("acme", TenantSpec(), ENV, monitor="ServiceMonitor"))
     assert set(objects) == {"Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
                             "NetworkPolicy"}
     assert {o["metadata"]["namespace"] for o in objects.values()} == {"acme"}
@@ -59,7 +62,7 @@ def test_tenant_spec_shapes_the_deployment() -> None:
     })
     assert tenant_namespace("acme", spec) == "acme-prod"
     assert database_schema("acme", spec) == "acme"
-    deployment = _by_kind(ingest_objects("acme", spec, ENV))["Deployment"]
+    deployment = _by_kind(ingest_objects("acme", spec, ENV, monitor="ServiceMonitor"))["Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert deployment["spec"]["replicas"] == 5
     assert container["image"] == "registry.local/ingest:2"
@@ -73,7 +76,8 @@ def test_tenant_spec_shapes_the_deployment() -> None:
 
 
 def test_ingest_pods_run_unprivileged_with_a_read_only_root() -> None:
-    deployment = _by_kind(ingest_objects("acme", TenantSpec(), ENV))["Deployment"]
+    objects = ingest_objects("acme", TenantSpec(), ENV, monitor="ServiceMonitor")
+    deployment = _by_kind(objects)["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = pod["containers"][0]
@@ -83,4 +87,56 @@ def test_ingest_pods_run_unprivileged_with_a_read_only_root() -> None:
 
 def test_disabled_ingest_has_no_objects() -> None:
     spec = TenantSpec.model_validate({"ingest": {"enabled": False}})
-    assert ingest_objects("acme", spec, ENV) == []
+    assert ingest_objects("acme", spec, ENV, monitor="ServiceMonitor") == []
+
+
+def test_the_ingest_is_monitored_with_what_the_cluster_serves() -> None:
+    assert monitor_kind({"ServiceMonitor", "PodMonitor", "Probe"}) == "ServiceMonitor"
+    assert monitor_kind({"PodMonitor"}) == "PodMonitor"
+    assert monitor_kind(set()) is None
+    without = _by_kind(ingest_objects("acme", TenantSpec(), ENV, monitor=None))
+    assert set(without) == {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"}
+    pods = _by_kind(ingest_objects("acme", TenantSpec(), ENV, monitor="PodMonitor"))
+    assert pods["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_monitors_carry_the_labels_prometheus_selects_and_admit_its_namespace() -> None:
+    env = IngestEnvironment(image="kubiot/ingest:1", broker_host="emqx", broker_port=1883,
+                            platform_database_secret="kubiot-database",
+                            platform_database_key="dsn", monitoring_namespace="observability",
+                            monitor_labels={"release": "kube-prometheus-stack"})
+    objects = _by_kind(ingest_objects("acme", TenantSpec(), env, monitor="ServiceMonitor"))
+    labels = objects["ServiceMonitor"]["metadata"]["labels"]
+    assert labels["release"] == "kube-prometheus-stack"
+    assert labels["kubiot.io/tenant"] == "acme"
+    assert "release" not in objects["Service"]["metadata"]["labels"]
+    allowed = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+    assert allowed == {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}
+
+
+def test_a_tenant_uses_only_a_namespace_it_created() -> None:
+    ours = {"metadata": {"name": "acme", "labels": {"kubiot.io/tenant": "acme"},
+                         "ownerReferences": [{"kind": "Tenant", "name": "acme", "uid": "u1"}]}}
+    assert namespace_refusal("acme", "u1", "acme", None) is None
+    assert namespace_refusal("acme", "u1", "acme", ours) is None
+    # A Tenant deleted and created again has a new uid: the old namespace is not its own.
+    assert namespace_refusal("acme", "u2", "acme", ours) is not None
+    other = namespace_refusal("globex", "u3", "acme", ours)
+    assert other is not None and "belongs to Tenant acme" in other
+    system = namespace_refusal("acme", "u1", "kube-system", {"metadata": {"name": "kube-system"}})
+    assert system is not None and "did not create" in system
+
+
+def test_ingest_availability_reads_the_deployment_status() -> None:
+    def deployment(generation: int, replicas: int, **status: int) -> dict[str, Any]:
+        return {"metadata": {"name": "acme-ingest", "namespace": "acme",
+                             "generation": generation},
+                "spec": {"replicas": replicas}, "status": status}
+
+    assert ingest_availability(None).reason == "Creating"
+    assert ingest_availability(deployment(2, 2, observedGeneration=1,
+                                          availableReplicas=2)).reason == "RollingOut"
+    assert ingest_availability(deployment(1, 2, observedGeneration=1)).reason == "Unavailable"
+    assert ingest_availability(deployment(1, 0, observedGeneration=1)).available
+    ready = ingest_availability(deployment(1, 2, observedGeneration=1, availableReplicas=1))
+    assert ready.available and "1 of 2" in ready.message

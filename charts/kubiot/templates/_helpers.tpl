@@ -54,3 +54,16 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- printf "http://%s-metrics.%s.svc.cluster.local:%v/crl/{tenant}.crl" (include "kubiot.fullname" .) .Release.Namespace .Values.operator.metricsPort }}
 {{- end }}
+
+{{/*
+Namespace of the broker trust Secret (kubiot-broker-trust): where the broker's pods run.
+*/}}
+{{- define "kubiot.brokerTrustNamespace" -}}
+{{- if .Values.broker.trustNamespace -}}
+{{- .Values.broker.trustNamespace -}}
+{{- else if eq .Values.broker.backend "emqx" -}}
+{{- .Values.broker.emqx.namespace -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
+{{- end -}}

@@ -21,7 +21,7 @@ from kubiot_contract.topics import (
     parse_username,
 )
 from kubiot_operator.brokers import CertificateCredential, Credential, PasswordCredential
-from kubiot_operator.kube.client import SECRETS, TENANTS
+from kubiot_operator.kube.client import SECRETS, TENANTS, NotFound
 from kubiot_operator.models.common import CertificateSummary
 from kubiot_operator.models.identity import IdentitySpec, IdentityType
 from kubiot_operator.models.tenant import TenantSpec
@@ -147,12 +147,14 @@ async def revoke_credential(platform: Platform, subject: Subject, secret: dict[s
     if record is None or record.revoked:
         return
     if record.serial:
-        await platform.authority.revoke(subject.tenant, int(record.serial, 16))
+        await platform.authority.revoke(subject.tenant, int(record.serial, 16),
+                                        expires_at=record.not_after)
         await publish_trust(platform)
         platform.metrics.certificates_revoked.labels(subject.tenant).inc()
         outcome.normal("CertificateRevoked", f"serial {record.serial} revoked ({reason})")
-    await platform.objects.patch(SECRETS, secret["metadata"]["name"], {
-        "metadata": {"annotations": {REVOKED_ANNOTATION: "true"}}}, subject.namespace)
+    with contextlib.suppress(NotFound):  # deleted meanwhile (its namespace is going away)
+        await platform.objects.patch(SECRETS, secret["metadata"]["name"], {
+            "metadata": {"annotations": {REVOKED_ANNOTATION: "true"}}}, subject.namespace)
 
 
 async def retire_credential(platform: Platform, body: dict[str, Any], kind: IdentityKind,

@@ -18,10 +18,14 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
-    """An ownerReference to `body`, so Kubernetes garbage-collects what it owns."""
+    """An ownerReference to `body`, so Kubernetes garbage-collects what it owns.
+
+    Without `blockOwnerDeletion`: setting it needs `update` on the owner's `finalizers`
+    subresource where OwnerReferencesPermissionEnforcement is on (OpenShift), and it matters
+    only to foreground deletion, which kubiot's own teardown order makes unnecessary."""
     meta = body["metadata"]
     return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
-            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+            "uid": meta["uid"], "controller": True}
 
 
 def owned(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:

@@ -12,11 +12,16 @@ from kubiot_operator.kube.client import KubeKind
 class Objects(Protocol):
     """Kubernetes objects (KubeClient in a cluster, a file-backed store in the local stack)."""
 
+    async def served_kinds(self, api_version: str) -> frozenset[str]: ...
+
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None: ...
 
     async def list(self, kind: KubeKind, namespace: str | None = None,
                    label_selector: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A new object; raises Conflict when one of that name exists."""
 
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]: ...
 

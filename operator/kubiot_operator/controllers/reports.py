@@ -11,8 +11,16 @@ from datetime import datetime
 from kubiot_contract.topics import IdentityKind
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeError
 from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.models.device import DeviceStatus
+from kubiot_operator.models.gateway import GatewayStatus
 from kubiot_operator.models.tenant import TenantSpec
-from kubiot_operator.reconcile.reports import PendingReport, ReportBuffer, ReportKey, TokenBucket
+from kubiot_operator.reconcile.reports import (
+    PendingReport,
+    ReportBuffer,
+    ReportKey,
+    TokenBucket,
+    admissible_status,
+)
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .objects import parse_spec
@@ -67,8 +75,17 @@ class ReportPump:
         namespace = await self._namespace_of(key.tenant)
         if namespace is None:
             return False
-        kind = DEVICES if key.kind is IdentityKind.DEVICE else GATEWAYS
-        patch = report.status_patch()
+        kind, model = (DEVICES, DeviceStatus) if key.kind is IdentityKind.DEVICE else (
+            GATEWAYS, GatewayStatus)
+        admissible = admissible_status(report.status_patch(), model)
+        for rejected in admissible.rejected:
+            self._metrics.report_fields_rejected.labels(model.__name__.removesuffix("Status"),
+                                                        rejected).inc()
+            log.info("%s/%s reported an invalid %s; the rest of the report is kept",
+                     namespace, key.name, rejected)
+        patch = admissible.patch
+        if not patch:
+            return False
         try:
             await self._objects.patch(kind, key.name, {"status": patch}, namespace,
                                       subresource="status")

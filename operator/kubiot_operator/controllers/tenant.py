@@ -6,20 +6,43 @@ import base64
 import secrets
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from kubiot_contract.topics import IdentityKind, ingest_access, ingest_username, tenant_root
 from kubiot_operator.brokers import BrokerError, BrokerIdentity, PasswordCredential
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
-from kubiot_operator.models.tenant import TenantPhase, TenantSpec
+from kubiot_operator.kube.client import (
+    DEPLOYMENTS,
+    DEVICES,
+    FIRMWARERELEASES,
+    GATEWAYS,
+    KINDS_BY_API,
+    NAMESPACES,
+    NETWORKPOLICIES,
+    PODDISRUPTIONBUDGETS,
+    PODMONITORS,
+    SECRETS,
+    SERVICEMONITORS,
+    SERVICES,
+    Conflict,
+    NotFound,
+)
+from kubiot_operator.models.tenant import TenantName, TenantPhase, TenantSpec
 from kubiot_operator.pki import PKIError, certificate_summary
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.tenant import (
+    INGEST_METRICS_PORT,
     MANAGED_BY,
+    MONITORING_API,
+    POD_MONITOR,
+    SERVICE_MONITOR,
     TENANT_LABEL,
+    ingest_availability,
     ingest_broker_secret_name,
+    ingest_name,
     ingest_objects,
+    monitor_kind,
     namespace_object,
+    namespace_refusal,
     tenant_namespace,
 )
 
@@ -37,7 +60,16 @@ from .objects import (
 from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
-REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY)
+NAMESPACE_READY = "NamespaceReady"
+TENANT_NAME: TypeAdapter[str] = TypeAdapter(TenantName)
+NAMESPACE_RETRY_SECONDS = 5.0
+TEARDOWN_RECHECK_SECONDS = 1.0
+INGEST_RECHECK_SECONDS = 10.0
+#: Whether Prometheus scrapes the ingest; informational, not part of Ready.
+MONITORING = "Monitoring"
+INGEST_KINDS = (DEPLOYMENTS, SERVICES, PODDISRUPTIONBUDGETS, NETWORKPOLICIES, SERVICEMONITORS,
+                PODMONITORS)
+REQUIRED = (NAMESPACE_READY, IDENTITY_READY, ACCESS_READY, INGEST_READY)
 
 
 async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -57,6 +89,14 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
         return outcome
 
     try:
+        # The CRD refuses such names; a cluster too old for its CEL rules does not.
+        TENANT_NAME.validate_python(name)
+    except ValidationError:
+        message = f"metadata.name {TENANT_NAME.json_schema()['description']}"
+        outcome.warning("InvalidName", message)
+        return finish([ConditionUpdate(NAMESPACE_READY, False, "InvalidName", message)],
+                      TenantPhase.FAILED)
+    try:
         spec = parse_spec(TenantSpec, body)
     except ValidationError as exc:
         message = validation_message(exc)
@@ -65,12 +105,17 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
                       TenantPhase.FAILED)
     owner = owner_reference(body)
     namespace = tenant_namespace(name, spec)
-    await platform.objects.ensure(owned(namespace_object(name, namespace), owner))
+    claim = await _claim_namespace(platform, name, namespace, owner)
+    if not claim.ok:
+        outcome.warning(claim.reason, claim.message)
+        if claim.reason == "NamespaceTerminating":
+            outcome.retry_after, outcome.retry_reason = NAMESPACE_RETRY_SECONDS, claim.reason
+        return finish([claim], TenantPhase.PENDING if outcome.retry_after else TenantPhase.FAILED)
     outcome.status.update(namespace=namespace, topicRoot=f"{tenant_root(name)}/")
 
-    updates = [await _ensure_ca(platform, name, spec, outcome)]
+    updates = [claim, await _ensure_ca(platform, name, spec, outcome)]
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
-    updates.append(await _ensure_ingest(platform, name, spec, owner))
+    updates += await _ensure_ingest(platform, name, spec, owner, outcome)
 
     devices = await platform.objects.list(DEVICES, namespace)
     gateways = await platform.objects.list(GATEWAYS, namespace)
@@ -79,12 +124,68 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
 
 
 async def delete_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
-    """Remove everything the broker knows of the tenant; the namespace goes by ownership."""
+    """Retire the tenant's devices, gateways and releases first, then remove what the broker
+    and the PKI keep of it; the namespace goes by ownership.
+
+    The order matters: each Device's finalizer revokes its certificate with the tenant's CA,
+    so the CA may only go once no Device is left. Deleting the namespace first would run those
+    finalizers after the CA is gone."""
     name = body["metadata"]["name"]
+    outcome = Outcome(status={})
+    namespace = (body.get("status") or {}).get("namespace") or _spec_namespace(name, body)
+    existing = await platform.objects.get(NAMESPACES, namespace)
+    if namespace_refusal(name, body["metadata"]["uid"], namespace, existing) is None \
+            and existing is not None:
+        remaining = await _retire_children(platform, namespace)
+        if remaining:
+            outcome.retry_after, outcome.retry_reason = TEARDOWN_RECHECK_SECONDS, "Retiring"
+            outcome.planned = True
+            outcome.normal("Retiring", f"waiting for {remaining} devices, gateways and "
+                           f"firmware releases in {namespace} to be retired")
+            return outcome
     await platform.broker.remove_tenant(name)
     await platform.authority.forget_tenant(name)
     await publish_trust(platform)
-    return Outcome(status={})
+    return outcome
+
+
+def _spec_namespace(name: str, body: dict[str, Any]) -> str:
+    try:
+        return tenant_namespace(name, parse_spec(TenantSpec, body))
+    except ValidationError:
+        return name
+
+
+async def _retire_children(platform: Platform, namespace: str) -> int:
+    """Ask for the deletion of every kubiot resource in the namespace; how many are left."""
+    remaining = 0
+    for kind in (FIRMWARERELEASES, GATEWAYS, DEVICES):
+        for obj in await platform.objects.list(kind, namespace):
+            remaining += 1
+            if not obj["metadata"].get("deletionTimestamp"):
+                await platform.objects.delete(kind, obj["metadata"]["name"], namespace)
+    return remaining
+
+
+async def _claim_namespace(platform: Platform, name: str, namespace: str,
+                           owner: dict[str, Any]) -> ConditionUpdate:
+    """Create the tenant's namespace, or confirm it is the one this Tenant created before."""
+    wanted = owned(namespace_object(name, namespace), owner)
+    existing = await platform.objects.get(NAMESPACES, namespace)
+    if existing is None:
+        try:
+            existing = await platform.objects.create(wanted)
+        except Conflict:  # created by someone else since we looked
+            existing = await platform.objects.get(NAMESPACES, namespace)
+    refusal = namespace_refusal(name, owner["uid"], namespace, existing)
+    if refusal is not None:
+        terminating = bool((existing or {}).get("metadata", {}).get("deletionTimestamp"))
+        return ConditionUpdate(NAMESPACE_READY, False,
+                               "NamespaceTerminating" if terminating else "NamespaceTaken",
+                               refusal)
+    await platform.objects.ensure(wanted)  # labels put back if someone removed them
+    return ConditionUpdate(NAMESPACE_READY, True, "Created",
+                           f"namespace {namespace} belongs to this Tenant")
 
 
 async def _ensure_ca(platform: Platform, name: str, spec: TenantSpec, outcome: Outcome
@@ -138,14 +239,51 @@ async def _ingest_password(platform: Platform, name: str, namespace: str,
 
 
 async def _ensure_ingest(platform: Platform, name: str, spec: TenantSpec,
-                         owner: dict[str, Any]) -> ConditionUpdate:
-    objects = ingest_objects(name, spec, platform.ingest)
-    if not objects:
-        return ConditionUpdate(INGEST_READY, True, "Disabled", "spec.ingest.enabled is false")
+                         owner: dict[str, Any], outcome: Outcome) -> list[ConditionUpdate]:
+    """The ingest objects, and whether Prometheus scrapes them (a condition, never a failure:
+    a cluster without the Prometheus Operator, such as minikube, is a fine place to run)."""
+    namespace = tenant_namespace(name, spec)
+    if not spec.ingest.enabled:
+        await _remove_ingest(platform, name, namespace)
+        return [ConditionUpdate(INGEST_READY, True, "Disabled", "spec.ingest.enabled is false"),
+                ConditionUpdate(MONITORING, False, "IngestDisabled",
+                                "there is no ingest to scrape")]
+    served = await platform.objects.served_kinds(MONITORING_API)
+    monitor = monitor_kind(served)
+    objects = ingest_objects(name, spec, platform.ingest, monitor=monitor)
     for obj in objects:
-        await platform.objects.ensure(owned(obj, owner))
-    deployment = objects[0]
-    return ConditionUpdate(INGEST_READY, True, "Applied",
-                           f"Deployment {deployment['metadata']['namespace']}/"
-                           f"{deployment['metadata']['name']} with "
-                           f"{spec.ingest.replicas} replicas")
+        try:
+            await platform.objects.ensure(owned(obj, owner))
+        except NotFound:
+            if obj["kind"] != monitor:
+                raise
+            monitor = None  # its CRD went away since discovery
+    for stale in sorted(({SERVICE_MONITOR, POD_MONITOR} & served) - {monitor}):
+        await platform.objects.delete(KINDS_BY_API[(MONITORING_API, stale)],
+                                      ingest_name(name), namespace)
+    availability = ingest_availability(
+        await platform.objects.get(DEPLOYMENTS, ingest_name(name), namespace))
+    if not availability.available and outcome.retry_after is None:
+        # Deployments are not watched: look again soon, as a planned recheck.
+        outcome.retry_after, outcome.retry_reason = INGEST_RECHECK_SECONDS, availability.reason
+        outcome.planned = True
+    ingest = ConditionUpdate(INGEST_READY, availability.available, availability.reason,
+                             availability.message)
+    if monitor is None:
+        return [ingest, ConditionUpdate(
+            MONITORING, False, "PrometheusOperatorAbsent",
+            f"the cluster serves neither {SERVICE_MONITOR} nor {POD_MONITOR} "
+            f"({MONITORING_API}), so nothing scrapes the ingest metrics on port "
+            f"{INGEST_METRICS_PORT}; once the Prometheus Operator's CRDs are installed the "
+            "next reconcile adds one")]
+    return [ingest, ConditionUpdate(MONITORING, True, f"{monitor}Applied",
+                                    f"{monitor} {namespace}/{ingest_name(name)}")]
+
+
+async def _remove_ingest(platform: Platform, name: str, namespace: str) -> None:
+    """Delete the ingest objects of a tenant whose ingest was turned off (absent ones are fine)."""
+    for kind in INGEST_KINDS:
+        try:
+            await platform.objects.delete(kind, ingest_name(name), namespace)
+        except NotFound:  # an optional API the cluster does not serve
+            continue

@@ -6,12 +6,14 @@ import json
 from typing import Any
 
 from kubiot_operator.crd.generate import crd_schema
-from kubiot_operator.models import KINDS, ResourceKind
+from kubiot_operator.models import KINDS, ResourceKind, name_rule
 
 
 def _type(node: dict[str, Any]) -> str:
     if node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node:
         return "any JSON"
+    if node.get("x-kubernetes-int-or-string"):
+        return "integer or string"
     kind = str(node.get("type", "any"))
     if kind == "array":
         return f"list of {_type(node.get('items', {}))}"
@@ -61,6 +63,7 @@ def render_kind(kind: ResourceKind) -> str:
         f"## {kind.kind}", "",
         f"`{kind.api_version}`, {scope}; short names: "
         + ", ".join(f"`{s}`" for s in kind.short_names) + ". " + kind.description, "",
+        f"Names: {name_rule(kind.name_type)['message'].removeprefix('metadata.name ')}.", "",
         "| field | type | meaning | limits |", "|---|---|---|---|",
     ]
     for part in ("spec", "status"):

@@ -49,6 +49,8 @@ def _resolve(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
 
 def _convert(node: dict[str, Any], definitions: dict[str, Any], path: str) -> dict[str, Any]:
     node = _resolve(node, definitions)
+    if node.get("x-kubernetes-int-or-string"):
+        return _int_or_string(node, definitions)
     if "anyOf" in node:
         node = _collapse_any_of(node, definitions, path)
     if "const" in node:
@@ -104,6 +106,20 @@ def _convert_object(node: dict[str, Any], out: dict[str, Any], definitions: dict
         out["x-kubernetes-preserve-unknown-fields"] = True
     else:
         out["additionalProperties"] = _convert(extra, definitions, f"{path}.*")
+
+
+def _int_or_string(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
+    """`int | str` as the API server's int-or-string (the shape of a resource quantity): both
+    types allowed, a pattern checked on strings only."""
+    options = [_resolve(o, definitions) for o in node.get("anyOf", [])]
+    text = next((o for o in options if o.get("type") == "string"), {})
+    out: dict[str, Any] = {"anyOf": [{"type": "integer"}, {"type": "string"}],
+                           "x-kubernetes-int-or-string": True}
+    if "pattern" in text:
+        out["pattern"] = text["pattern"]
+    if "description" in node:
+        out["description"] = " ".join(node["description"].split())
+    return out
 
 
 def _collapse_any_of(node: dict[str, Any], definitions: dict[str, Any],

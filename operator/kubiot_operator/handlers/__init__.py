@@ -35,8 +35,15 @@ TRANSIENT = (BrokerError, MessengerUnavailable, KubeError, OSError)
 
 
 def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod, the service account; elsewhere, the kubeconfig."""
-    return (kopf.login_with_service_account(**kwargs)
+    """Credentials and TLS from the `kubernetes` package's config loading: in a pod, the
+    service account, its projected token read afresh at every login; elsewhere the kubeconfig,
+    exec plugins such as `aws eks get-token` included. kopf's own readers are the fallback."""
+    try:
+        via_library = kopf.login_via_client(**kwargs)
+    except kopf.LoginError:
+        via_library = None
+    return (via_library
+            or kopf.login_with_service_account(**kwargs)
             or kopf.login_with_kubeconfig(**kwargs))
 
 
@@ -66,11 +73,17 @@ class Operator:
         @kopf.on.startup(registry=reg)
         async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
             _configure_kopf(settings, self.settings)
-            info = self._login(settings=settings, logger=logging.getLogger("kopf"))
+            logger = logging.getLogger("kopf")
+            info = self._login(settings=settings, logger=logger)
             if info is None:
                 raise kopf.PermanentError("no Kubernetes credentials found")
+
+            def relogin() -> Connection | None:
+                fresh = self._login(settings=settings, logger=logger)
+                return Connection.from_kopf(fresh) if fresh is not None else None
+
             self.runtime = Runtime(self.settings, Connection.from_kopf(info),
-                                   broker=self._broker, trust=self._trust)
+                                   broker=self._broker, trust=self._trust, relogin=relogin)
             await self.runtime.start()
 
         @kopf.on.login(registry=reg)
@@ -153,4 +166,4 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     return {key: body[key] for key in body}
 
 
-__all__ = ["FINALIZER", "Operator", "default_login"]
+__all__ = ["FINALIZER", "LoginFn", "Operator", "default_login"]

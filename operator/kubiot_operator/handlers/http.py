@@ -23,15 +23,20 @@ def crl_path(tenant: str) -> str:
 
 
 def http_app(registry: CollectorRegistry, *, ready: Callable[[], bool],
-             authority: Callable[[], TenantAuthority | None]) -> web.Application:
-    """/metrics, /healthz, /readyz (ready() says whether the broker session is up) and
-    /crl/<tenant>.crl (DER, as RFC 5280 asks of CRLs named by a distribution point)."""
+             authority: Callable[[], TenantAuthority | None],
+             unhealthy: Callable[[], str | None] = lambda: None) -> web.Application:
+    """/metrics, /healthz (unhealthy() says why a restart is needed), /readyz (ready() says
+    whether the broker session is up) and /crl/<tenant>.crl (DER, as RFC 5280 asks of CRLs
+    named by a distribution point)."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
+        problem = unhealthy()
+        if problem is not None:
+            return web.Response(status=503, text=f"{problem}\n")
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:

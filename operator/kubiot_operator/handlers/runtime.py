@@ -21,7 +21,7 @@ from kubiot_operator.controllers.ports import TrustPublisher
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
 from kubiot_operator.handlers.http import http_app
-from kubiot_operator.kube.client import Connection, KubeClient, kind_of
+from kubiot_operator.kube.client import Connection, KubeClient, Relogin, kind_of
 from kubiot_operator.kube.secrets import SecretMaterialStore, SecretTrustPublisher
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.mqtt import OperatorMqtt
@@ -41,9 +41,11 @@ class Runtime:
     def __init__(self, settings: OperatorSettings, connection: Connection,
                  registry: CollectorRegistry | None = None,
                  broker: BrokerBackend | None = None,
-                 trust: TrustPublisher | None = None) -> None:
+                 trust: TrustPublisher | None = None,
+                 relogin: Relogin | None = None) -> None:
         self.settings = settings
         self.connection = connection
+        self._relogin = relogin
         self.registry = registry or CollectorRegistry()
         self.metrics = OperatorMetrics(self.registry)
         self._broker = broker
@@ -58,7 +60,7 @@ class Runtime:
 
     async def start(self) -> Platform:
         settings = self.settings
-        self.kube = await KubeClient(self.connection).__aenter__()
+        self.kube = await KubeClient(self.connection, relogin=self._relogin).__aenter__()
         broker = self._broker or backend_from_settings(settings)
         self.reports = ReportPump(self.kube, self.metrics,
                                   flush_seconds=settings.status_flush_seconds,
@@ -75,7 +77,9 @@ class Runtime:
             authority=TenantAuthority(SecretMaterialStore(self.kube, settings.namespace),
                                       crl_url_template=settings.crl_url_template),
             broker=broker, messenger=self.mqtt,
-            trust=self._trust or SecretTrustPublisher(self.kube, settings.namespace),
+            trust=self._trust or SecretTrustPublisher(
+                self.kube, settings.broker_trust_namespace or settings.namespace,
+                include_crls=settings.crl_url_template is None),
             metrics=self.metrics,
             endpoint=BrokerEndpoint(settings.broker_public_host, settings.broker_public_port,
                                     ca_pem),
@@ -83,7 +87,9 @@ class Runtime:
                 image=settings.ingest_image, broker_host=settings.broker_admin_host,
                 broker_port=settings.broker_admin_port,
                 platform_database_secret=settings.platform_database_secret,
-                platform_database_key=settings.platform_database_key),
+                platform_database_key=settings.platform_database_key,
+                monitoring_namespace=settings.monitoring_namespace,
+                monitor_labels=settings.ingest_monitor_labels),
             ca_namespace=settings.namespace, broker_kind=settings.broker.value)
         self.results.attach(self.platform)
         refresher = GatewayRefresher(self.platform, self.write_status)
@@ -130,6 +136,17 @@ class Runtime:
         await self.kube.patch(kind_of(body), meta["name"], {"status": outcome.status},
                               meta.get("namespace"), subresource="status")
 
+    def unhealthy(self) -> str | None:
+        """Why the operator cannot work and a restart may help; None when it is healthy.
+
+        An API server that has refused the operator's credentials for longer than
+        `api_refusal_limit_seconds`, even after logging in again, leaves every reconcile
+        failing: a restarted pod gets its service-account token mounted afresh."""
+        refused = self.kube.refused_for() if self.kube is not None else 0.0
+        if refused > self.settings.api_refusal_limit_seconds:
+            return f"the Kubernetes API has refused the operator's credentials for {refused:.0f} s"
+        return None
+
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=f"kubiot-{name}")
         task.add_done_callback(_log_crash)
@@ -138,6 +155,7 @@ class Runtime:
     async def _serve_http(self, port: int) -> None:
         app = http_app(
             self.registry, ready=lambda: self.mqtt is not None and self.mqtt.connected,
+            unhealthy=self.unhealthy,
             authority=lambda: self.platform.authority if self.platform is not None else None)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()

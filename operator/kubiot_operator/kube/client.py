@@ -1,17 +1,22 @@
 """A small async client for the Kubernetes REST API: get, list, create, merge-patch, delete.
 
 It speaks plain HTTP/JSON with the same credentials kopf logged in with, so the operator needs no
-second notion of "the cluster", and the tests can point it at an API emulator.
+second notion of "the cluster", and the tests can point it at an API emulator. Those credentials
+come from the `kubernetes` package's config loading (handlers.default_login); when the API
+server refuses them (a projected service-account token rotated, an exec-plugin token expired),
+the client logs in again the same way and retries once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json as json_module
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -72,6 +77,7 @@ DEPLOYMENTS = KubeKind("apps", "v1", "deployments", namespaced=True)
 PODDISRUPTIONBUDGETS = KubeKind("policy", "v1", "poddisruptionbudgets", namespaced=True)
 NETWORKPOLICIES = KubeKind("networking.k8s.io", "v1", "networkpolicies", namespaced=True)
 SERVICEMONITORS = KubeKind("monitoring.coreos.com", "v1", "servicemonitors", namespaced=True)
+PODMONITORS = KubeKind("monitoring.coreos.com", "v1", "podmonitors", namespaced=True)
 TENANTS = KubeKind("kubiot.io", "v1alpha1", "tenants", namespaced=False)
 DEVICES = KubeKind("kubiot.io", "v1alpha1", "devices", namespaced=True)
 GATEWAYS = KubeKind("kubiot.io", "v1alpha1", "gateways", namespaced=True)
@@ -84,6 +90,7 @@ KINDS_BY_API = {
         (NAMESPACES, "Namespace"), (SECRETS, "Secret"), (SERVICES, "Service"),
         (DEPLOYMENTS, "Deployment"), (PODDISRUPTIONBUDGETS, "PodDisruptionBudget"),
         (NETWORKPOLICIES, "NetworkPolicy"), (SERVICEMONITORS, "ServiceMonitor"),
+        (PODMONITORS, "PodMonitor"),
         (TENANTS, "Tenant"), (DEVICES, "Device"), (GATEWAYS, "Gateway"),
         (FIRMWARERELEASES, "FirmwareRelease"), (DEVICECOMMANDS, "DeviceCommand"),
     )
@@ -141,22 +148,39 @@ def _path_or_file(path: Any, data: str | bytes | None, suffix: str) -> str | Non
     return name
 
 
-class KubeClient:
-    """Async CRUD on Kubernetes objects. Use as `async with KubeClient(connection) as kube:`."""
+#: Logs in again (as kopf's login handler does) and returns the fresh credentials, if any.
+Relogin = Callable[[], Connection | None]
 
-    def __init__(self, connection: Connection) -> None:
+
+class KubeClient:
+    """Async CRUD on Kubernetes objects. Use as `async with KubeClient(connection) as kube:`.
+
+    `relogin` is called when the API server answers 401, so rotated credentials are picked up;
+    `refused_for()` says how long it has kept refusing them (for the liveness probe)."""
+
+    def __init__(self, connection: Connection, *, relogin: Relogin | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._connection = connection
+        self._relogin = relogin
+        self._clock = clock
+        self._refused_since: float | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> KubeClient:
-        headers = {"Accept": "application/json"}
+    def refused_for(self) -> float:
+        """Seconds the API server has refused every request's credentials; 0 when it accepts."""
+        return 0.0 if self._refused_since is None else self._clock() - self._refused_since
+
+    def _authorization(self) -> dict[str, str]:
         if self._connection.token:
-            headers["Authorization"] = f"Bearer {self._connection.token}"
-        elif self._connection.username and self._connection.password:
+            return {"Authorization": f"Bearer {self._connection.token}"}
+        if self._connection.username and self._connection.password:
             credentials = f"{self._connection.username}:{self._connection.password}"
-            headers["Authorization"] = f"Basic {base64.b64encode(credentials.encode()).decode()}"
+            return {"Authorization": f"Basic {base64.b64encode(credentials.encode()).decode()}"}
+        return {}
+
+    async def __aenter__(self) -> KubeClient:
         self._session = aiohttp.ClientSession(
-            base_url=self._connection.server.rstrip("/"), headers=headers,
+            base_url=self._connection.server.rstrip("/"), headers={"Accept": "application/json"},
             connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=64),
             timeout=aiohttp.ClientTimeout(total=30),
         )
@@ -186,20 +210,42 @@ class KubeClient:
                        content_type: str = "application/json") -> Any:
         if self._session is None:
             raise RuntimeError("KubeClient is used outside `async with`")
+        status, body = await self._send(method, path, json, params, content_type)
+        if status == 401 and self._relogin is not None:
+            fresh = await asyncio.to_thread(self._relogin)
+            if fresh is not None:
+                self._connection = fresh
+                status, body = await self._send(method, path, json, params, content_type)
+        if status == 401:
+            if self._refused_since is None:
+                self._refused_since = self._clock()
+        else:
+            self._refused_since = None
+        return _checked(method, path, status, body)
+
+    async def _send(self, method: str, path: str, json: Any, params: Mapping[str, str] | None,
+                    content_type: str) -> tuple[int, Any]:
+        assert self._session is not None
+        headers = {"Content-Type": content_type, **self._authorization()}
         async with self._session.request(method, path, json=json, params=params,
-                                         headers={"Content-Type": content_type}) as response:
+                                         headers=headers) as response:
             text = await response.text()
             try:
                 body = json_module.loads(text) if text.strip() else None
             except ValueError:
                 body = text
-            if response.status == 404:
-                raise NotFound(404, f"{method} {path}")
-            if response.status == 409:
-                raise Conflict(409, _message(body))
-            if response.status >= 400:
-                raise KubeError(response.status, f"{method} {path}: {_message(body)}")
-            return body
+            return response.status, body
+
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        """The kinds the API server serves under `api_version` (discovery); empty when the
+        group is not installed, as for a CRD-defined API whose CRDs are absent."""
+        base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+        try:
+            body = await self._request("GET", base)
+        except NotFound:
+            return frozenset()
+        return frozenset(str(r["kind"]) for r in (body or {}).get("resources", [])
+                         if "/" not in str(r.get("name", "")))
 
     async def get(self, kind: KubeKind, name: str, namespace: str | None = None
                   ) -> dict[str, Any] | None:
@@ -253,6 +299,17 @@ class KubeClient:
         patch["metadata"] = {k: metadata[k] for k in ("labels", "annotations", "ownerReferences")
                              if k in metadata}
         return await self.patch(kind, metadata["name"], patch, namespace)
+
+
+def _checked(method: str, path: str, status: int, body: Any) -> Any:
+    """The answer's body, or the typed error for its status."""
+    if status == 404:
+        raise NotFound(404, f"{method} {path}")
+    if status == 409:
+        raise Conflict(409, _message(body))
+    if status >= 400:
+        raise KubeError(status, f"{method} {path}: {_message(body)}")
+    return body
 
 
 def _message(body: Any) -> str:

@@ -11,6 +11,10 @@ from kubiot_operator.reconcile.tenant import MANAGED_BY
 from .client import SECRETS, KubeClient
 
 TRUST_SECRET = "kubiot-broker-trust"
+#: Keys of the trust Secret, the file names docs/brokers.md mounts them as: EMQX's and
+#: Mosquitto's `cacertfile`/`cafile`, and Mosquitto's `crlfile` (EMQX fetches CRLs instead).
+TENANT_CAS_KEY = "tenant-cas.pem"
+TENANT_CRLS_KEY = "tenant-crls.pem"
 
 
 def secret_object(name: str, namespace: str, data: Mapping[str, bytes],
@@ -46,13 +50,22 @@ class SecretMaterialStore:
 
 
 class SecretTrustPublisher:
-    """Writes the CA and CRL bundles into one Secret that the broker mounts."""
+    """Writes the CA and CRL bundles into one Secret that the broker mounts.
 
-    def __init__(self, kube: KubeClient, namespace: str, name: str = TRUST_SECRET) -> None:
+    `namespace` is the broker's: a pod can mount Secrets of its own namespace only. With
+    `include_crls` False (EMQX, which fetches each tenant's CRL from the operator), the Secret
+    holds the CA certificates only: CRLs grow with revocations, CAs do not, and a Secret holds
+    1 MiB at most for every tenant together."""
+
+    def __init__(self, kube: KubeClient, namespace: str, name: str = TRUST_SECRET, *,
+                 include_crls: bool = True) -> None:
         self._kube = kube
         self._namespace = namespace
         self._name = name
+        self._include_crls = include_crls
 
     async def publish(self, ca_bundle: bytes, crl_bundle: bytes) -> None:
-        await self._kube.ensure(secret_object(self._name, self._namespace, {
-            "ca-bundle.pem": ca_bundle, "crl-bundle.pem": crl_bundle}))
+        files = {TENANT_CAS_KEY: ca_bundle}
+        if self._include_crls:
+            files[TENANT_CRLS_KEY] = crl_bundle
+        await self._kube.ensure(secret_object(self._name, self._namespace, files))

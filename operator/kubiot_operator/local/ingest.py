@@ -121,7 +121,8 @@ class IngestSupervisor:
 
     async def reconcile(self) -> None:
         wanted: dict[str, dict[str, str]] = {}
-        for deployment in await self.objects.list(DEPLOYMENTS):
+        deployments = await self.objects.list(DEPLOYMENTS)
+        for deployment in deployments:
             labels = deployment["metadata"].get("labels") or {}
             tenant = labels.get("kubiot.io/tenant")
             if not tenant or labels.get("app.kubernetes.io/component") != "ingest":
@@ -155,6 +156,21 @@ class IngestSupervisor:
             self.processes[tenant] = process
             log.info("ingest for tenant %s started (metrics %s, log %s)", tenant,
                      process.metrics_url, process.log_file)
+        await self._report(deployments)
+
+    async def _report(self, deployments: list[dict[str, Any]]) -> None:
+        """Write each Deployment's status as a cluster would: one replica available while its
+        process runs, so the Tenant's IngestReady reads the same status as in a cluster."""
+        for deployment in deployments:
+            meta = deployment["metadata"]
+            tenant = (meta.get("labels") or {}).get("kubiot.io/tenant", "")
+            process = self.processes.get(tenant)
+            available = 1 if process is not None and process.running else 0
+            status = {"observedGeneration": meta.get("generation", 1), "replicas": 1,
+                      "readyReplicas": available, "availableReplicas": available}
+            if deployment.get("status") != status:
+                await self.objects.patch(DEPLOYMENTS, meta["name"], {"status": status},
+                                         meta["namespace"], subresource="status")
 
     async def wait_ready(self, seconds: float = 60.0) -> bool:
         """Until every ingest answers /readyz (subscribed, database up), so that nothing the

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from kubiot_operator.kube.client import KINDS_BY_API, KubeError, KubeKind, NotFound, kind_of
+from kubiot_operator.kube.client import (
+    KINDS_BY_API,
+    Conflict,
+    KubeError,
+    KubeKind,
+    NotFound,
+    kind_of,
+)
 
 Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
 
@@ -64,6 +71,13 @@ class FileObjects:
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
 
+    async def served_kinds(self, api_version: str) -> frozenset[str]:
+        """The kinds the store keeps, as discovery would list them. There is no Prometheus
+        Operator without a cluster, so its API is not served."""
+        if api_version.startswith("monitoring.coreos.com/"):
+            return frozenset()
+        return frozenset(kind for api, kind in KINDS_BY_API if api == api_version)
+
     @staticmethod
     def _key_of(obj: Mapping[str, Any]) -> Key:
         kind = kind_of(obj)
@@ -96,6 +110,12 @@ class FileObjects:
         return [copy.deepcopy(obj) for (plural, ns, _), obj in sorted(self._objects.items())
                 if plural == kind.plural and (namespace is None or ns == namespace)
                 and selector_matches(obj["metadata"].get("labels") or {}, label_selector)]
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a new object; Conflict when one of that name exists."""
+        if self._key_of(obj) in self._objects:
+            raise Conflict(409, f"{obj['kind']} {obj['metadata']['name']} already exists")
+        return await self.ensure(obj)
 
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
         key = self._key_of(obj)

@@ -5,22 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.models.command import DeviceCommandSpec, DeviceCommandStatus
+from kubiot_operator.models.common import IdentityName, SubdomainName
 from kubiot_operator.models.device import DeviceSpec, DeviceStatus
 from kubiot_operator.models.firmware import FirmwareReleaseSpec, FirmwareReleaseStatus
 from kubiot_operator.models.gateway import GatewaySpec, GatewayStatus
-from kubiot_operator.models.tenant import TenantSpec, TenantStatus
+from kubiot_operator.models.tenant import TenantName, TenantSpec, TenantStatus
 
-#: Every resource name must fit the topic contract (a DNS label), which a CRD can only say in CEL.
-NAME_RULE = {
-    "rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')"
-            " && size(self.metadata.name) <= 63",
-    "message": "metadata.name must be a DNS label (lower-case letters, digits and '-', at most "
-               "63 characters): it becomes an MQTT topic level and part of a broker username",
-}
+
+def name_rule(name_type: Any) -> dict[str, str]:
+    """The CEL rule on `metadata.name` a CRD carries for a name type of the models.
+
+    A CRD can constrain `metadata.name` only in CEL; the pattern, the length and the message
+    come from the annotated type, so the CRD, `kubiot validate` and the operator agree."""
+    schema = TypeAdapter(name_type).json_schema()
+    pattern = schema["pattern"].replace("\\", "\\\\")  # a CEL string literal escapes `\`
+    return {
+        "rule": f"self.metadata.name.matches('{pattern}')"
+                f" && size(self.metadata.name) <= {schema['maxLength']}",
+        "message": f"metadata.name {schema['description']}",
+    }
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,9 @@ class ResourceKind:
     status: type[BaseModel]
     description: str
     printer_columns: tuple[PrinterColumn, ...]
+    #: What names the kind accepts (an annotated `str` with pattern, max_length, description).
+    name_type: Any = IdentityName
     categories: tuple[str, ...] = ("kubiot", "iot")
-    #: The name becomes a topic level and part of a broker username (see NAME_RULE).
-    name_in_topics: bool = True
 
     @property
     def singular(self) -> str:
@@ -79,7 +86,7 @@ class ResourceKind:
 
 TENANT = ResourceKind(
     kind="Tenant", plural="tenants", short_names=("tn",), namespaced=False,
-    spec=TenantSpec, status=TenantStatus,
+    spec=TenantSpec, status=TenantStatus, name_type=TenantName,
     description="A customer or site: its namespace, certificate authority, broker topic root, "
                 "quotas and telemetry ingest pipeline.",
     printer_columns=(
@@ -127,7 +134,7 @@ GATEWAY = ResourceKind(
 FIRMWARE_RELEASE = ResourceKind(
     kind="FirmwareRelease", plural="firmwarereleases", short_names=("fw", "fwr"),
     namespaced=True, spec=FirmwareReleaseSpec, status=FirmwareReleaseStatus,
-    name_in_topics=False,
+    name_type=SubdomainName,
     description="A signed firmware image rolled out to selected devices in waves, with a "
                 "failure budget that aborts and rolls back.",
     printer_columns=(
@@ -143,7 +150,7 @@ FIRMWARE_RELEASE = ResourceKind(
 
 DEVICE_COMMAND = ResourceKind(
     kind="DeviceCommand", plural="devicecommands", short_names=("dcmd",), namespaced=True,
-    spec=DeviceCommandSpec, status=DeviceCommandStatus, name_in_topics=False,
+    spec=DeviceCommandSpec, status=DeviceCommandStatus, name_type=SubdomainName,
     description="A command (ping, set, reboot, ...) sent to the devices it targets, once, at a "
                 "time, or on a cron schedule, with each device's result in status.",
     printer_columns=(

@@ -18,10 +18,25 @@ LabelKey = Annotated[str, StringConstraints(
     pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
             r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
     max_length=316)]
+#: A device's or gateway's name: a topic level and part of a broker username (the contract).
+IdentityName = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH),
+                         Field(description=(
+                             "must be a DNS label (lower-case letters, digits and '-', starting "
+                             "and ending with a letter or digit, at most 63 characters): it "
+                             "becomes an MQTT topic level and part of a broker username"))]
+#: The Kubernetes rule for most object names (RFC 1123 subdomain), for names nothing derives from.
+SubdomainName = Annotated[str, StringConstraints(
+    pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    max_length=253), Field(description=(
+        "must be a DNS subdomain (lower-case letters, digits, '-' and '.', starting and ending "
+        "with a letter or digit, at most 253 characters)"))]
 ObjectName = Annotated[str, StringConstraints(
     pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", max_length=253)]
-Quantity = Annotated[str, StringConstraints(
+QuantityText = Annotated[str, StringConstraints(
     pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", max_length=32)]
+#: A resource quantity as Kubernetes takes it: `cpu: 1` as well as `cpu: 500m` or `memory: 1Gi`.
+Quantity = Annotated[int | QuantityText, Field(json_schema_extra={
+    "x-kubernetes-int-or-string": True})]
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:

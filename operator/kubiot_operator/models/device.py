@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from kubiot_operator.models.common import CertificateSummary, Conditions, KubiotModel
 from kubiot_operator.models.identity import IdentitySpec
@@ -15,14 +16,29 @@ Model = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,
 FirmwareVersion = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
 
 
+MAX_DESIRED_FIELDS = 64
+MAX_DESIRED_BYTES = 16 * 1024
+
+
 class DeviceSpec(KubiotModel):
     model: Model | None = Field(None, description="Hardware model; firmware releases can "
                                 "select devices by it.")
     suspended: bool = Field(False, description="Suspend the device: the broker refuses it and "
                             "its certificate is revoked until it is resumed.")
     identity: IdentitySpec = Field(IdentitySpec())
-    desired: dict[str, Any] | None = Field(
-        None, description="Desired state, published retained to the device's `state/desired`.")
+    desired: Annotated[dict[str, Any], Field(max_length=MAX_DESIRED_FIELDS)] | None = Field(
+        None, description="Desired state, published retained to the device's `state/desired`: "
+        f"at most {MAX_DESIRED_FIELDS} top-level fields and {MAX_DESIRED_BYTES // 1024} KiB as "
+        "JSON.")
+
+    @field_validator("desired")
+    @classmethod
+    def _desired_fits(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Published retained on every reconcile, and part of an object etcd caps at 1.5 MiB.
+        if value is not None and len(json.dumps(value, separators=(",", ":"))) > \
+                MAX_DESIRED_BYTES:
+            raise ValueError(f"is larger than {MAX_DESIRED_BYTES // 1024} KiB as JSON")
+        return value
 
 
 class DevicePhase(StrEnum):

@@ -100,10 +100,11 @@ class _CRLState:
         return None
 
     def record(self) -> bytes:
+        # Compact: this record and the CRL share one Secret, which holds 1 MiB at most.
         return json.dumps({"crlNumber": self.number, "caBundle": self.ca_bundle,
                            "caSupplied": self.ca_supplied,
                            "revoked": [r.to_json() for r in self.revocations]},
-                          indent=1).encode()
+                          separators=(",", ":")).encode()
 
 
 class TenantAuthority:
@@ -249,11 +250,21 @@ class TenantAuthority:
 
     # --- revocation -------------------------------------------------------------------------
 
-    async def revoke(self, tenant: str, serial: int, *, reason: str = "unspecified") -> bytes:
-        """Add a serial to the tenant's CRL and return the new CRL; revoking twice is a no-op."""
-        revocation = Revocation(serial, self.now(), reason)
+    async def revoke(self, tenant: str, serial: int, *, reason: str = "unspecified",
+                     expires_at: datetime | None = None) -> bytes | None:
+        """Add a serial to the tenant's CRL and return the new CRL; revoking twice is a no-op.
+
+        `expires_at`, the certificate's notAfter, lets the CRL drop the entry once it expired,
+        so a CRL lists only certificates that would otherwise still be valid.
+
+        None when the tenant has no CA (any more): its certificates are trusted by nobody, and
+        revoking must not bring a CA into being, as a tenant's teardown would otherwise do."""
+        revocation = Revocation(serial, self.now(), reason, expires_at)
         async with self._lock(tenant):
-            ca = await self._ca_locked(tenant)
+            bundle = await self.store.get(crl_bundle_name(tenant))
+            if bundle is None and tenant not in self._cas:
+                return None
+            ca = await self._ca_locked(tenant)  # may re-sign the CRL: read it again after
             state = _CRLState.read(await self.store.get(crl_bundle_name(tenant)))
             if serial in state.serials() and state.pem is not None:
                 return state.pem
@@ -291,9 +302,16 @@ class TenantAuthority:
         return self.now() < next_update - timedelta(days=self._crl_validity) / 2
 
     async def _publish(self, tenant: str, ca: CertificateAuthority, state: _CRLState) -> bytes:
-        """Sign `state`'s revocations as the next CRL and store it; return the PEM."""
+        """Sign `state`'s revocations as the next CRL and store it; return the PEM.
+
+        Revocations of certificates long expired are dropped, so neither the CRL nor its
+        Secret grows with every revocation a tenant ever had (a Secret holds 1 MiB at most)."""
+        now = self.now()
+        lifetime = timedelta(days=self._crl_validity)
+        state = replace(state, revocations=tuple(
+            r for r in state.revocations if r.listed_at(now, lifetime)))
         number = state.number + 1
-        pem = build_crl(ca, state.revocations, now=self.now(),
+        pem = build_crl(ca, state.revocations, now=now,
                         next_update_days=self._crl_validity, crl_number=number,
                         distribution_point=self.crl_url(tenant))
         stored = replace(state, number=number, pem=pem)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -27,6 +27,8 @@ class Revocation:
     serial: int
     revoked_at: datetime
     reason: str = UNSPECIFIED
+    #: When the revoked certificate expires; after that the CRL need not list it any more.
+    expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.reason not in REVOCATION_REASONS:
@@ -36,14 +38,32 @@ class Revocation:
         if self.serial <= 0:
             raise PKIError("InvalidSerial", f"serial {self.serial} is not a certificate serial")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"serial": format(self.serial, "x"), "revokedAt": self.revoked_at.isoformat(),
-                "reason": self.reason}
+    def to_json(self) -> list[Any]:
+        """`[serial hex, revoked at (epoch s), reason, expires at (epoch s) or null]`: a
+        revocation record is kept beside its CRL in a Secret of 1 MiB at most."""
+        return [format(self.serial, "x"), int(self.revoked_at.timestamp()), self.reason,
+                int(self.expires_at.timestamp()) if self.expires_at is not None else None]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Revocation:
-        return cls(int(data["serial"], 16), as_utc(datetime.fromisoformat(data["revokedAt"])),
-                   data.get("reason", UNSPECIFIED))
+    def from_json(cls, data: list[Any] | dict[str, Any]) -> Revocation:
+        """From `to_json`'s form, or the object form earlier versions wrote."""
+        if isinstance(data, dict):
+            expires = data.get("expiresAt")
+            return cls(int(data["serial"], 16),
+                       as_utc(datetime.fromisoformat(data["revokedAt"])),
+                       data.get("reason", UNSPECIFIED),
+                       as_utc(datetime.fromisoformat(expires)) if expires else None)
+        serial, revoked_at, reason, expires_at = data
+        return cls(int(serial, 16), datetime.fromtimestamp(revoked_at, UTC), reason,
+                   datetime.fromtimestamp(expires_at, UTC) if expires_at is not None else None)
+
+    def listed_at(self, now: datetime, crl_validity: timedelta) -> bool:
+        """Whether a CRL issued at `now` must still list this revocation.
+
+        RFC 5280 3.3: an entry may go once it has appeared on one regularly scheduled CRL
+        issued after the certificate expired; waiting one CRL lifetime past expiry ensures
+        that. Without a known expiry it stays."""
+        return self.expires_at is None or now < as_utc(self.expires_at) + crl_validity
 
 
 def build_crl(ca: CertificateAuthority, revocations: Sequence[Revocation], *,

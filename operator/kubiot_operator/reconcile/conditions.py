@@ -53,11 +53,13 @@ def is_true(conditions: Sequence[Condition], condition_type: str) -> bool:
 def ready_update(conditions: Sequence[Condition], required: Sequence[str]) -> ConditionUpdate:
     """Ready is True when every required condition is; otherwise it names the first that is not."""
     by_type = {c.type: c for c in conditions}
+    # A known failure says more than a condition not reached yet (because of that failure).
     for condition_type in required:
         condition = by_type.get(condition_type)
-        if condition is None:
-            return ConditionUpdate("Ready", False, "Reconciling", f"{condition_type} is not known")
-        if condition.status is not ConditionStatus.TRUE:
+        if condition is not None and condition.status is not ConditionStatus.TRUE:
             return ConditionUpdate("Ready", False, condition.reason,
                                    f"{condition_type}: {condition.message}")
+    for condition_type in required:
+        if condition_type not in by_type:
+            return ConditionUpdate("Ready", False, "Reconciling", f"{condition_type} is not known")
     return ConditionUpdate("Ready", True, "Reconciled", "")

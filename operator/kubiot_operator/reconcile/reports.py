@@ -6,10 +6,14 @@ reports are merged per device (the latest wins) and drained in rate-limited batc
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from kubiot_contract.device_json import parse_device_json
 from kubiot_contract.telemetry import TelemetryRejected
@@ -63,6 +67,62 @@ class PendingReport:
         if firmware:
             patch["firmware"] = firmware
         return patch
+
+
+@dataclass(frozen=True)
+class AdmissibleStatus:
+    """A status patch cut down to what the status schema accepts, and the fields cut."""
+
+    patch: dict[str, Any]
+    rejected: tuple[str, ...]
+
+
+def admissible_status(patch: Mapping[str, Any], model: type[BaseModel]) -> AdmissibleStatus:
+    """The patch with every field the kind's status schema (`model`, the CRD's source) refuses
+    taken out, so one bad value (firmware `"1.2.0 beta"`) does not make the API server refuse
+    the whole patch and lose the good ones (online, lastSeen).
+
+    Fields the kind has no place for (a gateway's reported state) are left out silently, as
+    the API server would prune them; refused values are named in `rejected` (dotted paths)."""
+    kept = {key: copy.deepcopy(value) for key, value in patch.items()
+            if key in _wire_fields(model)}
+    rejected: list[str] = []
+    for _ in range(len(_leaves(kept)) + 1):
+        try:
+            model.model_validate(kept)
+        except ValidationError as exc:
+            for error in exc.errors():
+                path = tuple(str(part) for part in error["loc"] if not isinstance(part, int))
+                if _remove(kept, path):
+                    rejected.append(".".join(path))
+            continue
+        break
+    return AdmissibleStatus(kept, tuple(sorted(set(rejected))))
+
+
+def _wire_fields(model: type[BaseModel]) -> set[str]:
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)] or [value]
+    return [value]
+
+
+def _remove(patch: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """Delete `path` from nested dicts (emptied parents too); False when it is not there."""
+    if not path or path[0] not in patch:
+        return False
+    if len(path) > 1 and isinstance(patch[path[0]], dict):
+        if not _remove(patch[path[0]], path[1:]):
+            # The error is about the parent as a whole (a wrong type): drop the parent.
+            del patch[path[0]]
+        elif not patch[path[0]]:
+            del patch[path[0]]
+        return True
+    del patch[path[0]]
+    return True
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubiot_contract.topics import ingest_username
@@ -34,11 +35,40 @@ def ingest_broker_secret_name(tenant: str) -> str:
     return f"{tenant}-ingest-broker"
 
 
+def namespace_refusal(tenant: str, tenant_uid: str, namespace: str,
+                      existing: Mapping[str, Any] | None) -> str | None:
+    """Why a Tenant may not use an existing namespace; None when it is absent or the Tenant's.
+
+    A namespace is the Tenant's only if the Tenant created it (its ownerReference carries the
+    Tenant's uid). Adopting any other would hand it to garbage collection, so deleting the
+    Tenant would delete, say, `monitoring` or another Tenant's devices."""
+    if existing is None:
+        return None
+    meta = existing.get("metadata") or {}
+    if any(ref.get("uid") == tenant_uid for ref in meta.get("ownerReferences") or []):
+        return None
+    owner = (meta.get("labels") or {}).get(TENANT_LABEL)
+    if meta.get("deletionTimestamp"):
+        return f"namespace {namespace} is being deleted; it can be created again once it is gone"
+    if owner and owner != tenant:
+        return (f"namespace {namespace} belongs to Tenant {owner}; choose another "
+                "spec.namespace")
+    return (f"namespace {namespace} already exists and kubiot did not create it for this "
+            "Tenant; kubiot never adopts a namespace (deleting the Tenant would delete it). "
+            "Choose another spec.namespace, or delete the namespace")
+
+
 def namespace_object(tenant: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": namespace, "labels": {TENANT_LABEL: tenant, **MANAGED_BY}},
     }
+
+
+#: The Prometheus Operator's API: optional, a cluster without it (minikube) serves neither kind.
+MONITORING_API = "monitoring.coreos.com/v1"
+SERVICE_MONITOR = "ServiceMonitor"
+POD_MONITOR = "PodMonitor"
 
 
 @dataclass(frozen=True)
@@ -50,7 +80,21 @@ class IngestEnvironment:
     broker_port: int
     platform_database_secret: str
     platform_database_key: str
+    #: Namespace of the Prometheus allowed through the ingest NetworkPolicy.
     monitoring_namespace: str = "monitoring"
+    #: Labels the cluster's Prometheus selects monitors by (kube-prometheus-stack: `release`).
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def monitor_kind(served: Collection[str]) -> str | None:
+    """Which Prometheus Operator object scrapes the ingest, of those the cluster serves.
+
+    A ServiceMonitor fits the ingest Service; a cluster with only the PodMonitor CRD gets that.
+    None: no Prometheus Operator, the ingest is not scraped (and that is no failure)."""
+    for kind in (SERVICE_MONITOR, POD_MONITOR):
+        if kind in served:
+            return kind
+    return None
 
 
 def _labels(tenant: str) -> dict[str, str]:
@@ -62,32 +106,75 @@ def _selector(tenant: str) -> dict[str, str]:
     return {TENANT_LABEL: tenant, COMPONENT_LABEL: "ingest"}
 
 
-def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment) -> list[dict[str, Any]]:
-    """Deployment, Service, ServiceMonitor, PodDisruptionBudget and NetworkPolicy for a tenant's
-    ingest; an empty list when ingest is disabled."""
+@dataclass(frozen=True)
+class IngestAvailability:
+    """Whether the ingest Deployment serves, from its status as the deployment controller
+    wrote it."""
+
+    available: bool
+    reason: str
+    message: str
+
+
+def ingest_availability(deployment: Mapping[str, Any] | None) -> IngestAvailability:
+    """Available once the Deployment's current generation has at least one available pod (or
+    it is scaled to zero on purpose)."""
+    if deployment is None:
+        return IngestAvailability(False, "Creating", "the ingest Deployment does not exist yet")
+    meta, status = deployment.get("metadata") or {}, deployment.get("status") or {}
+    name = f"{meta.get('namespace')}/{meta.get('name')}"
+    wanted = int((deployment.get("spec") or {}).get("replicas", 1))
+    available = int(status.get("availableReplicas") or 0)
+    if status.get("observedGeneration", 0) < meta.get("generation", 1):
+        return IngestAvailability(False, "RollingOut",
+                                  f"Deployment {name} has not yet applied its latest spec")
+    if wanted == 0:
+        return IngestAvailability(True, "ScaledToZero", f"Deployment {name} has 0 replicas")
+    if available == 0:
+        return IngestAvailability(False, "Unavailable",
+                                  f"Deployment {name}: none of {wanted} replicas available "
+                                  "(kubectl describe deployment tells why)")
+    return IngestAvailability(True, "Available",
+                              f"Deployment {name}: {available} of {wanted} replicas available")
+
+
+def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment, *,
+                   monitor: str | None) -> list[dict[str, Any]]:
+    """Deployment, Service, PodDisruptionBudget, NetworkPolicy and the `monitor` kind
+    (ServiceMonitor, PodMonitor or none, see `monitor_kind`) for a tenant's ingest; an empty
+    list when ingest is disabled."""
     if not spec.ingest.enabled:
         return []
     namespace = tenant_namespace(tenant, spec)
     name = ingest_name(tenant)
     meta = {"name": name, "namespace": namespace, "labels": _labels(tenant)}
-    return [
+    objects = [
         _deployment(tenant, spec, env, meta),
         {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
             "selector": _selector(tenant),
             "ports": [{"name": "metrics", "port": INGEST_METRICS_PORT,
                        "targetPort": "metrics"}],
         }},
-        {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
-         "spec": {
-             "selector": {"matchLabels": _selector(tenant)},
-             "endpoints": [{"port": "metrics", "interval": "30s", "path": "/metrics"}],
-         }},
         {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta, "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": _selector(tenant)},
         }},
         _network_policy(tenant, env, meta),
     ]
+    if monitor is not None:
+        objects.append(_monitor(tenant, env, meta, monitor))
+    return objects
+
+
+def _monitor(tenant: str, env: IngestEnvironment, meta: dict[str, Any],
+             kind: str) -> dict[str, Any]:
+    endpoint = {"port": "metrics", "interval": "30s", "path": "/metrics"}
+    endpoints = "podMetricsEndpoints" if kind == POD_MONITOR else "endpoints"
+    return {
+        "apiVersion": MONITORING_API, "kind": kind,
+        "metadata": {**meta, "labels": {**env.monitor_labels, **meta["labels"]}},
+        "spec": {"selector": {"matchLabels": _selector(tenant)}, endpoints: [endpoint]},
+    }
 
 
 def _database_secret(tenant: str, spec: TenantSpec, env: IngestEnvironment) -> dict[str, str]:
