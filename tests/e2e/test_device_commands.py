@@ -91,8 +91,10 @@ async def commands(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Co
         operator = env.operator()
         async with env.running(operator) as run:
             await env.apply({"apiVersion": API, "kind": "Tenant", "metadata": {"name": TENANT},
-                             "spec": {"displayName": "ACME", "namespace": NAMESPACE}},
-                            *(device(n, {"fleet": "pumps"}) for n in PUMPS),
+                             "spec": {"displayName": "ACME", "namespace": NAMESPACE}})
+            # The Tenant creates its namespace; nothing can be created in it before.
+            await env.wait("Namespace", NAMESPACE, lambda namespace: namespace is not None)
+            await env.apply(*(device(n, {"fleet": "pumps"}) for n in PUMPS),
                             device(SOLO, {"fleet": "solo"}), device(GHOST, {"fleet": "ghost"}),
                             *(device(n, {"behind": GATEWAY}) for n in METERS),
                             {"apiVersion": API, "kind": "Gateway",
