@@ -16,6 +16,6 @@ _COMMON = settings(
     print_blob=True,
 )
 settings.register_profile("ci", _COMMON, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)))
-# About ten minutes on two shared cores: roughly 17 times the examples of `ci`.
+# About ten minutes on two shared cores: twelve times the examples of `ci`.
 settings.register_profile("long", _COMMON,
-                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", 2_500)))
+                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", 1_800)))

@@ -97,3 +97,13 @@ def test_a_subject_that_does_not_decode_is_refused() -> None:
     error = _rejection(csr)
     assert error.reason == "Unparseable"
     assert "subject" in str(error)
+
+
+def test_a_csr_of_another_version_is_refused() -> None:
+    # Found by the fuzz suite: cryptography raises InvalidVersion, not a ValueError.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = resign_csr(make_csr(key, USERNAME), key,
+                     lambda info: info.replace(b"\x02\x01\x00", b"\x02\x01\x01", 1))
+    error = _rejection(csr)
+    assert error.reason == "Unparseable"
+    assert "version" in str(error)

@@ -32,7 +32,8 @@ def verify_csr(csr_pem: str | bytes, expected_common_name: str) -> x509.Certific
         raise CSRRejected("Unparseable", f"the CSR is larger than {MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
+        # InvalidVersion (a version other than 1, encoded 0) is not a ValueError.
         raise CSRRejected("Unparseable", f"the CSR is not a valid PEM certificate request: {exc}") \
             from exc
     try:
