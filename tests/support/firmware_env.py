@@ -13,9 +13,10 @@ from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
 from kubiot_operator.controllers.platform import Platform
-from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, KubeKind, kind_of
+from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, kind_of
 from kubiot_operator.local.objects import merge_patch
 from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.models.api import KubeKind
 from kubiot_operator.pki import MemoryMaterialStore, TenantAuthority
 from kubiot_operator.reconcile.identity import BrokerEndpoint
 from kubiot_operator.reconcile.tenant import IngestEnvironment

@@ -8,6 +8,7 @@ import ssl
 
 import pytest
 
+from kubiot_contract.ota import OtaState
 from kubiot_contract.topics import IdentityKind
 from kubiot_operator.pki import (
     create_server_ca,
@@ -29,7 +30,7 @@ from kubiot_operator.simulator import (
     parse_job,
     synthetic_image,
 )
-from kubiot_operator.simulator.ota import OtaState, status_payload
+from kubiot_operator.simulator.ota import status_payload
 
 KEY = generate_signing_key()
 PUBLIC = public_key_pem(KEY)

@@ -13,6 +13,7 @@ correlation id and records them under the same per-command lock the reconcile ho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Sequence
@@ -37,7 +38,14 @@ from kubiot_contract.topics import (
     device_root,
     parse_topic,
 )
-from kubiot_operator.kube.client import DEVICECOMMANDS, DEVICES, GATEWAYS, TENANTS, KubeError
+from kubiot_operator.kube.client import (
+    DEVICECOMMANDS,
+    DEVICES,
+    GATEWAYS,
+    TENANTS,
+    NotFound,
+)
+from kubiot_operator.models import DEVICE_COMMAND
 from kubiot_operator.models.command import (
     CommandPhase,
     CommandRun,
@@ -63,6 +71,7 @@ from kubiot_operator.reconcile.conditions import ConditionUpdate, set_conditions
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .objects import (
+    checked_status,
     conditions_wire,
     current_conditions,
     generation,
@@ -169,12 +178,10 @@ async def delete_command(platform: Platform, body: dict[str, Any]) -> Outcome:
 async def _write(platform: Platform, namespace: str, name: str, status: dict[str, Any]) -> None:
     if not status:
         return
-    try:
-        await platform.objects.patch(DEVICECOMMANDS, name, {"status": status}, namespace,
-                                     subresource="status")
-    except KubeError as exc:
-        if exc.status != 404:  # deleted meanwhile: nothing to record
-            raise
+    with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to record
+        await platform.objects.patch(DEVICECOMMANDS, name,
+                                     {"status": checked_status(DEVICE_COMMAND, status)},
+                                     namespace, subresource="status")
 
 
 async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -478,8 +485,9 @@ class CommandResults:
             if changed:
                 latest = runs[-1]
                 patch = {"runs": [r.to_wire() for r in runs], "counts": latest.counts.to_wire()}
-                await platform.objects.patch(DEVICECOMMANDS, name, {"status": patch}, namespace,
-                                             subresource="status")
+                await platform.objects.patch(
+                    DEVICECOMMANDS, name, {"status": checked_status(DEVICE_COMMAND, patch)},
+                    namespace, subresource="status")
 
     async def _namespace_of(self, tenant: str) -> str | None:
         assert self._platform is not None

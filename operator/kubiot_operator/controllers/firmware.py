@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from kubiot_contract.topics import device_root, ota_job_topic
-from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, KubeError
+from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, NotFound
+from kubiot_operator.models import DEVICE, FIRMWARE_RELEASE
 from kubiot_operator.models.firmware import (
     FirmwareReleaseSpec,
     ReleasePhase,
@@ -50,6 +51,7 @@ from kubiot_operator.reconcile.rollout import (
 )
 
 from .objects import (
+    checked_status,
     conditions_wire,
     current_conditions,
     generation,
@@ -91,12 +93,11 @@ async def reconcile_release(platform: Platform, body: dict[str, Any]) -> Outcome
     async with platform.lock(f"FirmwareRelease/{namespace}/{name}"):
         latest = await platform.objects.get(FIRMWARERELEASES, name, namespace)
         outcome = await _reconcile(platform, latest if latest is not None else body)
-        try:
-            await platform.objects.patch(FIRMWARERELEASES, name, {"status": outcome.status},
-                                         namespace, subresource="status")
-        except KubeError as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing to record
-                raise
+        with contextlib.suppress(NotFound):  # deleted meanwhile: nothing to record
+            await platform.objects.patch(
+                FIRMWARERELEASES, name,
+                {"status": checked_status(FIRMWARE_RELEASE, outcome.status)},
+                namespace, subresource="status")
         return outcome
 
 
@@ -262,12 +263,10 @@ async def _roll_back(platform: Platform, release: _Release, key: Ed25519PrivateK
 
 async def _patch_firmware(platform: Platform, namespace: str, device: str,
                           firmware: dict[str, Any]) -> None:
-    try:
-        await platform.objects.patch(DEVICES, device, {"status": {"firmware": firmware}},
-                                     namespace, subresource="status")
-    except KubeError as exc:
-        if exc.status != 404:  # a device deleted meanwhile needs nothing
-            raise
+    with contextlib.suppress(NotFound):  # a device deleted meanwhile needs nothing
+        await platform.objects.patch(
+            DEVICES, device, {"status": checked_status(DEVICE, {"firmware": firmware})},
+            namespace, subresource="status")
 
 
 def _counts(plan: RolloutPlan, state: RolloutState, previous_status: Mapping[str, Any],

@@ -131,7 +131,8 @@ async def delete_gateway(platform: Platform, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
-StatusWriter = Callable[[dict[str, Any], Outcome], Awaitable[None]]
+#: Writes a reconcile's outcome (status and events) the way the running operator does.
+OutcomeWriter = Callable[[dict[str, Any], Outcome], Awaitable[None]]
 
 
 class GatewayRefresher:
@@ -140,10 +141,10 @@ class GatewayRefresher:
     Ten thousand devices created at once mean one gateway pass per `delay`, not ten thousand.
     """
 
-    def __init__(self, platform: Platform, write_status: StatusWriter, delay: float = 1.0
+    def __init__(self, platform: Platform, write_outcome: OutcomeWriter, delay: float = 1.0
                  ) -> None:
         self._platform = platform
-        self._write_status = write_status
+        self._write_outcome = write_outcome
         self._delay = delay
         self._pending: set[str] = set()
         self._wakeup = asyncio.Event()
@@ -171,4 +172,4 @@ class GatewayRefresher:
             if gateway["metadata"].get("deletionTimestamp"):
                 continue
             outcome = await reconcile_gateway(self._platform, gateway)
-            await self._write_status(gateway, outcome)
+            await self._write_outcome(gateway, outcome)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kubiot_operator.kube.client import NAMESPACES, TENANTS
+from kubiot_operator.models import ResourceKind
 from kubiot_operator.models.common import Condition
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import TENANT_LABEL
@@ -81,3 +82,17 @@ async def tenant_of_namespace(objects: Objects, namespace: str
 
 def conditions_wire(conditions: Sequence[Condition]) -> list[dict[str, Any]]:
     return [c.to_wire() for c in conditions]
+
+
+class InvalidStatus(ValueError):
+    """A controller produced a status its kind's model refuses: a bug, never written."""
+
+
+def checked_status(resource: ResourceKind, status: dict[str, Any]) -> dict[str, Any]:
+    """`status` if the kind's status model accepts every key and value in it, else
+    InvalidStatus: a misspelt key would otherwise be dropped by the API server in silence."""
+    try:
+        resource.status.model_validate(status)
+    except ValidationError as exc:
+        raise InvalidStatus(f"{resource.kind} status refused by its model: {exc}") from exc
+    return status

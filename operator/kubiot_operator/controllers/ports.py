@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from kubiot_operator.kube.client import KubeKind
+from kubiot_operator.models.api import KubeKind
 
 
 class Objects(Protocol):

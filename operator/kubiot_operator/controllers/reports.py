@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from kubiot_contract.topics import IdentityKind
-from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeError
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, KubeError, NotFound
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.models.device import DeviceStatus
 from kubiot_operator.models.gateway import GatewayStatus
@@ -89,9 +89,10 @@ class ReportPump:
         try:
             await self._objects.patch(kind, key.name, {"status": patch}, namespace,
                                       subresource="status")
+        except NotFound:  # deleted meanwhile: nothing to record
+            return False
         except KubeError as exc:
-            if exc.status != 404:
-                log.warning("status patch for %s/%s failed: %s", namespace, key.name, exc)
+            log.warning("status patch for %s/%s failed: %s", namespace, key.name, exc)
             return False
         self._metrics.status_patches.inc()
         if report.online is not None and key.kind is IdentityKind.DEVICE:

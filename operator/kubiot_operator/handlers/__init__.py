@@ -7,30 +7,30 @@ its events, and turn "try later" into `kopf.TemporaryError`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.brokers import BrokerBackend, BrokerError
-from kubiot_operator.controllers.commands import delete_command, reconcile_command
-from kubiot_operator.controllers.device import delete_device, reconcile_device
-from kubiot_operator.controllers.firmware import delete_release, reconcile_release
-from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
-from kubiot_operator.controllers.platform import Outcome, Platform
+from kubiot_operator.controllers.kinds import (
+    CONTROLLERS,
+    Controller,
+    KindController,
+    apply_outcome,
+)
+from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.ports import TrustPublisher
-from kubiot_operator.controllers.tenant import delete_tenant, reconcile_tenant
 from kubiot_operator.kube.client import Connection, KubeError
 from kubiot_operator.mqtt import MessengerUnavailable
 from kubiot_operator.settings import OperatorSettings
 
-from .runtime import Runtime
+from .runtime import Runtime, post_event
 
 FINALIZER = f"{API_GROUP}/cleanup"
 RETRY_SECONDS = 10.0
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
-Controller = Callable[[Platform, dict[str, Any]], Awaitable[Outcome]]
 TRANSIENT = (BrokerError, MessengerUnavailable, KubeError, OSError)
 
 
@@ -95,30 +95,22 @@ class Operator:
             if self.runtime is not None:
                 await self.runtime.stop()
 
-        self._register_kind("tenants", "Tenant", reconcile_tenant, delete_tenant,
-                            timer=self.settings.resync_period_seconds)
-        self._register_kind("devices", "Device", reconcile_device, delete_device,
-                            timer=self.settings.renewal_check_seconds)
-        self._register_kind("gateways", "Gateway", reconcile_gateway, delete_gateway,
-                            timer=self.settings.renewal_check_seconds)
-        self._register_kind("firmwarereleases", "FirmwareRelease", reconcile_release,
-                            delete_release, timer=5.0)
-        self._register_kind("devicecommands", "DeviceCommand", reconcile_command,
-                            delete_command, timer=5.0)
+        for controller in CONTROLLERS:
+            self._register_kind(controller)
 
-    def _register_kind(self, plural: str, kind: str, reconcile: Controller, delete: Controller,
-                       *, timer: float) -> None:
-        reg = self.registry
+    def _register_kind(self, controller: KindController) -> None:
+        reg, plural = self.registry, controller.resource.plural
+        timer = controller.recheck_seconds(self.settings)
 
         async def on_change(body: kopf.Body, **_: Any) -> None:
-            await self._run(kind, reconcile, body)
+            await self._run(controller, controller.reconcile, body)
 
         async def on_delete(body: kopf.Body, **_: Any) -> None:
-            await self._run(kind, delete, body, write_status=False)
+            await self._run(controller, controller.delete, body, with_status=False)
 
         async def periodic(body: kopf.Body, **_: Any) -> None:
             if not body.get("metadata", {}).get("deletionTimestamp"):
-                await self._run(kind, reconcile, body)
+                await self._run(controller, controller.reconcile, body)
 
         for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
             decorator(API_GROUP, API_VERSION, plural, registry=reg, id="reconcile")(on_change)
@@ -126,22 +118,21 @@ class Operator:
         kopf.timer(API_GROUP, API_VERSION, plural, registry=reg, id="recheck",
                    interval=timer, initial_delay=timer, idle=timer / 2)(periodic)
 
-    async def _run(self, kind: str, controller: Controller, body: kopf.Body, *,
-                   write_status: bool = True) -> None:
+    async def _run(self, controller: KindController, step: Controller, body: kopf.Body, *,
+                   with_status: bool = True) -> None:
         platform = self.platform
         assert self.runtime is not None
+        kind = controller.resource.kind
         raw = _plain(body)
         try:
             with self.runtime.metrics.reconciling(kind):
-                outcome = await controller(platform, raw)
-                if write_status and outcome.status:
-                    await self.runtime.write_status(raw, outcome)
+                outcome = await step(platform, raw)
+                await apply_outcome(raw, outcome, write_status=self.runtime.write_status,
+                                    post_event=post_event, with_status=with_status)
         except TRANSIENT as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
             self.runtime.metrics.reconcile_errors.labels(kind, reason).inc()
             raise kopf.TemporaryError(f"{reason}: {exc}", delay=RETRY_SECONDS) from exc
-        for event in outcome.events:
-            kopf.event(body, type=event.type.value, reason=event.reason, message=event.message)
         if outcome.retry_after is not None:
             if not outcome.planned:
                 self.runtime.metrics.reconcile_errors.labels(kind, outcome.retry_reason).inc()

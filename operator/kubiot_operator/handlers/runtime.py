@@ -7,8 +7,9 @@ import logging
 import ssl
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import kopf
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +17,8 @@ from kubiot_contract.topics import operator_client_id, report_filters
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
 from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.gateway import GatewayRefresher
-from kubiot_operator.controllers.platform import Outcome, Platform
+from kubiot_operator.controllers.kinds import apply_outcome
+from kubiot_operator.controllers.platform import Event, Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
@@ -92,7 +94,7 @@ class Runtime:
                 monitor_labels=settings.ingest_monitor_labels),
             ca_namespace=settings.namespace, broker_kind=settings.broker.value)
         self.results.attach(self.platform)
-        refresher = GatewayRefresher(self.platform, self.write_status)
+        refresher = GatewayRefresher(self.platform, self.apply)
         self.platform.gateway_refresh = refresher.request
         self._spawn(self.mqtt.run(), "mqtt")
         self._spawn(self.reports.run(), "reports")
@@ -129,11 +131,15 @@ class Runtime:
         if self.kube is not None:
             await self.kube.__aexit__(None, None, None)
 
-    async def write_status(self, body: dict[str, Any], outcome: Outcome) -> None:
+    async def apply(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """Write an outcome reached outside a kopf handler (its retries are the timer's)."""
+        await apply_outcome(body, outcome, write_status=self.write_status, post_event=post_event)
+
+    async def write_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
         """Patch the status subresource with what a reconcile concluded."""
         assert self.kube is not None
         meta = body["metadata"]
-        await self.kube.patch(kind_of(body), meta["name"], {"status": outcome.status},
+        await self.kube.patch(kind_of(body), meta["name"], {"status": status},
                               meta.get("namespace"), subresource="status")
 
     def unhealthy(self) -> str | None:
@@ -176,3 +182,9 @@ def _admin_tls(settings: OperatorSettings) -> ssl.SSLContext | None:
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s stopped: %r", task.get_name(), task.exception())
+
+
+def post_event(body: dict[str, Any], event: Event) -> None:
+    """A Kubernetes event about `body`, posted by kopf in the background."""
+    raw: kopf.RawBody = cast(kopf.RawBody, body)  # RawBody is the typed view of an API object
+    kopf.event(kopf.Body(raw), type=event.type.value, reason=event.reason, message=event.message)

@@ -20,9 +20,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
+
+from kubiot_operator.models import (
+    DEVICE,
+    DEVICE_COMMAND,
+    FIRMWARE_RELEASE,
+    GATEWAY,
+    KINDS,
+    TENANT,
+)
+from kubiot_operator.models.api import KubeKind
 
 
 class KubeError(RuntimeError):
@@ -41,35 +50,6 @@ class Conflict(KubeError):
     pass
 
 
-@dataclass(frozen=True)
-class KubeKind:
-    """Where a kind lives in the API."""
-
-    group: str
-    version: str
-    plural: str
-    namespaced: bool
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def path(self, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if self.namespaced:
-            if namespace is None and name is not None:
-                raise ValueError(f"{self.plural} are namespaced: a namespace is required")
-            if namespace is not None:
-                base += f"/namespaces/{quote(namespace)}"
-        base += f"/{self.plural}"
-        if name is not None:
-            base += f"/{quote(name)}"
-        if subresource is not None:
-            base += f"/{subresource}"
-        return base
-
-
 NAMESPACES = KubeKind("", "v1", "namespaces", namespaced=False)
 SECRETS = KubeKind("", "v1", "secrets", namespaced=True)
 SERVICES = KubeKind("", "v1", "services", namespaced=True)
@@ -78,11 +58,12 @@ PODDISRUPTIONBUDGETS = KubeKind("policy", "v1", "poddisruptionbudgets", namespac
 NETWORKPOLICIES = KubeKind("networking.k8s.io", "v1", "networkpolicies", namespaced=True)
 SERVICEMONITORS = KubeKind("monitoring.coreos.com", "v1", "servicemonitors", namespaced=True)
 PODMONITORS = KubeKind("monitoring.coreos.com", "v1", "podmonitors", namespaced=True)
-TENANTS = KubeKind("kubiot.io", "v1alpha1", "tenants", namespaced=False)
-DEVICES = KubeKind("kubiot.io", "v1alpha1", "devices", namespaced=True)
-GATEWAYS = KubeKind("kubiot.io", "v1alpha1", "gateways", namespaced=True)
-FIRMWARERELEASES = KubeKind("kubiot.io", "v1alpha1", "firmwarereleases", namespaced=True)
-DEVICECOMMANDS = KubeKind("kubiot.io", "v1alpha1", "devicecommands", namespaced=True)
+# kubiot's own kinds, where the resource registry (models.KINDS) says they live.
+TENANTS = TENANT.api
+DEVICES = DEVICE.api
+GATEWAYS = GATEWAY.api
+FIRMWARERELEASES = FIRMWARE_RELEASE.api
+DEVICECOMMANDS = DEVICE_COMMAND.api
 
 KINDS_BY_API = {
     (k.api_version, kind): k
@@ -91,8 +72,7 @@ KINDS_BY_API = {
         (DEPLOYMENTS, "Deployment"), (PODDISRUPTIONBUDGETS, "PodDisruptionBudget"),
         (NETWORKPOLICIES, "NetworkPolicy"), (SERVICEMONITORS, "ServiceMonitor"),
         (PODMONITORS, "PodMonitor"),
-        (TENANTS, "Tenant"), (DEVICES, "Device"), (GATEWAYS, "Gateway"),
-        (FIRMWARERELEASES, "FirmwareRelease"), (DEVICECOMMANDS, "DeviceCommand"),
+        *((resource.api, resource.kind) for resource in KINDS),
     )
 }
 

@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from kubiot_operator.kube.client import (
-    KINDS_BY_API,
-    Conflict,
-    KubeError,
-    KubeKind,
-    NotFound,
-    kind_of,
-)
+from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, NotFound, kind_of
+from kubiot_operator.models.api import KubeKind
 
 Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
 

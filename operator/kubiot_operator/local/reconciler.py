@@ -10,25 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubiot_operator.controllers.commands import delete_command, reconcile_command
-from kubiot_operator.controllers.device import delete_device, reconcile_device
-from kubiot_operator.controllers.gateway import delete_gateway, reconcile_gateway
-from kubiot_operator.controllers.platform import Outcome, Platform
-from kubiot_operator.controllers.tenant import delete_tenant, reconcile_tenant
-from kubiot_operator.kube.client import (
-    DEVICECOMMANDS,
-    DEVICES,
-    GATEWAYS,
-    TENANTS,
-    KubeKind,
-    kind_of,
-)
+from kubiot_operator.controllers.kinds import CONTROLLERS, Controller, apply_outcome
+from kubiot_operator.controllers.platform import Event, EventType, Platform
+from kubiot_operator.kube.client import GATEWAYS, TENANTS, kind_of
 from kubiot_operator.kube.secrets import secret_object
 from kubiot_operator.manifests import load_resources, manifest_files
 from kubiot_operator.models.tenant import TenantSpec
@@ -39,13 +28,6 @@ from .broker import LocalBroker
 from .objects import FileObjects
 
 log = logging.getLogger("kubiot.local")
-Controller = Callable[[Platform, dict[str, Any]], Awaitable[Outcome]]
-ORDER: tuple[tuple[KubeKind, Controller, Controller], ...] = (
-    (TENANTS, reconcile_tenant, delete_tenant),
-    (DEVICES, reconcile_device, delete_device),
-    (GATEWAYS, reconcile_gateway, delete_gateway),
-    (DEVICECOMMANDS, reconcile_command, delete_command),
-)
 FULL_PASS_SECONDS = 60.0
 
 
@@ -66,6 +48,11 @@ class LocalReconciler:
         self._last_full_pass = 0.0
         self._lock = asyncio.Lock()
         self.passes = 0
+
+    @staticmethod
+    def reconciled_kinds() -> tuple[str, ...]:
+        """The plurals of the kinds this stack reconciles, in the order it does."""
+        return tuple(controller.resource.plural for controller in CONTROLLERS)
 
     async def prepare_trust(self, authority: TenantAuthority, broker: LocalBroker) -> None:
         """Create every tenant's CA and hand the bundles to the broker before it starts."""
@@ -125,46 +112,49 @@ class LocalReconciler:
         full = time.monotonic() - self._last_full_pass > FULL_PASS_SECONDS
         if full:
             self._last_full_pass = time.monotonic()
-        for kind, _, delete in reversed(ORDER):
+        for controller in reversed(CONTROLLERS):
+            kind = controller.resource.api
             for obj in await self.objects.list(kind):
                 if _key(obj) not in wanted:
-                    await self._run(delete, obj, write_status=False)
+                    await self._run(controller.delete, obj, with_status=False)
                     await self.objects.delete(kind, obj["metadata"]["name"],
                                               obj["metadata"].get("namespace"))
                     self._retry_at.pop(_key(obj), None)
         await self._ensure_database_secrets()
         now = time.monotonic()
-        for kind, reconcile, _ in ORDER:
+        for controller in CONTROLLERS:
+            kind = controller.resource.api
             for obj in await self.objects.list(kind):
                 key = _key(obj)
                 status = obj.get("status") or {}
                 due = key in self._retry_at and self._retry_at[key] <= now
                 fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
-                if full or due or fresh or key in changed or kind is GATEWAYS:
-                    await self._run(reconcile, obj)
+                if full or due or fresh or key in changed or kind == GATEWAYS:
+                    await self._run(controller.reconcile, obj)
         self.passes += 1
 
-    async def _run(self, controller: Controller, obj: dict[str, Any], *,
-                   write_status: bool = True) -> None:
+    async def _run(self, step: Controller, obj: dict[str, Any], *,
+                   with_status: bool = True) -> None:
         assert self._platform is not None
         key = _key(obj)
         where = "/".join(p for p in (key[1], key[2]) if p)
         try:
-            outcome = await controller(self._platform, obj)
+            outcome = await step(self._platform, obj)
         except Exception as exc:  # the stack keeps running; the next pass retries
             log.warning("%s %s: %s; retrying", obj["kind"], where, exc)
             self._retry_at[key] = time.monotonic() + 5
             return
-        for event in outcome.events:
-            level = logging.INFO if event.type.value == "Normal" else logging.WARNING
-            log.log(level, "%s %s: %s %s", obj["kind"], where, event.reason, event.message)
-        if write_status and outcome.status:
-            await self.objects.patch(kind_of(obj), key[2], {"status": outcome.status},
-                                     key[1] or None, subresource="status")
+        await apply_outcome(obj, outcome, write_status=self._write_status,
+                            post_event=_log_event, with_status=with_status)
         if outcome.retry_after is not None:
             self._retry_at[key] = time.monotonic() + outcome.retry_after
         else:
             self._retry_at.pop(key, None)
+
+    async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        await self.objects.patch(kind_of(obj), meta["name"], {"status": status},
+                                 meta.get("namespace"), subresource="status")
 
     async def _ensure_database_secrets(self) -> None:
         """Every tenant namespace gets the platform database DSN its ingest reads."""
@@ -179,3 +169,10 @@ class LocalReconciler:
             await self.objects.ensure(secret_object(secret_name, namespace, {
                 self._platform.ingest.platform_database_key: self._database_dsn.encode()}))
 
+
+def _log_event(obj: dict[str, Any], event: Event) -> None:
+    """The local stack has no event API: its events go to the log."""
+    meta = obj["metadata"]
+    where = "/".join(p for p in (meta.get("namespace"), meta["name"]) if p)
+    level = logging.INFO if event.type is EventType.NORMAL else logging.WARNING
+    log.log(level, "%s %s: %s %s", obj["kind"], where, event.reason, event.message)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, TypeAdapter
 
 from kubiot_operator import API_GROUP, API_VERSION
+from kubiot_operator.models.api import KubeKind
 from kubiot_operator.models.command import DeviceCommandSpec, DeviceCommandStatus
 from kubiot_operator.models.common import IdentityName, SubdomainName
 from kubiot_operator.models.device import DeviceSpec, DeviceStatus
@@ -82,6 +83,11 @@ class ResourceKind:
     @property
     def api_version(self) -> str:
         return f"{API_GROUP}/{API_VERSION}"
+
+    @property
+    def api(self) -> KubeKind:
+        """Where the API server serves this kind."""
+        return KubeKind(API_GROUP, API_VERSION, self.plural, self.namespaced)
 
 
 TENANT = ResourceKind(

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from kubiot_contract.device_json import parse_device_json
+from kubiot_contract.ota import OtaState
 from kubiot_contract.telemetry import TelemetryRejected
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
@@ -27,6 +28,7 @@ from kubiot_contract.topics import (
 )
 
 MAX_REPORTED_BYTES = 64 * 1024
+OTA_STATES = frozenset(state.value for state in OtaState)
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,10 @@ class ReportBuffer:
                     report.firmware_current = firmware[:64]
             case Channel.OTA_STATUS:
                 status = _json_object(payload)
-                if isinstance(status, str) or not isinstance(status.get("state"), str):
-                    return Ignored(topic, "ota/status must be a JSON object with a state")
-                report.ota_state = status["state"][:64]
+                if isinstance(status, str) or status.get("state") not in OTA_STATES:
+                    return Ignored(topic, "ota/status must be a JSON object whose state is one "
+                                          f"of {', '.join(sorted(OTA_STATES))}")
+                report.ota_state = status["state"]
                 version = status.get("version")
                 report.ota_version = version[:64] if isinstance(version, str) else None
                 reason = status.get("reason")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from kubiot_contract.ota import OtaState
 from kubiot_operator.models.firmware import (
     Amount,
     FailureAction,
@@ -24,12 +25,15 @@ from kubiot_operator.models.firmware import (
 
 
 class DeviceOutcome(StrEnum):
+    """Where one device stands in a release: what it reported (the contract's OtaState) or
+    what the operator concluded without a report."""
+
     WAITING = "waiting"  # not in a started wave yet
     PENDING = "pending"  # job sent, nothing reported yet
-    DOWNLOADING = "downloading"
-    INSTALLING = "installing"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
+    DOWNLOADING = OtaState.DOWNLOADING.value
+    INSTALLING = OtaState.INSTALLING.value
+    SUCCEEDED = OtaState.SUCCEEDED.value
+    FAILED = OtaState.FAILED.value
     TIMED_OUT = "timed_out"
 
     @property
@@ -120,16 +124,24 @@ def outcome(device: DeviceFirmware, version: str, started: bool, deadline_passed
     """One device's state in this release."""
     if not started:
         return DeviceOutcome.WAITING
-    if device.current == version or (device.ota_version == version
-                                     and device.ota_state == "succeeded"):
+    reported = _reported_state(device) if device.ota_version == version else None
+    if device.current == version or reported is OtaState.SUCCEEDED:
         return DeviceOutcome.SUCCEEDED
-    if device.ota_version == version and device.ota_state == "failed":
+    if reported is OtaState.FAILED:
         return DeviceOutcome.FAILED
     if deadline_passed:
         return DeviceOutcome.TIMED_OUT
-    if device.ota_version == version and device.ota_state in ("downloading", "installing"):
-        return DeviceOutcome(device.ota_state)
+    if reported is not None and reported.working:
+        return DeviceOutcome(reported.value)
     return DeviceOutcome.PENDING
+
+
+def _reported_state(device: DeviceFirmware) -> OtaState | None:
+    """The state a device last reported, if it is one the contract knows."""
+    try:
+        return OtaState(device.ota_state) if device.ota_state is not None else None
+    except ValueError:
+        return None
 
 
 def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[DeviceFirmware],

@@ -13,7 +13,6 @@ from kubiot_operator.simulator.fleet import Fleet
 from kubiot_operator.simulator.ota import (
     FirmwareJob,
     JobRefused,
-    OtaState,
     Refusal,
     check_image,
     parse_job,
@@ -30,7 +29,6 @@ __all__ = [
     "InstallResult",
     "JobRefused",
     "OtaReport",
-    "OtaState",
     "Refusal",
     "Scenario",
     "SimulatedDevice",

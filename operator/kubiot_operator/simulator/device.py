@@ -29,6 +29,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from kubiot_contract.ota import OtaState
 from kubiot_contract.telemetry import CURRENT_VERSION
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
@@ -46,7 +47,7 @@ from kubiot_contract.topics import (
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
 from .commands import Effect, Received
 from .credentials import DeviceCredentials
-from .ota import FirmwareJob, JobRefused, OtaState, Refusal, check_image, parse_job, status_payload
+from .ota import FirmwareJob, JobRefused, Refusal, check_image, parse_job, status_payload
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
 from .puback import PubackPublisher
 from .responder import CommandResponder

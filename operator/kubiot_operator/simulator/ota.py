@@ -10,21 +10,13 @@ from enum import StrEnum
 from typing import Any
 
 from kubiot_contract.device_json import parse_device_json
+from kubiot_contract.ota import OtaState
 from kubiot_contract.telemetry import TelemetryRejected
 from kubiot_operator.pki import PKIError, verify_manifest
 from kubiot_operator.pki.firmware import SIGNATURE_FIELD
 
 #: Far above any real job (a few hundred bytes); a retained job is read on every reconnect.
 MAX_JOB_BYTES = 16 * 1024
-
-
-class OtaState(StrEnum):
-    """The states a device reports on `ota/status`."""
-
-    DOWNLOADING = "downloading"
-    INSTALLING = "installing"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
 
 
 class Refusal(StrEnum):
