@@ -61,6 +61,11 @@ class Stack:
     def __init__(self, tmp: Path) -> None:
         self.manifests = tmp / "manifests"
         shutil.copytree(REPO / "manifests" / "examples", self.manifests)
+        # The example release as it is, but with a second between waves instead of ten minutes.
+        release = self.manifests / "firmware-release.yaml"
+        document = yaml.safe_load(release.read_text())
+        document["spec"]["strategy"]["pauseBetweenWavesSeconds"] = 1
+        release.write_text(yaml.safe_dump(document, sort_keys=False))
         self.root = tmp / ".kubiot"
         self.postgres_port = free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.postgres_port}/kubiot"
@@ -179,6 +184,25 @@ async def test_make_dev_runs_the_platform_and_stops_cleanly(stack: Stack) -> Non
     assert sent.returncode == 0, sent.stdout + sent.stderr + stack.output()
     assert "\npressure-01  Succeeded  pong  " in sent.stdout
     assert sent.stdout.endswith("1/1 succeeded, 0 failed, 0 timed out, 0 offline\n")
+
+    # The example FirmwareRelease rolls out to the two pressure sensors it selects.
+    async def rolled_out() -> bool:
+        from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES
+        from kubiot_operator.local.objects import FileObjects
+
+        objects = FileObjects(stack.root / "objects.json")
+        release = await objects.get(FIRMWARERELEASES, "ps-10-2.4.1", "acme")
+        sensors = [await objects.get(DEVICES, name, "acme")
+                   for name in ("pressure-01", "pressure-02")]
+        return (((release or {}).get("status") or {}).get("phase") == "Succeeded"
+                and all((((d or {}).get("status") or {}).get("firmware") or {}).get("current")
+                        == "2.4.1" for d in sensors))
+
+    try:
+        await async_wait_until(rolled_out, timeout=90, interval=0.5,
+                               message="the example FirmwareRelease rolled out")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.output()}") from None
 
     # Suspending a device in its manifest: the broker refuses it within seconds.
     ports = dict(line.split("=") for line in (stack.root / "ports.env").read_text().split())
