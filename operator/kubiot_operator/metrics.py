@@ -55,6 +55,13 @@ class OperatorMetrics:
         self.rollout_devices = Gauge(
             "kubiot_rollout_devices", "Devices of a firmware release by state.",
             ["tenant", "release", "state"], registry=r)
+        self.devices_provisioned = Counter(
+            "kubiot_devices_provisioned_total", "Devices created by provisioning by claim.",
+            ["tenant", "claim"], registry=r)
+        self.provisioning_answers = Counter(
+            "kubiot_provisioning_answers_total",
+            "Answers to provisioning requests: Accepted, a pending reason or a refusal reason.",
+            ["outcome"], registry=r)
         self.rollouts_aborted = Counter(
             "kubiot_rollouts_aborted_total", "Firmware rollouts aborted by their failure budget.",
             ["tenant", "release"], registry=r)

@@ -24,6 +24,7 @@ from kubiot_operator.reconcile.tenant import (
 )
 
 from .access import ACCESS_READY, broker_failure
+from .claims import CLAIMS_READY, ensure_claims
 from .credentials import IDENTITY_READY, publish_trust
 from .objects import (
     conditions_wire,
@@ -37,7 +38,7 @@ from .objects import (
 from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
-REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY)
+REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY, CLAIMS_READY)
 
 
 async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -69,6 +70,9 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
     outcome.status.update(namespace=namespace, topicRoot=f"{tenant_root(name)}/")
 
     updates = [await _ensure_ca(platform, name, spec, outcome)]
+    recorded_claims = (body.get("status") or {}).get("claims") or []
+    updates.append(await ensure_claims(platform, name, namespace, spec, recorded_claims, owner,
+                                       outcome))
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
     updates.append(await _ensure_ingest(platform, name, spec, owner))
 

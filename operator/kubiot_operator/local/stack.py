@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.brokers import MosquittoDynsecBackend
 from kubiot_operator.controllers.platform import Platform
+from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_all
 from kubiot_operator.logs import configure_logging
@@ -91,7 +92,8 @@ class LocalStack:
         self._write_ports()
         log.info("starting PostgreSQL on port %d", options.ports.postgres)
         await asyncio.to_thread(self.postgres.start)
-        reconciler = LocalReconciler(self.objects, options.manifests)
+        reconciler = LocalReconciler(self.objects, options.manifests,
+                                     approvals=options.root / "approvals")
         # Mosquitto needs every tenant's CA in its CA file before the listener starts.
         await reconciler.prepare_trust(self.authority, self.broker)
         log.info("starting Mosquitto: devices on %d (mutual TLS), services on %d",
@@ -103,9 +105,10 @@ class LocalStack:
         await backend.__aenter__()
         reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
                              patches_per_second=200)
+        desk = ProvisioningDesk()
         mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
                             client_id=REPORTS_CLIENT_ID, subscriptions=report_filters(),
-                            on_message=reports.on_message)
+                            on_message=route_messages(reports.on_message, desk))
         platform = Platform(
             objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,
             trust=self.broker, metrics=self.metrics,
@@ -119,11 +122,13 @@ class LocalStack:
         reconciler.attach(platform, database_dsn=self.postgres.dsn)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")
         simulation = Simulation(self.objects, options.root / "devices",
-                                interval=options.telemetry_interval, enabled=options.simulate)
+                                interval=options.telemetry_interval, enabled=options.simulate,
+                                claim_dir=options.root / "claims")
         summary = Summary(self.objects, self.postgres.dsn, options, ingest)
         try:
             self._spawn(mqtt.run(), "mqtt")
             self._spawn(reports.run(), "reports")
+            self._spawn(desk.run(platform), "provisioning")
             await mqtt.wait_connected(30)
             await reconciler.sync()
             await resync_all(platform)
