@@ -52,7 +52,7 @@ QUEUE_LIMIT = 10_000
 #: How soon a device is told to ask again while its Device is being issued, and while it waits
 #: for a person's approval.
 ISSUING_RETRY_SECONDS = 1.0
-APPROVAL_RETRY_SECONDS = 10.0
+APPROVAL_RETRY_SECONDS = 5.0
 
 
 MessageHandler = Callable[[str, bytes], None]
