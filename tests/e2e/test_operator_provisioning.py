@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubiot_operator.simulator.factory import (
     FactoryDevice,
@@ -66,8 +70,9 @@ async def test_a_manually_approved_device_provisions_itself_through_the_operator
                                    message="the device told to wait for approval")
             assert device.state is FactoryState.PENDING
 
-            await env.kube.patch("kubiot.io/v1alpha1", "Device", "sn-000042", {
-                "metadata": {"labels": {"kubiot.io/approved": "true"}}}, namespace="acme")
+            approved = await asyncio.to_thread(approve, env, "acme/sn-000042", "acme/nobody")
+            assert approved.stdout == "Device acme/sn-000042 approved\n"
+            assert approved.stderr == "no Device acme/nobody\n" and approved.returncode == 1
             await env.wait("Device", "sn-000042", is_ready, namespace="acme", timeout=60)
             await asyncio.wait_for(device.provisioned.wait(), 60)
 
@@ -78,7 +83,25 @@ async def test_a_manually_approved_device_provisions_itself_through_the_operator
                                    message="the provisioned device connected")
             await env.wait("Device", "sn-000042", lambda d: bool(
                 (d or {}).get("status", {}).get("online")), namespace="acme", timeout=30)
+            again = await asyncio.to_thread(approve, env, "acme/sn-000042")
+            assert again.stdout == "Device acme/sn-000042 was already approved\n"
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def approve(env: OperatorEnv, *devices: str) -> subprocess.CompletedProcess[str]:
+    """`kubiot approve`, run as a person would, with a kubeconfig for the emulated cluster."""
+    kubeconfig = env.root / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": env.kube.url,
+                                                      "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "admin", "user": {"token": "admin"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "admin"}}],
+    }))
+    return subprocess.run(
+        [sys.executable, "-c", "from kubiot_operator.cli import main; main()", "approve",
+         *devices], env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        capture_output=True, text=True, timeout=60, check=False)
