@@ -206,7 +206,7 @@ class Desk:
     async def ask(self, serial: str, key: ec.EllipticCurvePrivateKey = KEY,
                   payload: bytes | None = None) -> dict[str, Any]:
         answer = await self.desk.answer(self.platform, REQUEST.format(serial=serial),
-                                        payload or request_bytes(key, serial))
+                                        request_bytes(key, serial) if payload is None else payload)
         assert answer is not None
         assert self.messenger.published[-1].topic == RESPONSE.format(serial=serial)
         value: dict[str, Any] = json.loads(answer)
@@ -328,3 +328,42 @@ def test_provisioning_requests_go_to_the_desk_and_reports_to_the_pump() -> None:
     route(REQUEST.format(serial="sn-1"), b"{}")  # the same device asking again: one request
     assert reports == ["acme/devices/d1/presence"]
     assert len(desk._pending) == 1
+
+
+async def test_a_tenant_at_its_device_quota_refuses_new_devices_before_creating_them() -> None:
+    desk = Desk({})
+    tenant = desk.objects.items[("tenants", None, "acme")]
+    tenant["spec"]["quotas"] = {"maxDevices": 1}
+    assert (await desk.ask("sn-0001"))["status"] == "pending"
+    full = await desk.ask("sn-0002")
+    assert (full["status"], full["reason"], full["retryAfterSeconds"]) == (
+        "refused", "QuotaExceeded", 60.0)
+    assert desk.devices() == ["sn-0001"]
+
+
+async def test_a_failed_device_is_explained_to_the_device() -> None:
+    desk = Desk({})
+    await desk.ask("sn-0001")
+    await desk.objects.patch(DEVICES, "sn-0001", {"status": {"phase": "Failed", "conditions": [
+        {"type": "IdentityReady", "status": "False", "reason": "WeakKey",
+         "message": "the key is too small"}]}}, "acme")
+    answer = await desk.ask("sn-0001")
+    assert (answer["status"], answer["reason"]) == ("refused", "DeviceFailed")
+    assert "WeakKey: the key is too small" in answer["message"]
+
+
+@given(payload=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+       serial=st.sampled_from(["sn-0001", "sn-0002"]))
+@settings(max_examples=100, deadline=None)
+def test_the_desk_answers_hostile_requests_with_a_refusal_and_makes_no_device(
+        payload: bytes, serial: str) -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        desk = Desk({})
+        answer = await desk.ask(serial, payload=payload)
+        assert answer["status"] == "refused"
+        assert answer["reason"] in {"Malformed", "BadCSR"}
+        assert desk.devices() == []
+
+    asyncio.run(scenario())

@@ -32,11 +32,13 @@ from kubiot_operator.reconcile.provisioning import (
     accepted_answer,
     admit,
     awaiting_approval,
+    failed_device_refusal,
     match_existing,
     parse_request,
     pending_answer,
     provisioned_device,
     public_key_of_certificate,
+    quota_refusal,
     refused_answer,
 )
 from kubiot_operator.reconcile.reports import TokenBucket
@@ -106,6 +108,11 @@ class ProvisioningDesk:
                 except (KubeError, MessengerUnavailable, OSError) as exc:
                     # The device asks again; nothing is half-done that a retry would not finish.
                     log.warning("provisioning request on %s not answered: %s", topic, exc)
+                    platform.metrics.provisioning_answers.labels("Unanswered").inc()
+                except Exception:
+                    # A bug must cost one answer, not every later device's provisioning.
+                    log.exception("provisioning request on %s failed", topic)
+                    platform.metrics.provisioning_answers.labels("Error").inc()
 
     async def answer(self, platform: Platform, topic: str, payload: bytes) -> bytes | None:
         """Decide on one request and publish the answer; returns it (None: not answerable)."""
@@ -137,6 +144,11 @@ class ProvisioningDesk:
         namespace = tenant_namespace(request.tenant, spec)
         device = await platform.objects.get(DEVICES, request.device, namespace)
         if device is None:
+            if spec.quotas.max_devices is not None:
+                existing = len(await platform.objects.list(DEVICES, namespace))
+                refusal = quota_refusal(request.tenant, spec.quotas.max_devices, existing)
+                if refusal is not None:
+                    return refused_answer(refusal), refusal.reason.value
             if not self._take(request.tenant, spec.provisioning.devices_per_minute):
                 refusal = Refusal(RefusalReason.RATE_LIMITED, "too many new devices a minute; "
                                   "ask again later",
@@ -149,6 +161,9 @@ class ProvisioningDesk:
                      request.claim)
             platform.resource_created(device)
         refusal = match_existing(request, device)
+        if refusal is not None:
+            return refused_answer(refusal), refusal.reason.value
+        refusal = failed_device_refusal(device)
         if refusal is not None:
             return refused_answer(refusal), refusal.reason.value
         if awaiting_approval(device["metadata"].get("labels") or {}):

@@ -56,7 +56,9 @@ class RefusalReason(StrEnum):
     NAME_TAKEN = "NameTaken"
     BAD_CSR = "BadCSR"
     RATE_LIMITED = "RateLimited"
+    QUOTA_EXCEEDED = "QuotaExceeded"
     DEVICE_SUSPENDED = "DeviceSuspended"
+    DEVICE_FAILED = "DeviceFailed"
 
 
 class PendingReason(StrEnum):
@@ -204,6 +206,30 @@ def match_existing(request: ProvisioningRequest, device: Mapping[str, Any]) -> R
     if (device.get("spec") or {}).get("suspended"):
         return Refusal(RefusalReason.DEVICE_SUSPENDED, f"Device {request.device} is suspended")
     return None
+
+
+#: How soon a device refused for a reason someone may fix (a quota, a failed Device) asks again.
+RECHECK_SECONDS = 60.0
+
+
+def quota_refusal(tenant: str, max_devices: int | None, existing: int) -> Refusal | None:
+    """A new Device beyond the tenant's quota would only be created to fail: refuse first."""
+    if max_devices is None or existing < max_devices:
+        return None
+    return Refusal(RefusalReason.QUOTA_EXCEEDED, f"tenant {tenant} allows {max_devices} "
+                   f"devices and has {existing}", retry_after=RECHECK_SECONDS)
+
+
+def failed_device_refusal(device: Mapping[str, Any]) -> Refusal | None:
+    """A Device whose reconcile failed (a quota, a CSR the PKI refused): say why."""
+    status = device.get("status") or {}
+    if status.get("phase") != "Failed":
+        return None
+    failing = [c for c in status.get("conditions") or []
+               if isinstance(c, dict) and c.get("status") == "False" and c.get("type") != "Ready"]
+    why = "; ".join(f"{c.get('reason')}: {c.get('message')}" for c in failing) or "failed"
+    return Refusal(RefusalReason.DEVICE_FAILED, f"Device {device['metadata']['name']}: {why}",
+                   retry_after=RECHECK_SECONDS)
 
 
 def awaiting_approval(labels: Mapping[str, str]) -> bool:
