@@ -30,6 +30,7 @@ from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.kube.client import DEVICES, SECRETS, TENANTS
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.identity import credential_secret_name
+from kubiot_operator.reconcile.provisioning import PROVISIONED_LABEL, awaiting_approval
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .broker import ADMIN_BUNDLE
@@ -215,9 +216,18 @@ async def cmd_approve(args: argparse.Namespace) -> int:
         print(f"{args.device}: give <namespace>/<device>: {exc}", file=sys.stderr)
         return 2
     objects = _objects(args.dir)
-    if await objects.get(DEVICES, device, namespace) is None:
+    body = await objects.get(DEVICES, device, namespace)
+    if body is None:
         print(f"no Device {namespace}/{device} in the local stack", file=sys.stderr)
         return 1
+    labels = body["metadata"].get("labels") or {}
+    if labels.get(PROVISIONED_LABEL) != "true":
+        print(f"Device {namespace}/{device} was not provisioned by claim; it needs no "
+              "approval", file=sys.stderr)
+        return 1
+    if not awaiting_approval(labels):
+        print(f"Device {namespace}/{device} was already approved")
+        return 0
     approvals = args.dir / "approvals"
     approvals.mkdir(parents=True, exist_ok=True)
     approval_file(approvals, namespace, device).touch()
