@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import random
@@ -245,14 +246,20 @@ def ignore_lost_claim_sessions(loop: asyncio.AbstractEventLoop) -> None:
 
     aiomqtt 2.5 (Client.__aenter__) replaces its finished disconnection future when a session
     ends between the CONNACK and the end of its connect; the replaced future's error is then
-    never retrieved and the loop prints it at exit. With many devices sharing one claim that is
-    routine, so a program running them passes everything else on to the default handler.
+    never retrieved and the loop prints it at exit. And paho asks the loop to watch a socket for
+    writing from a callback that can run after the broker closed it (EBADF). With many devices
+    sharing one claim both are routine, so a program running them passes everything else on to
+    the default handler.
     """
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         error = context.get("exception")
-        if (isinstance(error, aiomqtt.MqttCodeError)
-                and context.get("message") == "Future exception was never retrieved"):
-            log.debug("a claim session was lost while connecting: %s", error)
+        message = str(context.get("message", ""))
+        lost_while_connecting = (isinstance(error, aiomqtt.MqttCodeError)
+                                 and message == "Future exception was never retrieved")
+        closed_socket = (isinstance(error, OSError) and error.errno == errno.EBADF
+                         and "add_writer" in message)
+        if lost_while_connecting or closed_socket:
+            log.debug("a claim session ended while connecting: %s", error)
             return
         loop.default_exception_handler(context)
 
