@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,22 +190,30 @@ class FactoryDevice:
         client = aiomqtt.Client(
             self.claim.broker_host, self.claim.broker_port, identifier=self.claim.username,
             protocol=aiomqtt.ProtocolVersion.V5, keepalive=30, properties=properties,
-            tls_context=self._claim_tls,
-            logger=_session_log)
+            tls_context=self._claim_tls, logger=_session_log,
+            # The exchange is a few small packets each way; waiting for more to send along
+            # (Nagle) would hold the claim's one session for tens of milliseconds longer.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         entered = False
         try:
             async with asyncio.timeout(self._answer_timeout):
                 await client.__aenter__()
                 entered = True
-                await client.subscribe(response, qos=1)
-                await client.publish(request, payload, qos=1)
-                self.requests += 1
-                async for message in client.messages:
-                    data = message.payload if isinstance(message.payload, bytes) else b""
-                    answer = Answer.parse(data)
-                    if answer is not None:
-                        return answer
-            raise aiomqtt.MqttError("the session ended before the answer")
+                # Read from the start: the message iterator is what notices a session taken
+                # over, while a SUBACK or PUBACK that will never come would only time out.
+                answer = asyncio.create_task(_first_answer(client))
+                sending = asyncio.create_task(self._send_request(client, request, response,
+                                                                 payload))
+                try:
+                    done, _ = await asyncio.wait({answer, sending},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if answer not in done:
+                        sending.result()  # raises when the request could not be sent
+                    return await answer
+                finally:
+                    for task in (answer, sending):
+                        task.cancel()
+                    await asyncio.gather(answer, sending, return_exceptions=True)
         finally:
             if entered:
                 # Outside the answer's deadline, so a timeout cannot cut the goodbye short.
@@ -215,6 +224,12 @@ class FactoryDevice:
             # Also when connecting failed half-way: a session can be taken over before
             # aiomqtt's connect returns.
             await _take_disconnection(client)
+
+    async def _send_request(self, client: aiomqtt.Client, request: str, response: str,
+                            payload: bytes) -> None:
+        await client.subscribe(response, qos=1)
+        await client.publish(request, payload, qos=1)
+        self.requests += 1
 
     def _credentials(self, answer: Answer) -> DeviceCredentials:
         """The device's own bundle: the answer's certificate and broker, and its own key."""
@@ -230,6 +245,14 @@ class FactoryDevice:
                                                  serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption())
         return DeviceCredentials.from_secret_data(data, IdentityKind.DEVICE)
+
+
+async def _first_answer(client: aiomqtt.Client) -> Answer:
+    async for message in client.messages:
+        answer = Answer.parse(message.payload if isinstance(message.payload, bytes) else b"")
+        if answer is not None:
+            return answer
+    raise aiomqtt.MqttError("the session ended before the answer")
 
 
 async def _take_disconnection(client: aiomqtt.Client) -> None:
