@@ -84,9 +84,7 @@ class ProvisioningDesk:
         self._ready = asyncio.Event()
         self._monotonic = monotonic
         self._buckets: dict[str, TokenBucket] = {}
-        self.answered: dict[str, int] = {}
-        self.unanswerable = 0
-        self.dropped = 0
+        self.dropped = 0  # requests given up unanswered because the queue was full
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Called by the MQTT connection for each request; never blocks."""
@@ -118,7 +116,7 @@ class ProvisioningDesk:
         """Decide on one request and publish the answer; returns it (None: not answerable)."""
         parsed = parse_request(topic, payload)
         if isinstance(parsed, Unanswerable):
-            self.unanswerable += 1
+            platform.metrics.provisioning_answers.labels("Unanswerable").inc()
             log.info("ignored a message on %s: %s", topic, parsed.reason)
             return None
         if isinstance(parsed, tuple):
@@ -191,6 +189,5 @@ class ProvisioningDesk:
     async def _send(self, platform: Platform, topic: str, answer: bytes, outcome: str
                     ) -> bytes:
         await platform.messenger.publish(topic, answer, retain=False)
-        self.answered[outcome] = self.answered.get(outcome, 0) + 1
         platform.metrics.provisioning_answers.labels(outcome).inc()
         return answer
