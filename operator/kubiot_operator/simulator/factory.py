@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import random
 import socket
 import ssl
@@ -41,7 +42,7 @@ from kubiot_contract.topics import (
     validate_name,
 )
 
-from .credentials import DeviceCredentials
+from .credentials import BundleIncomplete, DeviceCredentials
 from .device import SimulatedDevice
 from .outbox import RetryPolicy
 
@@ -54,6 +55,8 @@ _session_log.setLevel(logging.ERROR)
 #: How long a device waits for its answer before it asks again. Short: a session taken over
 #: just as it connects is not always reported (see `ignore_lost_claim_sessions`).
 ANSWER_TIMEOUT = 2.0
+#: The longest wait an answer can ask for; a device does not go quiet for longer.
+MAX_RETRY_AFTER = 3600.0
 #: Backoff after a lost session or an unanswered request.
 ASK_AGAIN = RetryPolicy(first=0.2, ceiling=5.0)
 
@@ -92,10 +95,13 @@ class Answer:
         if not isinstance(body, dict) or not isinstance(body.get("status"), str):
             return None
         retry = body.get("retryAfterSeconds")
+        if isinstance(retry, int | float) and not isinstance(retry, bool) \
+                and math.isfinite(retry):
+            retry_after: float | None = min(max(float(retry), 0.0), MAX_RETRY_AFTER)
+        else:
+            retry_after = None
         return cls(status=body["status"], reason=str(body.get("reason", "")),
-                   message=str(body.get("message", "")),
-                   retry_after=float(retry) if isinstance(retry, int | float) else None,
-                   fields=body)
+                   message=str(body.get("message", "")), retry_after=retry_after, fields=body)
 
 
 class FactoryDevice:
@@ -170,7 +176,11 @@ class FactoryDevice:
             failures = 0
             self.last_answer = answer
             if answer.status == "accepted":
-                credentials = self._credentials(answer)
+                try:
+                    credentials = self._credentials(answer)
+                except BundleIncomplete as exc:
+                    self.state = FactoryState.REFUSED
+                    raise ProvisioningRefused("IncompleteAnswer", str(exc)) from exc
                 self.state = FactoryState.PROVISIONED
                 self.provisioned.set()
                 return credentials
