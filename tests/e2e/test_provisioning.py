@@ -277,10 +277,16 @@ async def test_a_revoked_claim_is_refused(stack: Stack) -> None:
 
     await async_wait_until(refused, timeout=60, interval=1,
                            message="the broker refusing the revoked claim")
-    tenant = next(o for o in json.loads((stack.root / "objects.json").read_text())
-                  if o["kind"] == "Tenant")
-    entry = next(c for c in tenant["status"]["claims"] if c["name"] == CLAIM)
-    assert entry["revoked"] is True
+
+    async def recorded_revoked() -> bool:
+        tenant = next(o for o in json.loads((stack.root / "objects.json").read_text())
+                      if o["kind"] == "Tenant")
+        entry = next(c for c in tenant["status"]["claims"] if c["name"] == CLAIM)
+        return entry["revoked"] is True
+
+    # The status is written once the whole Tenant is reconciled, after the revocation.
+    await async_wait_until(recorded_revoked, timeout=30, interval=0.5,
+                           message="the Tenant's status recording the claim revoked")
     # A factory device holding it gets no session at all, so never an identity.
     late = FactoryDevice(claim, "sn-2001", check_hostname=False)
     with pytest.raises(TimeoutError):
