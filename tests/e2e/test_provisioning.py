@@ -93,6 +93,14 @@ def edit_tenant(stack: Stack, **provisioning: Any) -> None:
     path.write_text(yaml.safe_dump(tenant, sort_keys=False))
 
 
+async def applied(stack: Stack, **provisioning: Any) -> bool:
+    """True once the stack's Tenant has these provisioning settings (the manifest applied)."""
+    tenant = next((o for o in json.loads((stack.root / "objects.json").read_text())
+                   if o["kind"] == "Tenant"), None)
+    spec = ((tenant or {}).get("spec") or {}).get("provisioning") or {}
+    return all(spec.get(key) == value for key, value in provisioning.items())
+
+
 def phase(stack: Stack, name: str) -> str | None:
     device = objects(stack).get(("acme", name))
     return ((device or {}).get("status") or {}).get("phase")
@@ -222,7 +230,8 @@ async def test_a_name_outside_the_pattern_and_a_reused_serial_are_refused(stack:
 async def test_with_manual_approval_devices_wait_until_approved(stack: Stack) -> None:
     claim = await the_claim(stack)
     edit_tenant(stack, approval="Manual")
-    await asyncio.sleep(3)  # the manifest edit is picked up within a second
+    await async_wait_until(lambda: applied(stack, approval="Manual"), timeout=30, interval=0.2,
+                           message="the manifest edit applied")
     waiting = [FactoryDevice(claim, serial, check_hostname=False, telemetry_seconds=0.5)
                for serial in ("sn-1001", "sn-1002")]
     async with running(waiting):
