@@ -50,10 +50,10 @@ class Tenants:
         self.broker = TenantBroker()
         self.platform.broker = self.broker  # type: ignore[assignment]
 
-    async def reconcile(self, claims: list[dict[str, Any]]) -> dict[str, Any]:
+    async def reconcile(self, claims: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
         body = await self.objects.get(TENANTS, "acme") or {
             "apiVersion": API, "kind": "Tenant", "metadata": {"name": "acme", "uid": "u1"}}
-        body["spec"] = {"provisioning": {"enabled": True, "claims": claims}}
+        body["spec"] = {"provisioning": {"enabled": True, "claims": claims, **settings}}
         self.objects.put(body)
         outcome = await reconcile_tenant(self.platform, body)
         await self.objects.patch(TENANTS, "acme", {"status": outcome.status})
@@ -76,7 +76,7 @@ def serial_of(status: dict[str, Any], name: str = "line-1") -> str:
 async def test_a_claim_is_issued_into_a_secret_for_manufacturing_once() -> None:
     tenants = Tenants()
     status = await tenants.reconcile([{"name": "line-1"}])
-    ready = next(c for c in status["conditions"] if c["type"] == "ClaimsReady")
+    ready = next(c for c in status["conditions"] if c["type"] == "ProvisioningReady")
     assert (ready["status"], ready["message"]) == ("True", "1 active claims: line-1")
     files = await tenants.claim_secret()
     certificate = x509.load_pem_x509_certificate(files["tls.crt"])
@@ -123,3 +123,15 @@ async def test_a_claim_taken_out_of_the_spec_is_revoked_and_forgotten() -> None:
     assert [c["name"] for c in status["claims"]] == ["line-1"]
     assert int(serial, 16) in await tenants.revoked()
     assert "acme.claim.line-2" not in tenants.broker.identities
+
+
+async def test_a_bad_name_pattern_is_reported_and_leaves_the_rest_of_the_tenant_be() -> None:
+    tenants = Tenants()
+    status = await tenants.reconcile([{"name": "line-1"}], namePattern="sn-(")
+    provisioning = next(c for c in status["conditions"] if c["type"] == "ProvisioningReady")
+    assert (provisioning["status"], provisioning["reason"]) == ("False", "InvalidNamePattern")
+    assert "not a regular expression" in provisioning["message"]
+    identity = next(c for c in status["conditions"] if c["type"] == "IdentityReady")
+    assert identity["status"] == "True"  # the CA, and the claim, are there all the same
+    assert "acme.claim.line-1" in tenants.broker.identities
+    assert status["phase"] == "Degraded"

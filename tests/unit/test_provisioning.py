@@ -157,9 +157,12 @@ def test_admission_lets_a_matching_name_and_a_listed_serial_through() -> None:
     assert admit(parsed(), spec(namePattern="^sn-[0-9]{4}$", serials=["sn-0001"])) is None
 
 
-def test_a_name_pattern_that_is_no_regular_expression_is_refused_by_the_model() -> None:
-    with pytest.raises(ValueError, match="regular expression"):
-        spec(namePattern="sn-(")
+def test_a_name_pattern_that_is_no_regular_expression_stops_provisioning_only() -> None:
+    refusal = admit(parsed(), spec(namePattern="sn-("))
+    assert refusal is not None
+    assert refusal.reason is RefusalReason.PROVISIONING_MISCONFIGURED
+    assert "namePattern is not a regular expression" in refusal.message
+    assert refusal.retry_after is not None
 
 
 # --- the desk, with the Device controller ------------------------------------------------------

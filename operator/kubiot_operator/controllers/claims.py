@@ -16,21 +16,27 @@ from kubiot_operator.models.identity import IdentitySpec
 from kubiot_operator.models.tenant import ClaimSpec, ClaimStatus, TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate
 from kubiot_operator.reconcile.identity import credential_secret_name
+from kubiot_operator.reconcile.provisioning import name_pattern_problem
 
 from .access import broker_failure
 from .credentials import Subject, ensure_credential, revoke_credential
 from .platform import Outcome, Platform
 
-CLAIMS_READY = "ClaimsReady"
+PROVISIONING_READY = "ProvisioningReady"
 
 
 async def ensure_claims(platform: Platform, tenant: str, namespace: str, spec: TenantSpec,
                         recorded: list[dict[str, Any]], owner: dict[str, Any] | None,
                         outcome: Outcome) -> ConditionUpdate:
     """Every claim of the spec issued (or revoked) with its broker access; claims no longer in
-    the spec revoked and removed. Their state goes into `status.claims`."""
+    the spec revoked and removed. Their state goes into `status.claims`; the condition also
+    says when the provisioning settings cannot be used."""
     claims: list[ClaimStatus] = []
     problems: list[str] = []
+    pattern_problem = name_pattern_problem(spec.provisioning)
+    if pattern_problem is not None:
+        outcome.warning("InvalidNamePattern", pattern_problem)
+        problems.append(pattern_problem)
     for claim in spec.provisioning.claims:
         status, problem = await _ensure_claim(platform, tenant, namespace, spec, claim, owner,
                                               outcome)
@@ -47,9 +53,10 @@ async def ensure_claims(platform: Platform, tenant: str, namespace: str, spec: T
                 claims.append(ClaimStatus.model_validate(entry))
     outcome.status["claims"] = [claim.to_wire() for claim in claims]
     if problems:
-        return ConditionUpdate(CLAIMS_READY, False, "ClaimFailed", "; ".join(problems))
+        reason = "InvalidNamePattern" if pattern_problem is not None else "ClaimFailed"
+        return ConditionUpdate(PROVISIONING_READY, False, reason, "; ".join(problems))
     active = [claim.name for claim in claims if not claim.revoked]
-    return ConditionUpdate(CLAIMS_READY, True, "ClaimsIssued" if claims else "NoClaims",
+    return ConditionUpdate(PROVISIONING_READY, True, "ClaimsIssued" if claims else "NoClaims",
                            f"{len(active)} active claims" + (
                                f": {', '.join(active)}" if active else ""))
 

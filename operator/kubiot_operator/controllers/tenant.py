@@ -24,7 +24,7 @@ from kubiot_operator.reconcile.tenant import (
 )
 
 from .access import ACCESS_READY, broker_failure
-from .claims import CLAIMS_READY, ensure_claims
+from .claims import PROVISIONING_READY, ensure_claims
 from .credentials import IDENTITY_READY, publish_trust
 from .objects import (
     conditions_wire,
@@ -38,7 +38,7 @@ from .objects import (
 from .platform import Outcome, Platform
 
 INGEST_READY = "IngestReady"
-REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY, CLAIMS_READY)
+REQUIRED = (IDENTITY_READY, ACCESS_READY, INGEST_READY, PROVISIONING_READY)
 
 
 async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:

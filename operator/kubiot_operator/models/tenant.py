@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ConfigDict, Field, StringConstraints
 
 from kubiot_operator.models.common import (
     CertificateSummary,
@@ -141,8 +140,10 @@ class ProvisioningSpec(KubiotModel):
                            "each into a Secret in the tenant's namespace for manufacturing.")
     name_pattern: Annotated[str, StringConstraints(
         min_length=1, max_length=NAME_PATTERN_MAX_LENGTH)] | None = Field(
-        None, description="A regular expression the whole device name (the serial) must match, "
-        "for example `^sn-[0-9]{6}$`. Left out, any DNS label is allowed.")
+        None, description="A regular expression (Python's syntax) the whole device name (the "
+        "serial) must match, for example `^sn-[0-9]{6}$`. Left out, any DNS label is allowed. "
+        "One that does not compile is reported in the ProvisioningReady condition, and requests "
+        "are refused until it is fixed.")
     serials: Annotated[list[DNSLabel], Field(max_length=100_000)] | None = Field(
         None, description="If given, only these serials may provision.")
     approval: ApprovalMode = Field(ApprovalMode.AUTOMATIC, description="Automatic: sign at "
@@ -154,16 +155,6 @@ class ProvisioningSpec(KubiotModel):
     device_labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] | None = Field(
         None, description="Labels every provisioned Device gets (for gateways' and firmware "
         "releases' selectors).")
-
-    @field_validator("name_pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a regular expression: {exc}") from exc
-        return value
 
 
 class TenantSpec(KubiotModel):

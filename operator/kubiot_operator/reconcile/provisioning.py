@@ -45,9 +45,15 @@ MAX_REQUEST_BYTES = MAX_CSR_BYTES + 1024
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
+#: How soon a device refused for a reason someone may fix (a quota, a failed Device, the tenant's
+#: settings) asks again.
+RECHECK_SECONDS = 60.0
+
+
 class RefusalReason(StrEnum):
     MALFORMED = "Malformed"
     PROVISIONING_DISABLED = "ProvisioningDisabled"
+    PROVISIONING_MISCONFIGURED = "ProvisioningMisconfigured"
     UNKNOWN_CLAIM = "UnknownClaim"
     CLAIM_REVOKED = "ClaimRevoked"
     NAME_NOT_ALLOWED = "NameNotAllowed"
@@ -151,11 +157,30 @@ def parse_request(topic: str, payload: bytes
     return ProvisioningRequest(parsed.tenant, parsed.claim, parsed.serial, csr, key, model)
 
 
+def name_pattern_problem(spec: ProvisioningSpec) -> str | None:
+    """Why the tenant's name pattern cannot be used, if it cannot.
+
+    Checked here rather than in the model: a typo in the pattern must stop provisioning only,
+    not fail the whole Tenant (its CA, its ingest) as an invalid spec would.
+    """
+    if spec.name_pattern is None:
+        return None
+    try:
+        re.compile(spec.name_pattern)
+    except re.error as exc:
+        return f"spec.provisioning.namePattern is not a regular expression: {exc}"
+    return None
+
+
 def admit(request: ProvisioningRequest, spec: ProvisioningSpec | None) -> Refusal | None:
     """Whether the tenant's provisioning settings let this request through at all."""
     if spec is None or not spec.enabled:
         return Refusal(RefusalReason.PROVISIONING_DISABLED,
                        f"provisioning is not enabled for tenant {request.tenant}")
+    problem = name_pattern_problem(spec)
+    if problem is not None:
+        return Refusal(RefusalReason.PROVISIONING_MISCONFIGURED, problem,
+                       retry_after=RECHECK_SECONDS)
     claim = next((c for c in spec.claims if c.name == request.claim), None)
     if claim is None:
         return Refusal(RefusalReason.UNKNOWN_CLAIM, f"tenant {request.tenant} has no claim "
@@ -206,10 +231,6 @@ def match_existing(request: ProvisioningRequest, device: Mapping[str, Any]) -> R
     if (device.get("spec") or {}).get("suspended"):
         return Refusal(RefusalReason.DEVICE_SUSPENDED, f"Device {request.device} is suspended")
     return None
-
-
-#: How soon a device refused for a reason someone may fix (a quota, a failed Device) asks again.
-RECHECK_SECONDS = 60.0
 
 
 def quota_refusal(tenant: str, max_devices: int | None, existing: int) -> Refusal | None:
