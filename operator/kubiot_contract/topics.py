@@ -25,6 +25,8 @@ OPERATOR_USERNAME = "kubiot-operator"
 #: The topic level under a tenant root that holds device roots, and the one for gateways.
 DEVICE_LEVEL = "devices"
 GATEWAY_LEVEL = "gateways"
+#: The topic level under a tenant root that holds the roots of provisioning claims.
+PROVISIONING_LEVEL = "provisioning"
 
 
 class ContractError(ValueError):
@@ -53,6 +55,14 @@ class IdentityKind(StrEnum):
     DEVICE = "device"
     GATEWAY = "gateway"
     INGEST = "ingest"
+    CLAIM = "claim"  # a provisioning claim, shared by factory-fresh devices
+
+
+class ProvisioningMessage(StrEnum):
+    """The messages of provisioning by claim: the last level of its topics."""
+
+    REQUEST = "request"
+    RESPONSE = "response"
 
 
 class Reader(StrEnum):
@@ -62,8 +72,23 @@ class Reader(StrEnum):
     OPERATOR = "operator"
 
 
+class _Pattern:
+    """A topic pattern's levels and its MQTT filter, for the rows of both tables."""
+
+    pattern: str
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.pattern.split("/"))
+
+    @property
+    def filter(self) -> str:
+        """The pattern as an MQTT filter: each placeholder level becomes `+`."""
+        return "/".join("+" if _is_placeholder(level) else level for level in self.levels)
+
+
 @dataclass(frozen=True)
-class TopicSpec:
+class TopicSpec(_Pattern):
     """One row of the topic contract: a topic filter relative to an identity's root.
 
     Access rules, the ingest's and the operator's subscriptions and the topic parser are all
@@ -79,15 +104,6 @@ class TopicSpec:
     retained: bool
     meaning: str
     read_by: frozenset[Reader] = frozenset()
-
-    @property
-    def levels(self) -> tuple[str, ...]:
-        return tuple(self.pattern.split("/"))
-
-    @property
-    def filter(self) -> str:
-        """The pattern as an MQTT filter: each placeholder level becomes `+`."""
-        return "/".join("+" if _is_placeholder(level) else level for level in self.levels)
 
 
 def _is_placeholder(level: str) -> bool:
@@ -119,6 +135,35 @@ TOPICS: tuple[TopicSpec, ...] = (
               "a command for the device (ping, reboot, ...)"),
     TopicSpec(Channel.COMMAND_RESULT, "cmd/{name}/result", Direction.DEVICE_TO_CLOUD, 1, False,
               "the device's answer to a command", _OPERATOR),
+)
+
+
+@dataclass(frozen=True)
+class ProvisioningTopicSpec(_Pattern):
+    """One row of the provisioning topics: a topic filter relative to a claim's root,
+    `{tenant}/provisioning/{claim}`.
+
+    The claim publishes the claim-to-cloud rows and subscribes to the cloud-to-claim ones; the
+    operator does the opposite. Nothing else is derived from them: no device, gateway or ingest
+    rule ever reaches a provisioning topic.
+    """
+
+    message: ProvisioningMessage
+    pattern: str  # `{serial}`: the device's serial, a DNS label, which becomes its name
+    direction: Direction
+    qos: int
+    retained: bool
+    meaning: str
+
+
+PROVISIONING_TOPICS: tuple[ProvisioningTopicSpec, ...] = (
+    ProvisioningTopicSpec(ProvisioningMessage.REQUEST, "{serial}/request",
+                          Direction.DEVICE_TO_CLOUD, 1, False,
+                          "a factory-fresh device asks for its identity: its CSR (JSON)"),
+    ProvisioningTopicSpec(ProvisioningMessage.RESPONSE, "{serial}/response",
+                          Direction.CLOUD_TO_DEVICE, 1, False,
+                          "the answer: accepted (certificate, CA, broker), pending or refused "
+                          "(with a reason); never a key"),
 )
 
 PRESENCE_ONLINE = "online"
@@ -154,6 +199,18 @@ def device_root(tenant: str, device: str) -> str:
 def gateway_root(tenant: str, gateway: str) -> str:
     """`{tenant}/gateways/{gateway}`: every topic of a gateway's own lives below it."""
     return f"{tenant_root(tenant)}/{GATEWAY_LEVEL}/{validate_name(gateway, 'gateway')}"
+
+
+def claim_root(tenant: str, claim: str) -> str:
+    """`{tenant}/provisioning/{claim}`: every provisioning topic of a claim lives below it."""
+    return f"{tenant_root(tenant)}/{PROVISIONING_LEVEL}/{validate_name(claim, 'claim')}"
+
+
+def provisioning_topic(root: str, serial: str, message: ProvisioningMessage) -> str:
+    """The request or response topic of one serial under a claim's root."""
+    spec = next(s for s in PROVISIONING_TOPICS if s.message is message)
+    return "/".join([root, *(validate_name(serial, "serial") if _is_placeholder(level)
+                             else level for level in spec.levels)])
 
 
 def channel_topic(root: str, channel: Channel, parameter: str | None = None) -> str:
@@ -205,10 +262,12 @@ def command_result_topic(root: str, name: str) -> str:
 # --- broker usernames --------------------------------------------------------------------------
 
 #: The usernames of identities that hold certificates; each is also its certificate's CN.
-#: A gateway's has three labels, so it never equals a device's two.
+#: A gateway's and a claim's have three labels, so they never equal a device's two, and their
+#: middle labels (`gw`, `claim`) differ from each other and from a service's (`svc`).
 _CERTIFICATE_USERNAMES = {
     IdentityKind.DEVICE: "{tenant}.{name}",
     IdentityKind.GATEWAY: "{tenant}.gw.{name}",
+    IdentityKind.CLAIM: "{tenant}.claim.{name}",
 }
 
 
@@ -222,6 +281,12 @@ def gateway_username(tenant: str, gateway: str) -> str:
     """`{tenant}.gw.{gateway}`: three labels, so it never equals a device's two."""
     return _CERTIFICATE_USERNAMES[IdentityKind.GATEWAY].format(
         tenant=validate_name(tenant, "tenant"), name=validate_name(gateway, "gateway"))
+
+
+def claim_username(tenant: str, claim: str) -> str:
+    """`{tenant}.claim.{claim}`: a provisioning claim; also its certificate's CN."""
+    return _CERTIFICATE_USERNAMES[IdentityKind.CLAIM].format(
+        tenant=validate_name(tenant, "tenant"), name=validate_name(claim, "claim"))
 
 
 def ingest_username(tenant: str) -> str:
@@ -248,6 +313,8 @@ def parse_username(username: str) -> Identity:
             return Identity(IdentityKind.GATEWAY, validate_name(parts[0]), validate_name(parts[2]))
         if len(parts) == 3 and parts[1:] == ["svc", "ingest"]:
             return Identity(IdentityKind.INGEST, validate_name(parts[0]), "ingest")
+        if len(parts) == 3 and parts[1] == "claim":
+            return Identity(IdentityKind.CLAIM, validate_name(parts[0]), validate_name(parts[2]))
     except ContractError as exc:
         raise ContractError(f"{username!r} is not a kubiot broker username: {exc}") from exc
     raise ContractError(f"{username!r} is not a kubiot broker username")
@@ -255,11 +322,13 @@ def parse_username(username: str) -> Identity:
 
 # --- client ids ------------------------------------------------------------------------------
 #
-# Sessions belong to identities. A device's or gateway's client id is its username, and the
-# broker binds it: Mosquitto's device listener sets `use_username_as_clientid`, EMQX sets
+# Sessions belong to identities. A device's, gateway's or claim's client id is its username,
+# and the broker binds it: Mosquitto's device listener sets `use_username_as_clientid`, EMQX sets
 # `mqtt.peer_cert_as_clientid = cn`, so whatever client id a device asks for, it gets the CN of
-# its certificate. Service client ids never contain a `.`, while every device and gateway client
-# id does: no device can ever present a service's client id, resume its session or displace it.
+# its certificate. Service client ids never contain a `.`, while every device, gateway and claim
+# client id does: no device can ever present a service's client id, resume its session or
+# displace it. A claim is shared by many factory devices, so only one of them at a time can be
+# connected under it: the provisioning exchange is kept short, and retried with jitter.
 
 SERVICE_CLIENT_ID_PATTERN = r"^[A-Za-z0-9][-A-Za-z0-9_]{0,127}$"
 _SERVICE_CLIENT_ID_RE = re.compile(SERVICE_CLIENT_ID_PATTERN)
@@ -273,6 +342,11 @@ def device_client_id(tenant: str, device: str) -> str:
 def gateway_client_id(tenant: str, gateway: str) -> str:
     """A gateway's MQTT client id: its username (the broker enforces it)."""
     return gateway_username(tenant, gateway)
+
+
+def claim_client_id(tenant: str, claim: str) -> str:
+    """A claim's MQTT client id: its username (the broker enforces it)."""
+    return claim_username(tenant, claim)
 
 
 def service_client_id(client_id: str, what: str = "service client id") -> str:
@@ -304,12 +378,13 @@ REPORTS_CLIENT_ID = f"{OPERATOR_USERNAME}-reports"
 
 
 def is_device_client_id(client_id: str) -> bool:
-    """True when `client_id` has the form a broker binds to a device's or gateway's certificate."""
+    """True when `client_id` has the form a broker binds to a certificate (a device's, a
+    gateway's or a claim's)."""
     try:
         identity = parse_username(client_id)
     except ContractError:
         return False
-    return identity.kind in (IdentityKind.DEVICE, IdentityKind.GATEWAY)
+    return identity.kind in _CERTIFICATE_USERNAMES
 
 
 def certificate_uri(tenant: str, kind: IdentityKind, name: str) -> str:
@@ -322,13 +397,14 @@ def _uri(tenant: str, kind: IdentityKind, name: str) -> str:
 
 
 def certificate_names(tenant: str, kind: IdentityKind, name: str) -> tuple[str, str]:
-    """A device's or gateway's certificate names: (CN, which is its username; URI SAN).
+    """A device's, gateway's or claim's certificate names: (CN, which is its username; URI SAN).
 
     The names are checked once for both (this is on the path of every certificate issued).
     """
     username = _CERTIFICATE_USERNAMES.get(kind)
     if username is None:
-        raise ContractError(f"only devices and gateways hold certificates, not {kind.value}s")
+        raise ContractError(
+            f"only devices, gateways and claims hold certificates, not {kind.value}s")
     tenant, name = validate_name(tenant, "tenant"), validate_name(name, kind.value)
     return username.format(tenant=tenant, name=name), _uri(tenant, kind, name)
 
@@ -360,6 +436,39 @@ def parse_topic(topic: str) -> ParsedTopic:
     kind = IdentityKind.DEVICE if collection == DEVICE_LEVEL else IdentityKind.GATEWAY
     channel, stream = _parse_channel(rest, topic)
     return ParsedTopic(tenant, kind, name, channel, stream)
+
+
+@dataclass(frozen=True)
+class ParsedProvisioningTopic:
+    """A provisioning topic taken apart: whose claim, which serial, which message."""
+
+    tenant: str
+    claim: str
+    serial: str
+    message: ProvisioningMessage
+
+
+def parse_provisioning_topic(topic: str) -> ParsedProvisioningTopic:
+    """Take a provisioning topic apart, or raise ContractError when it is not one."""
+    levels = topic.split("/")
+    if len(levels) < 4 or levels[1] != PROVISIONING_LEVEL:
+        raise ContractError(f"topic {topic!r} is not under a provisioning claim's root")
+    tenant, _, claim, *rest = levels
+    if not (_NAME_RE.match(tenant) and _NAME_RE.match(claim)):
+        raise ContractError(f"topic {topic!r}: tenant and claim must be DNS labels")
+    for spec in PROVISIONING_TOPICS:
+        if len(spec.levels) != len(rest):
+            continue
+        serial = None
+        for expected, level in zip(spec.levels, rest, strict=True):
+            if _is_placeholder(expected) and _NAME_RE.match(level):
+                serial = level
+            elif expected != level:
+                break
+        else:
+            if serial is not None:
+                return ParsedProvisioningTopic(tenant, claim, serial, spec.message)
+    raise ContractError(f"topic {topic!r} names no provisioning message")
 
 
 def _parse_channel(rest: list[str], topic: str) -> tuple[Channel, str | None]:
@@ -397,7 +506,7 @@ class AccessRules:
         return any(filter_covers(f, topic_filter) for f in self.subscribe)
 
 
-def _filters(base: str, rows: Iterable[TopicSpec]) -> frozenset[str]:
+def _filters(base: str, rows: Iterable[_Pattern]) -> frozenset[str]:
     return frozenset(f"{base}/{spec.filter}" for spec in rows)
 
 
@@ -430,6 +539,26 @@ def gateway_access(tenant: str, gateway: str, children: Iterable[str]) -> Access
     for child in sorted(set(children)):
         rules = rules | device_access(tenant, child)
     return rules
+
+
+def _provisioning_rows(direction: Direction) -> list[ProvisioningTopicSpec]:
+    return [spec for spec in PROVISIONING_TOPICS if spec.direction is direction]
+
+
+def claim_access(tenant: str, claim: str) -> AccessRules:
+    """A claim may publish only requests and read only answers, under its own claim's root.
+
+    Brokers without per-connection topic substitution (Mosquitto 2.0's dynamic security) cannot
+    narrow this to one serial, so every holder of the claim may read every answer under it:
+    answers carry only public material (a certificate, the CA, where the broker is).
+    """
+    root = claim_root(tenant, claim)
+    return AccessRules(publish=_filters(root, _provisioning_rows(Direction.DEVICE_TO_CLOUD)),
+                       subscribe=_filters(root, _provisioning_rows(Direction.CLOUD_TO_DEVICE)))
+
+
+def _claims(tenant: str) -> str:
+    return f"{tenant_root(tenant)}/{PROVISIONING_LEVEL}/+"
 
 
 def _collections(tenant: str) -> tuple[str, ...]:
@@ -466,9 +595,12 @@ def ingest_access(tenant: str) -> AccessRules:
 
 
 def operator_access(tenant: str) -> AccessRules:
-    """The operator sends desired state, firmware jobs and commands; it reads reports."""
-    publish: set[str] = set()
-    subscribe: set[str] = set()
+    """The operator sends desired state, firmware jobs, commands and provisioning answers; it
+    reads reports and provisioning requests."""
+    publish: set[str] = set(_filters(_claims(tenant),
+                                     _provisioning_rows(Direction.CLOUD_TO_DEVICE)))
+    subscribe: set[str] = set(_filters(_claims(tenant),
+                                       _provisioning_rows(Direction.DEVICE_TO_CLOUD)))
     for base in _collections(tenant):
         publish |= _filters(base, _sent_to_devices())
         subscribe |= _filters(base, _read_by(Reader.OPERATOR))
@@ -478,9 +610,15 @@ def operator_access(tenant: str) -> AccessRules:
 def report_filters() -> list[str]:
     """What the operator subscribes to across every tenant: everything devices and gateways
     send that the operator reads (presence, reported state, firmware progress, command
-    results)."""
-    return sorted(f for collection in (DEVICE_LEVEL, GATEWAY_LEVEL)
-                  for f in _filters(f"+/{collection}/+", _read_by(Reader.OPERATOR)))
+    results), and the provisioning requests of every claim."""
+    return sorted([f for collection in (DEVICE_LEVEL, GATEWAY_LEVEL)
+                   for f in _filters(f"+/{collection}/+", _read_by(Reader.OPERATOR))]
+                  + list(provisioning_request_filters()))
+
+
+def provisioning_request_filters() -> frozenset[str]:
+    """The provisioning requests of every claim of every tenant."""
+    return _filters(f"+/{PROVISIONING_LEVEL}/+", _provisioning_rows(Direction.DEVICE_TO_CLOUD))
 
 
 def ingest_shared_subscriptions(tenant: str, group: str | None = None) -> list[str]:

@@ -1,19 +1,28 @@
 """`kubiot`: the command-line tool. Validate manifests offline, print CRDs, show access rules,
-send commands to devices."""
+send commands to devices and approve provisioned devices."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kubiot_contract import topics as contract
 from kubiot_operator.cli_command import add_parser as add_command_parser
 from kubiot_operator.crd.generate import render
+from kubiot_operator.kube.client import DEVICES, Connection, KubeClient, KubeError
 from kubiot_operator.local.cli import add_parser as add_local_parser
 from kubiot_operator.manifests import load_resources
 from kubiot_operator.models import KINDS
+from kubiot_operator.reconcile.provisioning import (
+    APPROVED_LABEL,
+    PROVISIONED_LABEL,
+    awaiting_approval,
+)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -51,6 +60,62 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+class ApprovalRefused(Exception):
+    """The Device cannot be approved (it does not exist, or was not provisioned by claim)."""
+
+
+async def approve_device(kube: KubeClient, namespace: str, name: str) -> str:
+    """Label a provisioned Device approved, as `kubectl label` would; returns what happened."""
+    device = await kube.get(DEVICES, name, namespace)
+    if device is None:
+        raise ApprovalRefused(f"no Device {namespace}/{name}")
+    labels = device["metadata"].get("labels") or {}
+    if labels.get(PROVISIONED_LABEL) != "true":
+        raise ApprovalRefused(f"Device {namespace}/{name} was not provisioned by claim; it "
+                              "needs no approval")
+    if not awaiting_approval(labels):
+        return f"Device {namespace}/{name} was already approved"
+    await kube.patch(DEVICES, name, {"metadata": {"labels": {APPROVED_LABEL: "true"}}},
+                     namespace)
+    return f"Device {namespace}/{name} approved"
+
+
+def cluster_connection() -> Connection:
+    """The cluster the kubeconfig (or, in a pod, the service account) points at."""
+    import kopf
+
+    settings, logger = kopf.OperatorSettings(), logging.getLogger("kubiot.cli")
+    info: Any = (kopf.login_with_service_account(settings=settings, logger=logger)
+                 or kopf.login_with_kubeconfig(settings=settings, logger=logger))
+    if info is None:
+        raise ApprovalRefused("no Kubernetes credentials: set KUBECONFIG or ~/.kube/config")
+    return Connection.from_kopf(info)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Approve Devices waiting for approval (provisioning by claim with manual approval)."""
+    async def approve_all(connection: Connection) -> int:
+        status = 0
+        async with KubeClient(connection) as kube:
+            for target in args.devices:
+                namespace, _, name = target.partition("/")
+                try:
+                    if not namespace or not name:
+                        raise ApprovalRefused(f"{target}: give <namespace>/<device>")
+                    print(await approve_device(kube, namespace, name))
+                except (ApprovalRefused, KubeError) as exc:
+                    print(exc, file=sys.stderr)
+                    status = 1
+        return status
+
+    try:
+        connection = cluster_connection()
+    except ApprovalRefused as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return asyncio.run(approve_all(connection))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="kubiot", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -70,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
     rules.add_argument("--children", nargs="*", help="devices the gateway serves")
     rules.set_defaults(run=cmd_rules)
     add_command_parser(commands)
+
+    approve = commands.add_parser("approve", help=cmd_approve.__doc__)
+    approve.add_argument("devices", nargs="+", metavar="NAMESPACE/DEVICE")
+    approve.set_defaults(run=cmd_approve)
     add_local_parser(commands)
     return root
 

@@ -69,6 +69,13 @@ class OperatorMetrics:
         self.command_runs = Counter(
             "kubiot_command_runs_total", "DeviceCommand runs finished, by phase.",
             ["tenant", "phase"], registry=r)
+        self.devices_provisioned = Counter(
+            "kubiot_devices_provisioned_total", "Devices created by provisioning by claim.",
+            ["tenant", "claim"], registry=r)
+        self.provisioning_answers = Counter(
+            "kubiot_provisioning_answers_total",
+            "Answers to provisioning requests: Accepted, a pending reason or a refusal reason.",
+            ["outcome"], registry=r)
         self.rollouts_aborted = Counter(
             "kubiot_rollouts_aborted_total", "Firmware rollouts aborted by their failure budget.",
             ["tenant", "release"], registry=r)

@@ -186,6 +186,8 @@ def test_cluster_role_covers_what_the_operator_creates_for_a_tenant(
     assert {"create", "patch"} <= _grants(rules, "", "namespaces")
     # Device identities: by name only; listing every Secret of the cluster is not needed.
     assert _grants(rules, "", "secrets") == {"get", "create", "patch", "delete"}
+    # Provisioning by claim creates Devices.
+    assert "create" in _grants(rules, "kubiot.io", "devices")
 
 
 def test_cluster_role_lets_kopf_watch_and_patch_every_kubiot_kind(

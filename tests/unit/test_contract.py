@@ -244,3 +244,118 @@ def test_an_ingest_instance_name_with_a_dot_is_refused() -> None:
     assert contract.ingest_client_id("acme", "acme-ingest-7d9f-abcde") == "acme-ingest-7d9f-abcde"
     with pytest.raises(contract.ContractError, match="belong to devices"):
         contract.ingest_client_id("acme", "acme.pump-1")
+
+
+# --- provisioning claims -----------------------------------------------------------------------
+
+def test_a_claim_may_only_ask_and_read_answers_under_its_own_claim() -> None:
+    assert contract.claim_access("acme", "line-1") == AccessRules(
+        publish=frozenset({"acme/provisioning/line-1/+/request"}),
+        subscribe=frozenset({"acme/provisioning/line-1/+/response"}),
+    )
+    rules = contract.claim_access("acme", "line-1")
+    assert rules.may_publish("acme/provisioning/line-1/sn-0001/request")
+    for refused in ("acme/provisioning/line-1/sn-0001/response",
+                    "acme/provisioning/line-2/sn-0001/request",
+                    "acme/devices/sn-0001/telemetry", "globex/provisioning/line-1/sn-1/request"):
+        assert not rules.may_publish(refused), refused
+    for refused in ("#", "acme/#", "acme/provisioning/#", "acme/provisioning/+/+/response",
+                    "acme/provisioning/line-1/+/request", "acme/devices/+/state/desired",
+                    "$SYS/#"):
+        assert not rules.may_subscribe(refused), refused
+
+
+def test_claim_usernames_round_trip_and_never_collide() -> None:
+    assert contract.claim_username("acme", "line-1") == "acme.claim.line-1"
+    assert contract.parse_username("acme.claim.line-1") == contract.Identity(
+        IdentityKind.CLAIM, "acme", "line-1")
+    assert contract.claim_client_id("acme", "line-1") == "acme.claim.line-1"
+    assert contract.is_device_client_id("acme.claim.line-1")
+    # A device called "claim", a gateway called "line-1": still three different usernames.
+    assert len({contract.claim_username("acme", "line-1"),
+                contract.device_username("acme", "claim"),
+                contract.gateway_username("acme", "line-1")}) == 3
+    assert contract.certificate_names("acme", IdentityKind.CLAIM, "line-1") == (
+        "acme.claim.line-1", "kubiot://acme/claims/line-1")
+
+
+@given(tenant=names, a=names, b=names)
+def test_usernames_of_different_kinds_never_collide(tenant: str, a: str, b: str) -> None:
+    usernames = [contract.device_username(tenant, a), contract.gateway_username(tenant, a),
+                 contract.claim_username(tenant, a), contract.ingest_username(tenant)]
+    assert len(set(usernames)) == 4
+    for username in usernames:
+        identity = contract.parse_username(username)
+        assert identity.tenant == tenant
+    assert contract.claim_username(tenant, a) != contract.device_username(tenant, b)
+    assert contract.claim_username(tenant, a) != contract.gateway_username(tenant, b)
+
+
+@given(tenant=names, other_tenant=names, claim=names, other_claim=names, device=names)
+def test_no_claim_reaches_past_its_own_provisioning_topics(
+        tenant: str, other_tenant: str, claim: str, other_claim: str, device: str) -> None:
+    rules = contract.claim_access(tenant, claim)
+    own_root = contract.claim_root(tenant, claim) + "/#"
+    for f in rules.publish | rules.subscribe:
+        assert filter_covers(own_root, f)
+        assert f.endswith("/request") if f in rules.publish else f.endswith("/response")
+        assert not filters_overlap(f, contract.device_root(tenant, device) + "/#")
+        assert not filters_overlap(f, contract.gateway_root(tenant, device) + "/#")
+        if other_tenant != tenant:
+            assert not filters_overlap(f, f"{other_tenant}/#")
+        if other_claim != claim:
+            assert not filters_overlap(f, contract.claim_root(tenant, other_claim) + "/#")
+    # No device, gateway or ingest rule reaches a provisioning topic.
+    others = (device_access(tenant, device) | gateway_access(tenant, device, [claim])
+              | ingest_access(tenant))
+    for f in map(contract.unshared, others.publish | others.subscribe):
+        assert not filters_overlap(f, f"{tenant}/provisioning/#")
+
+
+def test_the_operator_reads_requests_and_answers_them() -> None:
+    rules = operator_access("acme")
+    assert rules.may_subscribe("acme/provisioning/+/+/request")
+    assert rules.may_publish("acme/provisioning/line-1/sn-1/response")
+    assert not rules.may_publish("acme/provisioning/line-1/sn-1/request")
+    assert "+/provisioning/+/+/request" in contract.report_filters()
+
+
+def test_provisioning_topics_round_trip() -> None:
+    root = contract.claim_root("acme", "line-1")
+    topic = contract.provisioning_topic(root, "sn-7", contract.ProvisioningMessage.REQUEST)
+    assert topic == "acme/provisioning/line-1/sn-7/request"
+    assert contract.parse_provisioning_topic(topic) == contract.ParsedProvisioningTopic(
+        "acme", "line-1", "sn-7", contract.ProvisioningMessage.REQUEST)
+
+
+@pytest.mark.parametrize("topic", [
+    "acme/provisioning/line-1/sn-7", "acme/provisioning/line-1/SN-7/request",
+    "acme/provisioning/line-1/sn-7/request/x", "acme/devices/line-1/sn-7/request",
+    "acme/provisioning/+/sn-7/request", "acme/provisioning/line-1/sn-7/answer",
+    "Acme/provisioning/line-1/sn-7/request", "acme/provisioning/line.1/sn-7/request",
+])
+def test_parse_provisioning_topic_refuses_what_is_not_one(topic: str) -> None:
+    with pytest.raises(ContractError):
+        contract.parse_provisioning_topic(topic)
+
+
+@given(topic=st.text(max_size=80))
+def test_parse_provisioning_topic_never_raises_anything_else(topic: str) -> None:
+    try:
+        parsed = contract.parse_provisioning_topic(topic)
+    except ContractError:
+        return
+    assert contract.provisioning_topic(contract.claim_root(parsed.tenant, parsed.claim),
+                                       parsed.serial, parsed.message) == topic
+
+
+def test_docs_list_every_provisioning_topic_and_a_claims_rules() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "topics.md").read_text()
+    for spec in contract.PROVISIONING_TOPICS:
+        assert f"| `{spec.pattern}` |" in text, spec.pattern
+    rules = contract.claim_access("acme", "line-1")
+    for topic_filter in rules.publish | rules.subscribe:
+        assert f"`{topic_filter}`" in text, topic_filter
+    assert "`{tenant}.claim.{claim}`" in text

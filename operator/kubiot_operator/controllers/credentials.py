@@ -14,6 +14,8 @@ from cryptography import x509
 from kubiot_contract.topics import (
     ContractError,
     IdentityKind,
+    claim_root,
+    claim_username,
     device_root,
     device_username,
     gateway_root,
@@ -67,7 +69,7 @@ class Subject:
 
     @classmethod
     def of(cls, tenant: str, kind: IdentityKind, name: str, namespace: str) -> Subject:
-        """A device or gateway, with its username and topic root from the contract."""
+        """A device, gateway or claim, with its username and topic root from the contract."""
         username, root = _NAMING[kind]
         return cls(tenant, kind, name, namespace, username(tenant, name), root(tenant, name))
 
@@ -75,17 +77,20 @@ class Subject:
 _NAMING = {
     IdentityKind.DEVICE: (device_username, device_root),
     IdentityKind.GATEWAY: (gateway_username, gateway_root),
+    IdentityKind.CLAIM: (claim_username, claim_root),
 }
 
 
 async def ensure_credential(platform: Platform, subject: Subject, tenant_spec: TenantSpec,
                             identity: IdentitySpec, *, suspended: bool,
-                            owner: dict[str, Any] | None, outcome: Outcome) -> CredentialState:
+                            owner: dict[str, Any] | None, outcome: Outcome,
+                            rotation: int = 0) -> CredentialState:
     """Issue or renew as the spec asks; revoke while suspended. The certificate goes into the
     status and its expiry into the metrics."""
     async with platform.lock(subject.username):
         state = await _ensure_credential(platform, subject, tenant_spec, identity,
-                                         suspended=suspended, owner=owner, outcome=outcome)
+                                         suspended=suspended, owner=owner, outcome=outcome,
+                                         rotation=rotation)
     if state.summary is not None:
         outcome.status["certificate"] = state.summary.to_wire()
         if state.summary.not_after is not None:
@@ -97,8 +102,9 @@ async def ensure_credential(platform: Platform, subject: Subject, tenant_spec: T
 
 async def _ensure_credential(platform: Platform, subject: Subject, tenant_spec: TenantSpec,
                              identity: IdentitySpec, *, suspended: bool,
-                             owner: dict[str, Any] | None, outcome: Outcome) -> CredentialState:
-    policy = credential_policy(tenant_spec, identity)
+                             owner: dict[str, Any] | None, outcome: Outcome,
+                             rotation: int) -> CredentialState:
+    policy = credential_policy(tenant_spec, identity, rotation)
     secret_name = credential_secret_name(subject.kind, subject.name)
     secret = await platform.objects.get(SECRETS, secret_name, subject.namespace)
     record = issued_record(secret)

@@ -19,6 +19,7 @@ from kubiot_operator.models.device import DevicePhase, DeviceSpec
 from kubiot_operator.models.gateway import GatewaySpec
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
+from kubiot_operator.reconcile.provisioning import APPROVED_LABEL, awaiting_approval
 from kubiot_operator.reconcile.selectors import selector_matches
 
 from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
@@ -81,6 +82,15 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
         await _forget_broker_identity(platform, username, outcome)
         return finish(DevicePhase.FAILED, [ConditionUpdate(ACCESS_READY, False, "QuotaExceeded",
                                                            quota)])
+
+    if awaiting_approval(labels):
+        # No certificate and no broker access until a person approves; the label change
+        # brings the Device back here.
+        outcome.status["gateway"] = None
+        return finish(DevicePhase.PENDING, [ConditionUpdate(
+            IDENTITY_READY, False, "AwaitingApproval",
+            f"provisioned by claim; approve with `kubiot approve {namespace}/{name}` or the "
+            f"label {APPROVED_LABEL}=true")])
 
     credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
                                          suspended=spec.suspended,

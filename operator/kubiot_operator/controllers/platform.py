@@ -45,6 +45,10 @@ class Platform:
     token: Callable[[], str] = run_token
     # Called when a namespace's devices change, so gateways serving them are brought up to date.
     gateway_refresh: Callable[[str], None] = field(default=lambda namespace: None)
+    # Called with a resource a controller created for another controller to reconcile (a
+    # provisioned Device). In a cluster the API server's watch does this; the local stack
+    # has no watch and runs the controller when told.
+    resource_created: Callable[[dict[str, Any]], None] = field(default=lambda body: None)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, repr=False)
 
     def lock(self, key: str) -> asyncio.Lock:

@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from kubiot_contract.topics import (
     IdentityKind,
+    claim_access,
+    claim_username,
     device_access,
     device_username,
     gateway_access,
@@ -31,6 +33,7 @@ from kubiot_operator.models.gateway import GatewaySpec
 from kubiot_operator.models.identity import IdentityType
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.identity import credential_secret_name, issued_record
+from kubiot_operator.reconcile.provisioning import awaiting_approval
 from kubiot_operator.reconcile.tenant import (
     ingest_broker_secret_name,
     tenant_namespace,
@@ -57,6 +60,11 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
     if ingest_password is not None:
         wanted.append(BrokerIdentity(ingest_username(tenant), tenant, IdentityKind.INGEST,
                                      ingest_access(tenant), PasswordCredential(ingest_password)))
+    for claim in spec.provisioning.claims:
+        if not claim.revoked:
+            wanted.append(BrokerIdentity(claim_username(tenant, claim.name), tenant,
+                                         IdentityKind.CLAIM, claim_access(tenant, claim.name),
+                                         CertificateCredential()))
     devices = await platform.objects.list(DEVICES, namespace)
     quota = spec.quotas.max_devices
     admitted = sorted((d for d in devices if not d["metadata"].get("deletionTimestamp")),
@@ -71,6 +79,8 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
             continue
         credential = await _credential(platform, device_spec.identity.type, IdentityKind.DEVICE,
                                        name, namespace)
+        if awaiting_approval(device["metadata"].get("labels") or {}):
+            continue  # no broker access until approved
         if credential is not None:
             wanted.append(BrokerIdentity(device_username(tenant, name), tenant,
                                          IdentityKind.DEVICE, device_access(tenant, name),

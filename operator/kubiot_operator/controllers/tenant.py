@@ -47,6 +47,7 @@ from kubiot_operator.reconcile.tenant import (
 )
 
 from .access import ACCESS_READY, broker_failure
+from .claims import PROVISIONING_READY, ensure_claims
 from .credentials import IDENTITY_READY, publish_trust
 from .objects import (
     conditions_wire,
@@ -69,7 +70,7 @@ INGEST_RECHECK_SECONDS = 10.0
 MONITORING = "Monitoring"
 INGEST_KINDS = (DEPLOYMENTS, SERVICES, PODDISRUPTIONBUDGETS, NETWORKPOLICIES, SERVICEMONITORS,
                 PODMONITORS)
-REQUIRED = (NAMESPACE_READY, IDENTITY_READY, ACCESS_READY, INGEST_READY)
+REQUIRED = (NAMESPACE_READY, IDENTITY_READY, ACCESS_READY, INGEST_READY, PROVISIONING_READY)
 
 
 async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -114,6 +115,9 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
     outcome.status.update(namespace=namespace, topicRoot=f"{tenant_root(name)}/")
 
     updates = [claim, await _ensure_ca(platform, name, spec, outcome)]
+    recorded_claims = (body.get("status") or {}).get("claims") or []
+    updates.append(await ensure_claims(platform, name, namespace, spec, recorded_claims, owner,
+                                       outcome))
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
     updates += await _ensure_ingest(platform, name, spec, owner, outcome)
 

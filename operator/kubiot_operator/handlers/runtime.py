@@ -20,6 +20,7 @@ from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.kinds import apply_outcome
 from kubiot_operator.controllers.platform import Event, Outcome, Platform
 from kubiot_operator.controllers.ports import TrustPublisher
+from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
 from kubiot_operator.handlers.http import http_app
@@ -57,6 +58,7 @@ class Runtime:
         self.mqtt: OperatorMqtt | None = None
         self.reports: ReportPump | None = None
         self.results = CommandResults()
+        self.provisioning = ProvisioningDesk()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
 
@@ -72,7 +74,8 @@ class Runtime:
             settings.broker_admin_username, settings.broker_admin_password.get_secret_value(),
             client_id=operator_client_id(f"reports-{settings.namespace}"),
             tls=_admin_tls(settings), subscriptions=report_filters(),
-            on_message=self.reports.on_message, on_command_result=self.results.on_result)
+            on_message=route_messages(self.reports.on_message, self.provisioning),
+            on_command_result=self.results.on_result)
         ca_pem = _read(settings.broker_ca_file)
         self.platform = Platform(
             objects=self.kube,
@@ -98,6 +101,7 @@ class Runtime:
         self.platform.gateway_refresh = refresher.request
         self._spawn(self.mqtt.run(), "mqtt")
         self._spawn(self.reports.run(), "reports")
+        self._spawn(self.provisioning.run(self.platform), "provisioning")
         self._spawn(refresher.run(), "gateways")
         self._spawn(self.results.run(), "command-results")
         self._spawn(resync_forever(self.platform, settings.resync_period_seconds), "resync")

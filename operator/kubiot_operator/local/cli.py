@@ -4,6 +4,8 @@
     kubiot local devices                 every device with phase, online, firmware, cert expiry
     kubiot local issue --tenant acme --device sensor-9   add a device, wait, export its bundle
     kubiot local tail [--tenant acme]    print telemetry as it arrives
+    kubiot local factory --count 20      factory-fresh devices that provision themselves by claim
+    kubiot local approve acme/sn-0001    approve a Device waiting for approval
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.kube.client import DEVICES, SECRETS, TENANTS
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.identity import credential_secret_name
+from kubiot_operator.reconcile.provisioning import PROVISIONED_LABEL, awaiting_approval
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .broker import ADMIN_BUNDLE
-from .credentials import BUNDLE_FILES, export_bundle
+from .credentials import BUNDLE_FILES, export_bundle, read_bundle
 from .objects import FileObjects
 from .ports import saved_ports
+from .reconciler import approval_file
 
 
 def _objects(root: Path) -> FileObjects:
@@ -151,6 +155,86 @@ async def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_factory(args: argparse.Namespace) -> int:
+    """Run factory-fresh devices holding only a claim: they provision, then send telemetry."""
+    from kubiot_operator.simulator.credentials import BundleIncomplete
+    from kubiot_operator.simulator.factory import (
+        FactoryDevice,
+        FactoryState,
+        claim_credentials,
+        ignore_lost_claim_sessions,
+    )
+
+    claims = args.dir / "claims"
+    folder = claims / args.claim if args.claim else next(
+        (path for path in sorted(claims.glob("*/*")) if path.is_dir()), None)
+    if folder is None or not folder.is_dir():
+        print(f"no claim bundle in {claims}; is `make dev` running with a Tenant that has "
+              "spec.provisioning.claims?", file=sys.stderr)
+        return 1
+    try:
+        claim = claim_credentials(read_bundle(folder))
+    except BundleIncomplete as exc:
+        print(f"the claim bundle in {folder} is incomplete: {exc}", file=sys.stderr)
+        return 1
+    devices = [FactoryDevice(claim, f"{args.serial_prefix}{i:04d}", model=args.model,
+                             check_hostname=False, telemetry_seconds=args.telemetry_interval)
+               for i in range(args.first, args.first + args.count)]
+    ignore_lost_claim_sessions(asyncio.get_running_loop())
+    print(f"{len(devices)} factory-fresh devices with claim {claim.username}")
+    tasks = [asyncio.create_task(device.run(), name=device.serial) for device in devices]
+    reported: set[str] = set()
+    try:
+        while True:
+            for device in devices:
+                if device.serial in reported or device.state in (FactoryState.FRESH,
+                                                                 FactoryState.PENDING):
+                    continue
+                reported.add(device.serial)
+                answer = device.last_answer
+                detail = (f"as {device.claim.tenant}.{device.serial}"
+                          if device.state is FactoryState.PROVISIONED else
+                          f"{answer.reason}: {answer.message}" if answer else "")
+                print(f"{device.serial} {device.state.value} {detail}", flush=True)
+            if len(reported) == len(devices) and args.until_provisioned:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return 0 if all(d.state is FactoryState.PROVISIONED for d in devices) else 1
+
+
+async def cmd_approve(args: argparse.Namespace) -> int:
+    """Ask the running stack to approve a Device waiting for approval."""
+    namespace, _, device = args.device.partition("/")
+    try:
+        validate_name(namespace, "namespace")
+        validate_name(device, "device")
+    except ValueError as exc:
+        print(f"{args.device}: give <namespace>/<device>: {exc}", file=sys.stderr)
+        return 2
+    objects = _objects(args.dir)
+    body = await objects.get(DEVICES, device, namespace)
+    if body is None:
+        print(f"no Device {namespace}/{device} in the local stack", file=sys.stderr)
+        return 1
+    labels = body["metadata"].get("labels") or {}
+    if labels.get(PROVISIONED_LABEL) != "true":
+        print(f"Device {namespace}/{device} was not provisioned by claim; it needs no "
+              "approval", file=sys.stderr)
+        return 1
+    if not awaiting_approval(labels):
+        print(f"Device {namespace}/{device} was already approved")
+        return 0
+    approvals = args.dir / "approvals"
+    approvals.mkdir(parents=True, exist_ok=True)
+    approval_file(approvals, namespace, device).touch()
+    print(f"Device {namespace}/{device} approved")
+    return 0
+
+
 def add_parser(commands: Any) -> None:
     local = commands.add_parser("local", help="Inspect the local stack that `make dev` runs.")
     local.add_argument("--dir", type=Path, default=Path(".kubiot"), help="The stack's data.")
@@ -172,5 +256,20 @@ def add_parser(commands: Any) -> None:
     tail.add_argument("--tenant")
     tail.add_argument("--device")
     tail.set_defaults(local_run=cmd_tail)
+    factory = sub.add_parser("factory", help="Run factory-fresh devices that provision "
+                             "themselves with a claim, then send telemetry.")
+    factory.add_argument("--count", type=int, default=10, help="How many devices.")
+    factory.add_argument("--claim", help="<namespace>/<claim> (default: the first exported).")
+    factory.add_argument("--serial-prefix", default="sn-",
+                         help="Serials are <prefix><number>, e.g. sn-0001 (default sn-).")
+    factory.add_argument("--first", type=int, default=1, help="The first serial's number.")
+    factory.add_argument("--model", help="The hardware model the devices report.")
+    factory.add_argument("--telemetry-interval", type=float, default=2.0)
+    factory.add_argument("--until-provisioned", action="store_true",
+                         help="Exit once every device is provisioned or refused.")
+    factory.set_defaults(local_run=cmd_factory)
+    approve = sub.add_parser("approve", help="Approve a provisioned Device (manual approval).")
+    approve.add_argument("device", help="<namespace>/<device>")
+    approve.set_defaults(local_run=cmd_approve)
     local.set_defaults(run=lambda args: asyncio.run(args.local_run(args)))
 

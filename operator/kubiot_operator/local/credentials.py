@@ -30,6 +30,24 @@ def export_bundle(secret: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
+#: connection.env's variables, and the Secret keys they came from.
+_CONNECTION_KEYS = {"KUBIOT_USERNAME": "username", "KUBIOT_TOPIC_ROOT": "topic-root",
+                    "KUBIOT_BROKER_HOST": "broker-host", "KUBIOT_BROKER_PORT": "broker-port"}
+
+
+def read_bundle(folder: Path) -> dict[str, bytes]:
+    """A bundle `export_bundle` wrote, back as Secret data."""
+    data = {name: (folder / name).read_bytes() for name in BUNDLE_FILES
+            if name != "connection.env" and (folder / name).exists()}
+    env = folder / "connection.env"
+    if env.exists():
+        for line in env.read_text().splitlines():
+            variable, _, value = line.partition("=")
+            if variable in _CONNECTION_KEYS and value:
+                data[_CONNECTION_KEYS[variable]] = value.encode()
+    return data
+
+
 def _write(path: Path, data: bytes) -> None:
     if path.exists() and path.read_bytes() == data:
         return

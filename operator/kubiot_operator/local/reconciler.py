@@ -2,7 +2,11 @@
 
 Each pass applies the manifests to the object store (like `kubectl apply` of the folder, with
 pruning), runs the controller of every resource whose spec changed or whose retry is due, and
-runs the delete controllers of resources whose manifests are gone.
+runs the delete controllers of resources whose manifests are gone. Devices provisioned by claim
+have no manifest: they are never pruned, and a controller that creates one asks for a pass.
+
+`kubiot local approve` (like `kubectl label device ... kubiot.io/approved=true`) leaves a file
+in the approvals folder; the next pass labels the Device and reconciles it.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from pydantic import ValidationError
 
 from kubiot_operator.controllers.kinds import CONTROLLERS, Controller, apply_outcome
 from kubiot_operator.controllers.platform import Event, EventType, Platform
-from kubiot_operator.kube.client import GATEWAYS, TENANTS, kind_of
+from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, kind_of
 from kubiot_operator.kube.secrets import secret_object
 from kubiot_operator.manifests import load_resources, manifest_files
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.pki import TenantAuthority
+from kubiot_operator.reconcile.provisioning import APPROVED_LABEL, PROVISIONED_LABEL
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .broker import LocalBroker
@@ -36,10 +41,18 @@ def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
     return kind_of(obj).plural, meta.get("namespace", ""), meta["name"]
 
 
+def approval_file(approvals: Path, namespace: str, device: str) -> Path:
+    """Where `kubiot local approve` asks the running stack to approve a Device."""
+    return approvals / f"{namespace}_{device}"  # DNS labels hold no `_`
+
+
 class LocalReconciler:
-    def __init__(self, objects: FileObjects, manifests: Path) -> None:
+    def __init__(self, objects: FileObjects, manifests: Path,
+                 approvals: Path | None = None) -> None:
         self.objects = objects
         self.manifests = manifests
+        self.approvals = approvals
+        self._requested = False
         self._platform: Platform | None = None
         self._database_dsn = ""
         self._retry_at: dict[tuple[str, str, str], float] = {}
@@ -47,6 +60,7 @@ class LocalReconciler:
         self._problems: list[str] = []
         self._last_full_pass = 0.0
         self._lock = asyncio.Lock()
+        self._approved: set[tuple[str, str, str]] = set()
         self.passes = 0
 
     @staticmethod
@@ -68,6 +82,11 @@ class LocalReconciler:
     def attach(self, platform: Platform, *, database_dsn: str) -> None:
         self._platform = platform
         self._database_dsn = database_dsn
+        platform.resource_created = self.request_pass
+
+    def request_pass(self, _: dict[str, Any] | None = None) -> None:
+        """Run a pass soon: a controller created a resource to reconcile."""
+        self._requested = True
 
     def manifest_signature(self) -> tuple[tuple[str, float, int], ...]:
         signature = []
@@ -85,17 +104,54 @@ class LocalReconciler:
             await asyncio.sleep(interval)
             now = time.monotonic()
             due = any(at <= now for at in self._retry_at.values())
+            approved = await self._take_approvals()
             if (self.manifest_signature() != self._signature or due
                     or now - self._last_full_pass > FULL_PASS_SECONDS):
                 await self.sync()
+            elif self._requested or approved:
+                await self.reconcile_new()
+
+    async def _take_approvals(self) -> set[tuple[str, str, str]]:
+        """Label the Devices `kubiot local approve` named; their keys, to be reconciled."""
+        approved: set[tuple[str, str, str]] = set()
+        if self.approvals is None or not self.approvals.is_dir():
+            return approved
+        for request in sorted(self.approvals.iterdir()):
+            namespace, _, name = request.name.partition("_")
+            request.unlink(missing_ok=True)
+            device = await self.objects.get(DEVICES, name, namespace)
+            if device is None:
+                log.warning("approval for %s/%s: no such Device", namespace, name)
+                continue
+            await self.objects.patch(DEVICES, name, {"metadata": {"labels": {
+                APPROVED_LABEL: "true"}}}, namespace)
+            log.info("Device %s/%s approved", namespace, name)
+            approved.add(_key(device))
+        self._approved |= approved
+        return approved
 
     async def sync(self) -> None:
         async with self._lock:
             await self._sync()
 
+    async def reconcile_new(self) -> None:
+        """Run the controllers of resources created or approved since the last pass only:
+        a provisioning burst must not re-apply every manifest for each new Device."""
+        async with self._lock:
+            self._requested = False
+            approved, self._approved = self._approved, set()
+            for controller in CONTROLLERS:
+                for obj in await self.objects.list(controller.resource.api):
+                    status = obj.get("status") or {}
+                    fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
+                    if fresh or _key(obj) in approved:
+                        await self._run(controller.reconcile, obj)
+
     async def _sync(self) -> None:
         assert self._platform is not None
         self._signature = self.manifest_signature()
+        self._requested = False
+        approved, self._approved = self._approved, set()
         loaded = load_resources([self.manifests])
         if loaded.problems != self._problems:
             for problem in loaded.problems:
@@ -115,7 +171,8 @@ class LocalReconciler:
         for controller in reversed(CONTROLLERS):
             kind = controller.resource.api
             for obj in await self.objects.list(kind):
-                if _key(obj) not in wanted:
+                labels = obj["metadata"].get("labels") or {}
+                if _key(obj) not in wanted and labels.get(PROVISIONED_LABEL) != "true":
                     await self._run(controller.delete, obj, with_status=False)
                     await self.objects.delete(kind, obj["metadata"]["name"],
                                               obj["metadata"].get("namespace"))
@@ -129,7 +186,8 @@ class LocalReconciler:
                 status = obj.get("status") or {}
                 due = key in self._retry_at and self._retry_at[key] <= now
                 fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
-                if full or due or fresh or key in changed or kind == GATEWAYS:
+                if (full or due or fresh or key in changed or key in approved
+                        or kind == GATEWAYS):
                     await self._run(controller.reconcile, obj)
         self.passes += 1
 

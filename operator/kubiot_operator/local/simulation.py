@@ -2,7 +2,9 @@
 connects with its issued certificate; devices behind a gateway are spoken for by it.
 
 Credential bundles are also exported to `.kubiot/devices/<namespace>/<name>/`, the files a
-firmware engineer would flash. Devices whose key never left them (CSR) are not simulated.
+firmware engineer would flash, and claim bundles to `.kubiot/claims/<namespace>/<claim>/`, what
+manufacturing flashes onto factory-fresh devices (`kubiot local factory` runs such devices).
+Devices whose key never left them (CSR) are not simulated here: they simulate themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
 from kubiot_operator.kube.secrets import secret_data
+from kubiot_operator.reconcile.identity import KIND_LABEL
 from kubiot_operator.simulator import BundleIncomplete, DeviceCredentials, SimulatedDevice
 from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
 
@@ -33,9 +36,10 @@ class Running:
 
 class Simulation:
     def __init__(self, objects: FileObjects, bundle_dir: Path, *, interval: float,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, claim_dir: Path | None = None) -> None:
         self.objects = objects
         self.bundle_dir = bundle_dir
+        self.claim_dir = claim_dir
         self.interval = interval
         self.enabled = enabled
         self.running: dict[tuple[str, str, str], Running] = {}
@@ -46,6 +50,11 @@ class Simulation:
             await asyncio.sleep(poll_seconds)
 
     async def reconcile(self) -> None:
+        if self.claim_dir is not None:
+            for bundle in await self.objects.list(SECRETS, label_selector=f"{KIND_LABEL}=claim"):
+                meta = bundle["metadata"]
+                name = meta["name"].removesuffix("-claim-credentials")
+                export_bundle(bundle, self.claim_dir / meta["namespace"] / name)
         wanted: dict[tuple[str, str, str], tuple[tuple[Any, ...], Any]] = {}
         for kind, collection in (("device", DEVICES), ("gateway", GATEWAYS)):
             for obj in await self.objects.list(collection):

@@ -25,6 +25,7 @@ from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_
 from kubiot_operator.brokers import MosquittoDynsecBackend
 from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.platform import Platform
+from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_all
 from kubiot_operator.logs import configure_logging
@@ -92,7 +93,8 @@ class LocalStack:
         self._write_ports()
         log.info("starting PostgreSQL on port %d", options.ports.postgres)
         await asyncio.to_thread(self.postgres.start)
-        reconciler = LocalReconciler(self.objects, options.manifests)
+        reconciler = LocalReconciler(self.objects, options.manifests,
+                                     approvals=options.root / "approvals")
         # Mosquitto needs every tenant's CA in its CA file before the listener starts.
         await reconciler.prepare_trust(self.authority, self.broker)
         log.info("starting Mosquitto: devices on %d (mutual TLS), services on %d",
@@ -105,9 +107,10 @@ class LocalStack:
         reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
                              patches_per_second=200)
         results = CommandResults()
+        desk = ProvisioningDesk()
         mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
                             client_id=REPORTS_CLIENT_ID, subscriptions=report_filters(),
-                            on_message=reports.on_message,
+                            on_message=route_messages(reports.on_message, desk),
                             on_command_result=results.on_result)
         platform = Platform(
             objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,
@@ -123,12 +126,14 @@ class LocalStack:
         results.attach(platform)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")
         simulation = Simulation(self.objects, options.root / "devices",
-                                interval=options.telemetry_interval, enabled=options.simulate)
+                                interval=options.telemetry_interval, enabled=options.simulate,
+                                claim_dir=options.root / "claims")
         summary = Summary(self.objects, self.postgres.dsn, options, ingest)
         try:
             self._spawn(mqtt.run(), "mqtt")
             self._spawn(reports.run(), "reports")
             self._spawn(results.run(), "command-results")
+            self._spawn(desk.run(platform), "provisioning")
             await mqtt.wait_connected(30)
             await reconciler.sync()
             await resync_all(platform)

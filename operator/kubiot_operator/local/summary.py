@@ -46,12 +46,15 @@ class Summary:
             "kubiot is running. Where to look:",
             f"  manifests (edit them; changes apply within a second): {self.options.manifests}",
             f"  device credentials:   {root / 'devices'}/<tenant>/<device>/",
+            f"  provisioning claims:  {root / 'claims'}/<tenant>/<claim>/   "
+            "(.venv/bin/kubiot local factory --count 20)",
             f"  MQTT for devices:     127.0.0.1:{ports.device} (mutual TLS)",
             f"  database:             psql '{self.dsn}'",
             f"  sample query:         SELECT device, metric, time, value FROM {schema}.telemetry "
             "ORDER BY time DESC LIMIT 10;",
             f"  logs:                 {root}/ingest/*.log, {root}/broker/mosquitto/mosquitto.log",
-            "  status:               .venv/bin/kubiot local status   (devices, tail, issue)",
+            "  status:               .venv/bin/kubiot local status   "
+            "(devices, tail, issue, factory, approve)",
         ]
         for tenant, process in sorted(self.ingest.processes.items()):
             lines.append(f"  ingest metrics ({tenant}): {process.metrics_url}")

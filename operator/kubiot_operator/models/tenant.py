@@ -13,6 +13,8 @@ from kubiot_operator.models.common import (
     DNSLabel,
     KeyAlgorithm,
     KubiotModel,
+    LabelKey,
+    LabelValue,
     ObjectName,
     Quantity,
     SecretKeyRef,
@@ -119,6 +121,56 @@ class IngestSpec(KubiotModel):
     influx: InfluxSpec | None = None
 
 
+class ApprovalMode(StrEnum):
+    AUTOMATIC = "Automatic"
+    MANUAL = "Manual"
+
+
+class ClaimSpec(KubiotModel):
+    """A claim certificate that factory-fresh devices share to ask for their own identity."""
+
+    name: DNSLabel = Field(description="The claim's name: its certificate's CN is "
+                           "`<tenant>.claim.<name>` and its Secret `<name>-claim-credentials`.")
+    revoked: bool = Field(False, description="Revoke the claim: its certificate goes on the "
+                          "CRL, the broker refuses it, and requests under it are refused.")
+    rotation: int = Field(0, ge=0, le=1_000_000, description="Raise to re-issue the claim "
+                          "certificate with a new key; the previous one is revoked.")
+    validity_days: int | None = Field(None, ge=1, le=3650, description="Lifetime of the claim "
+                                      "certificate; defaults to the tenant's certificates'.")
+
+
+Claims = Annotated[list[ClaimSpec], Field(max_length=32, json_schema_extra={
+    "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})]
+#: Longest device name pattern: a regular expression evaluated on every request.
+NAME_PATTERN_MAX_LENGTH = 256
+
+
+class ProvisioningSpec(KubiotModel):
+    """Provisioning by claim: factory-fresh devices become Devices of this tenant on first boot."""
+
+    enabled: bool = Field(False, description="Answer provisioning requests; when false, every "
+                          "request is refused (claims keep their certificates).")
+    claims: Claims = Field(default_factory=list, description="Claim certificates to issue, "
+                           "each into a Secret in the tenant's namespace for manufacturing.")
+    name_pattern: Annotated[str, StringConstraints(
+        min_length=1, max_length=NAME_PATTERN_MAX_LENGTH)] | None = Field(
+        None, description="A regular expression (Python's syntax) the whole device name (the "
+        "serial) must match, for example `^sn-[0-9]{6}$`. Left out, any DNS label is allowed. "
+        "One that does not compile is reported in the ProvisioningReady condition, and requests "
+        "are refused until it is fixed.")
+    serials: Annotated[list[DNSLabel], Field(max_length=100_000)] | None = Field(
+        None, description="If given, only these serials may provision.")
+    approval: ApprovalMode = Field(ApprovalMode.AUTOMATIC, description="Automatic: sign at "
+                                   "once. Manual: the Device waits, Pending, until someone labels "
+                                   "it `kubiot.io/approved=true` (or runs `kubiot approve`).")
+    devices_per_minute: int = Field(60, ge=1, le=100_000, description="New Devices created per "
+                                    "minute at most (with bursts of as many); a device asked "
+                                    "to wait retries later.")
+    device_labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] | None = Field(
+        None, description="Labels every provisioned Device gets (for gateways' and firmware "
+        "releases' selectors).")
+
+
 class TenantSpec(KubiotModel):
     display_name: Annotated[str, StringConstraints(max_length=256)] | None = None
     namespace: DNSLabel | None = Field(
@@ -127,6 +179,7 @@ class TenantSpec(KubiotModel):
     certificates: CertificatePolicy = Field(CertificatePolicy())
     quotas: Quotas = Field(Quotas())
     ingest: IngestSpec = Field(IngestSpec())
+    provisioning: ProvisioningSpec = Field(ProvisioningSpec())
 
 
 class TenantPhase(StrEnum):
@@ -134,6 +187,12 @@ class TenantPhase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
     FAILED = "Failed"
+
+
+class ClaimStatus(KubiotModel):
+    name: DNSLabel
+    revoked: bool = False
+    certificate: CertificateSummary | None = None
 
 
 class TenantStatus(KubiotModel):
@@ -145,3 +204,5 @@ class TenantStatus(KubiotModel):
     device_count: int | None = Field(None, ge=0)
     gateway_count: int | None = Field(None, ge=0)
     ca: CertificateSummary | None = None
+    claims: Annotated[list[ClaimStatus], Field(max_length=64)] | None = Field(
+        None, description="The claim certificates issued, and revoked ones still on record.")

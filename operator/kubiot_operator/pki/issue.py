@@ -45,9 +45,9 @@ def identity_common_name(tenant: str, kind: IdentityKind, name: str) -> str:
 
 
 def _certificate_names(tenant: str, kind: IdentityKind, name: str) -> tuple[str, str]:
-    if kind not in (IdentityKind.DEVICE, IdentityKind.GATEWAY):
-        raise PKIError("UnsupportedIdentityKind",
-                       f"certificates are issued for devices and gateways, not {kind.value}")
+    if kind not in (IdentityKind.DEVICE, IdentityKind.GATEWAY, IdentityKind.CLAIM):
+        raise PKIError("UnsupportedIdentityKind", "certificates are issued for devices, "
+                       f"gateways and provisioning claims, not {kind.value}")
     try:
         common_name, uri = certificate_names(tenant, kind, name)
     except ContractError as exc:
@@ -65,7 +65,7 @@ def issue_identity_certificate(ca: CertificateAuthority, *, tenant: str, kind: I
                                csr_pem: str | bytes | None = None,
                                now: datetime | None = None,
                                crl_url: str | None = None) -> IssuedCertificate:
-    """A client certificate for a device or gateway: for a new key, or for the holder's CSR.
+    """A client certificate for a device, gateway or claim: for a new key, or the holder's CSR.
 
     CN is the broker username, the URI SAN `kubiot://<tenant>/<kind>s/<name>`. With a CSR the
     key stays with the device: `key_pem` is None and `key_algorithm` is not used. `crl_url`,

@@ -45,17 +45,22 @@ class CredentialPolicy:
     validity_days: int
     renew_before_days: int
     csr: str | None
+    rotation: int = 0  # raised to re-issue for the same spec (a claim's rotation)
 
     @property
     def spec_hash(self) -> str:
         """Changes exactly when a new credential must be issued for a different spec."""
-        material = {"type": self.type.value, "keyAlgorithm": self.key_algorithm.value,
-                    "csr": self.csr or ""}
+        material: dict[str, object] = {"type": self.type.value,
+                                       "keyAlgorithm": self.key_algorithm.value,
+                                       "csr": self.csr or ""}
+        if self.rotation:  # absent when zero, so credentials issued before keep their hash
+            material["rotation"] = self.rotation
         digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
         return digest[:32]
 
 
-def credential_policy(tenant: TenantSpec, identity: IdentitySpec) -> CredentialPolicy:
+def credential_policy(tenant: TenantSpec, identity: IdentitySpec,
+                      rotation: int = 0) -> CredentialPolicy:
     defaults = tenant.certificates
     return CredentialPolicy(
         type=identity.type,
@@ -63,6 +68,7 @@ def credential_policy(tenant: TenantSpec, identity: IdentitySpec) -> CredentialP
         validity_days=identity.validity_days or defaults.validity_days,
         renew_before_days=identity.renew_before_days or defaults.renew_before_days,
         csr=identity.csr,
+        rotation=rotation,
     )
 
 
