@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 # Debian/Ubuntu packages the tests and the local stack run for real.
 SYSTEM_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-contrib prometheus openssl
-SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl promtool openssl
+SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl prometheus promtool openssl
 
 .PHONY: help dev test test-unit lint crds system-deps venv tools bench clean
 

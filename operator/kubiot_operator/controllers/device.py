@@ -46,8 +46,11 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     conditions = current_conditions(body)
     now = platform.clock()
     outcome = Outcome(status={"observedGeneration": generation(body)})
+    tenant: str | None = None
 
     def finish(phase: DevicePhase, updates: list[ConditionUpdate]) -> Outcome:
+        if tenant is not None:
+            platform.metrics.device_phase(namespace, name, tenant, phase.value)
         merged = set_conditions(conditions, updates, now, generation(body))
         merged = set_conditions(merged, [ready_update(merged, REQUIRED) if phase not in (
             DevicePhase.SUSPENDED,) else ConditionUpdate("Ready", False, "Suspended",
@@ -103,6 +106,7 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
 async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     """Revoke the certificate and remove broker access before the Device goes away."""
     outcome = Outcome(status={})
+    platform.metrics.device_gone(body["metadata"]["namespace"], body["metadata"]["name"])
     subject = await retire_credential(platform, body, IdentityKind.DEVICE, outcome)
     if subject is not None:
         await platform.messenger.publish(state_desired_topic(subject.topic_root), b"",
