@@ -79,6 +79,8 @@ def ingest_objects(tenant: str, spec: TenantSpec, env: IngestEnvironment) -> lis
         }},
         {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
          "spec": {
+             # job="kubiot-ingest" for every tenant, as the KubiotIngestDown alert expects.
+             "jobLabel": "app.kubernetes.io/name",
              "selector": {"matchLabels": _selector(tenant)},
              "endpoints": [{"port": "metrics", "interval": "30s", "path": "/metrics"}],
          }},
