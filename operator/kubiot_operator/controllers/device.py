@@ -8,9 +8,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubiot_contract.topics import (
+    PRESENCE_OFFLINE,
     IdentityKind,
     device_access,
     parse_username,
+    presence_topic,
     state_desired_topic,
 )
 from kubiot_operator.brokers import BrokerError, BrokerIdentity
@@ -94,6 +96,12 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
                                   spec.suspended, outcome)
     if not spec.suspended and access.ok and spec.desired is not None:
         await _publish_desired(platform, root, spec.desired, outcome)
+    if spec.suspended and access.ok:
+        # Brokers end a disabled identity's session without its last will (Mosquitto's
+        # dynamic security kicks "without will"), so its retained presence would say online
+        # for ever: say offline on its behalf.
+        await platform.messenger.publish(presence_topic(root), PRESENCE_OFFLINE.encode(),
+                                         retain=True)
     platform.gateway_refresh(namespace)
     if spec.suspended:
         return finish(DevicePhase.SUSPENDED, [credential.condition, access])
