@@ -96,7 +96,7 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
                                   spec.suspended, outcome)
     if not spec.suspended and access.ok and spec.desired is not None:
         await _publish_desired(platform, root, spec.desired, outcome)
-    if spec.suspended and access.ok:
+    if spec.suspended and access.reason == "Suspended":  # disabled at the broker
         # Brokers end a disabled identity's session without its last will (Mosquitto's
         # dynamic security kicks "without will"), so its retained presence would say online
         # for ever: say offline on its behalf.
