@@ -28,7 +28,7 @@ from kubiot_operator.brokers import MosquittoDynsecBackend
 from kubiot_operator.brokers.statistics import STATISTICS_FILTER, BrokerStatistics
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.reports import ReportPump
-from kubiot_operator.controllers.resync import resync_all
+from kubiot_operator.controllers.resync import resync_all, resync_forever
 from kubiot_operator.handlers.http import http_app
 from kubiot_operator.logs import configure_logging
 from kubiot_operator.metrics import OperatorMetrics
@@ -113,6 +113,9 @@ class StackOptions:
     poll_interval: float = 1.0
     summary: bool = True
     monitoring: Monitoring = Monitoring()
+    #: Seconds between drift repairs (broker rules deleted by hand come back), as the operator's
+    #: resync period.
+    resync_seconds: float = 30.0
 
 
 class LocalStack:
@@ -192,6 +195,8 @@ class LocalStack:
             await mqtt.wait_connected(30)
             await reconciler.sync()
             await resync_all(platform)
+            self._spawn(resync_forever(platform, options.resync_seconds,
+                                       first_delay=options.resync_seconds), "resync")
             self._spawn(reconciler.watch(options.poll_interval), "manifests")
             await ingest.reconcile()
             await ingest.wait_ready()
@@ -314,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alert-for", type=float, metavar="SECONDS",
                    help="Cut every alert's `for:` to at most this long, to see alerts fire "
                         "within seconds (default: the chart's durations).")
+    p.add_argument("--resync-seconds", type=float, default=30.0,
+                   help="Seconds between drift repairs of the broker's rules.")
     p.add_argument("--no-simulation", action="store_true", help="Do not simulate devices.")
     p.add_argument("--telemetry-interval", type=float, default=2.0,
                    help="Seconds between telemetry messages of a simulated device.")
@@ -337,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     options = StackOptions(root=root, manifests=args.manifests.resolve(), ports=ports,
                            simulate=not args.no_simulation,
                            telemetry_interval=args.telemetry_interval, summary=not args.quiet,
+                           resync_seconds=args.resync_seconds,
                            monitoring=Monitoring(enabled=not args.no_prometheus,
                                                  interval=args.scrape_interval,
                                                  rules_file=args.alert_rules.resolve(),
