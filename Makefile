@@ -7,9 +7,9 @@ PYTEST_ARGS ?=
 
 # Debian/Ubuntu packages the tests and the local stack run for real.
 SYSTEM_PACKAGES := mosquitto mosquitto-clients postgresql postgresql-contrib prometheus openssl
-SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl promtool openssl
+SYSTEM_COMMANDS := mosquitto mosquitto_sub mosquitto_ctrl prometheus promtool openssl
 
-.PHONY: help dev test test-unit fuzz lint crds system-deps venv tools bench clean
+.PHONY: help dev test test-unit fuzz lint crds alerts system-deps venv tools bench clean
 
 help:
 	@echo "make dev          run the whole platform on this machine (the local stack)"
@@ -18,6 +18,7 @@ help:
 	@echo "make fuzz         the fuzz suite with many more examples (about ten minutes)"
 	@echo "make lint         ruff, mypy and the import layering contracts"
 	@echo "make crds         regenerate crds/ and the generated docs from the models"
+	@echo "make alerts       regenerate the Grafana alert rules from the Prometheus rules"
 	@echo "make tools        install helm (and terraform if missing) into .tools/bin"
 	@echo "make bench        run the benchmarks in bench/"
 
@@ -64,6 +65,10 @@ lint: venv
 
 crds: venv
 	$(PYTHON) -m kubiot_operator.crd.generate crds docs charts/kubiot/crds
+
+alerts: venv
+	$(PYTHON) -m kubiot_operator.alerting charts/kubiot/files/alerts.yaml \
+	  charts/kubiot/files/grafana-alerts.yaml
 
 DEV_ARGS ?=
 dev: system-deps venv

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kubiot_contract.telemetry import RejectReason
+
 BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000)
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
@@ -54,6 +56,10 @@ class IngestMetrics:
         self._database_up = Gauge(
             "kubiot_ingest_database_up", "1 while the database accepts writes.", t,
             registry=registry)
+        # Every reason from 0: a counter born with its first increment hides that increment
+        # from rate(), so a burst of one new reason would never reach the rejection alert.
+        for reason in RejectReason:
+            self._rejected.labels(tenant, reason.value)
         self.received = self._received.labels(tenant)
         self.quarantined = self._quarantined.labels(tenant)
         self.batch_size = self._batch_size.labels(tenant)

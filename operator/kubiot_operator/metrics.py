@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kubiot_operator.models.device import DevicePhase
+
+DEVICE_PHASES = tuple(phase.value for phase in DevicePhase)
 
 
 class OperatorMetrics:
@@ -79,6 +83,31 @@ class OperatorMetrics:
         self.rollouts_aborted = Counter(
             "kubiot_rollouts_aborted_total", "Firmware rollouts aborted by their failure budget.",
             ["tenant", "release"], registry=r)
+        # Device -> (tenant, phase), as its last reconcile concluded: kubiot_devices is counted
+        # from it, one device at a time, never by listing the fleet.
+        self._device_phases: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def device_phase(self, namespace: str, name: str, tenant: str, phase: str) -> None:
+        """Record the phase a Device's reconcile concluded, for `kubiot_devices`."""
+        before = self._device_phases.get((namespace, name))
+        self._device_phases[(namespace, name)] = (tenant, phase)
+        # A tenant's online gauge exists from its first device, so its offline share is defined
+        # before any presence report arrives.
+        self.devices_online.labels(tenant)
+        self._count_devices(tenant)
+        if before is not None and before[0] != tenant:
+            self._count_devices(before[0])
+
+    def device_gone(self, namespace: str, name: str) -> None:
+        """Forget a deleted Device."""
+        before = self._device_phases.pop((namespace, name), None)
+        if before is not None:
+            self._count_devices(before[0])
+
+    def _count_devices(self, tenant: str) -> None:
+        counts = device_counts(self._device_phases.values(), tenant)
+        for phase, count in counts.items():
+            self.devices.labels(tenant, phase).set(count)
 
     @contextmanager
     def reconciling(self, kind: str) -> Iterator[None]:
@@ -93,3 +122,13 @@ class OperatorMetrics:
             self.reconciles.labels(kind, "success").inc()
         finally:
             self.reconcile_seconds.labels(kind).observe(time.perf_counter() - started)
+
+
+def device_counts(phases: Iterable[tuple[str, str]], tenant: str) -> dict[str, int]:
+    """Devices of a tenant per phase, with every known phase present (0 when none is in it) so
+    that a phase emptied goes to 0 rather than keeping its last count."""
+    counts = dict.fromkeys(DEVICE_PHASES, 0)
+    for owner, phase in phases:
+        if owner == tenant:
+            counts[phase] = counts.get(phase, 0) + 1
+    return counts

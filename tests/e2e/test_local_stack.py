@@ -4,112 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 import pytest
-import yaml
 
-from kubiot_operator.local.ports import free_port
+from tests.support.local_stack import REPO, Stack, descendants, none_alive, running_stack
 from tests.support.mqtt_client import ConnectRefused, MqttTestClient
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[2]
 SIMULATED = {"pressure-01", "pressure-02", "flow-meter-01", "flow-meter-02"}
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid`, from /proc."""
-    found: set[int] = set()
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    frontier.append(child)
-    return found
-
-
-async def _none_alive(pids: set[int]) -> bool:
-    return not any(alive(pid) for pid in pids)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.manifests = tmp / "manifests"
-        shutil.copytree(REPO / "manifests" / "examples", self.manifests)
-        # The example release as it is, but with a second between waves instead of ten minutes.
-        release = self.manifests / "firmware-release.yaml"
-        document = yaml.safe_load(release.read_text())
-        document["spec"]["strategy"]["pauseBetweenWavesSeconds"] = 1
-        release.write_text(yaml.safe_dump(document, sort_keys=False))
-        self.root = tmp / ".kubiot"
-        self.postgres_port = free_port()
-        self.dsn = f"postgresql://postgres@127.0.0.1:{self.postgres_port}/kubiot"
-        self.log = tmp / "stack.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubiot_operator.local.stack", "--dir", str(self.root),
-             "--manifests", str(self.manifests), "--postgres-port", str(self.postgres_port),
-             "--telemetry-interval", "0.5", "--quiet"],
-            cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def set_suspended(self, device: str, suspended: bool) -> None:
-        path = self.manifests / "devices.yaml"
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        for document in documents:
-            if document["metadata"]["name"] == device:
-                document["spec"]["suspended"] = suspended
-        path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-
-    def device_files(self, device: str) -> Path:
-        return self.root / "devices" / "acme" / device
 
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    # Not pytest's tmp_path: PostgreSQL runs as an unprivileged user and must reach its folder.
-    tmp = Path(tempfile.mkdtemp(prefix="kubiot-stack-"))
-    tmp.chmod(0o755)
-    stack = Stack(tmp)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        if stack.process is not None and stack.process.poll() is None:
-            stack.process.kill()
-            stack.process.wait()
-        subprocess.run(["pkill", "-f", str(tmp)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with running_stack() as started:
+        yield started
 
 
 async def telemetry_devices(dsn: str) -> set[str]:
@@ -224,7 +139,7 @@ async def test_make_dev_runs_the_platform_and_stops_cleanly(stack: Stack) -> Non
     children.add(int(postmaster.read_text().split()[0]))
     stack.process.send_signal(signal.SIGINT)
     assert stack.process.wait(timeout=90) == 0, stack.output()
-    await async_wait_until(lambda: _none_alive(children), timeout=10, interval=0.2,
+    await async_wait_until(lambda: none_alive(children), timeout=10, interval=0.2,
                            message="every process of the stack exited")
 
     # Nothing lost: each device's sequence numbers are contiguous, and nothing was refused.

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubiot_operator.alerting import grafana_alert_rules
 from kubiot_operator.controllers.objects import owner_reference
 from kubiot_operator.crd.generate import generated_files
 from kubiot_operator.kube.client import KINDS_BY_API
@@ -235,10 +236,24 @@ def test_dashboards_ship_as_labelled_config_maps_with_the_files_content(
     assert files and shipped == files
 
 
+def test_grafana_alert_rules_ship_beside_the_dashboards_for_the_alerts_sidecar() -> None:
+    objects = _render(None, "--set", "grafanaAlerts.datasourceUid=prom-1",
+                      "--set", "grafanaAlerts.folder=IoT")
+    [config_map] = [o for o in objects if o["kind"] == "ConfigMap"
+                    and o["metadata"]["labels"].get("grafana_alert") == "1"]
+    ((name, text),) = config_map["data"].items()
+    assert name.endswith(".yaml") and "${" not in text
+    provisioned = yaml.safe_load(text)
+    generated = grafana_alert_rules(yaml.safe_load((CHART / "files/alerts.yaml").read_text()),
+                                    datasource_uid="prom-1", folder="IoT")
+    assert provisioned == generated
+
+
 def test_toggles_leave_out_monitoring_dashboards_and_network_policy() -> None:
     objects = _render(None, "--set", "metrics.serviceMonitor.enabled=false",
                       "--set", "metrics.prometheusRule.enabled=false",
-                      "--set", "dashboards.enabled=false", "--set", "networkPolicy.enabled=false")
+                      "--set", "dashboards.enabled=false", "--set", "grafanaAlerts.enabled=false",
+                      "--set", "networkPolicy.enabled=false")
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap"}
     assert "Deployment" in kinds

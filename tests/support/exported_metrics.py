@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry
 
 from kubiot_ingest.metrics import IngestMetrics
+from kubiot_operator.brokers.statistics import BrokerStatistics
 from kubiot_operator.metrics import OperatorMetrics
 
 # Series a family of each type exposes, besides `_created` (which dashboards should not use).
@@ -36,9 +37,10 @@ def series_names(registry: CollectorRegistry) -> set[str]:
 
 
 def exported_series() -> set[str]:
-    """Series names of the operator and the ingest service."""
+    """Series names of the operator (with the broker statistics it exports) and the ingest."""
     operator = CollectorRegistry()
     OperatorMetrics(operator)
+    BrokerStatistics(operator)
     ingest = CollectorRegistry()
     IngestMetrics(ingest, "probe")
     return series_names(operator) | series_names(ingest)

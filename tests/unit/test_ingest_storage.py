@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
+from kubiot_contract.telemetry import RejectReason
 from kubiot_ingest.metrics import IngestMetrics
 from kubiot_ingest.migrations import Layout, load_migrations, quote_ident, render
 from kubiot_ingest.partitions import (
@@ -101,3 +102,13 @@ def test_metric_names_are_the_ones_dashboards_use() -> None:
     assert value("kubiot_ingest_database_errors_total", t) == 1
     assert value("kubiot_ingest_broker_connected", t) == 1
     assert value("kubiot_ingest_database_up", t) == 1
+
+
+def test_every_reject_reason_is_exported_from_zero() -> None:
+    # rate() cannot see a counter's first increment: a reason first seen in a burst would
+    # otherwise never reach KubiotIngestRejectingMessages.
+    registry = CollectorRegistry()
+    IngestMetrics(registry, "acme")
+    for reason in RejectReason:
+        assert registry.get_sample_value("kubiot_ingest_messages_rejected_total",
+                                         {"tenant": "acme", "reason": reason.value}) == 0

@@ -8,9 +8,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubiot_contract.topics import (
+    PRESENCE_OFFLINE,
     IdentityKind,
     device_access,
     parse_username,
+    presence_topic,
     state_desired_topic,
 )
 from kubiot_operator.brokers import BrokerError, BrokerIdentity
@@ -47,8 +49,11 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     conditions = current_conditions(body)
     now = platform.clock()
     outcome = Outcome(status={"observedGeneration": generation(body)})
+    tenant: str | None = None
 
     def finish(phase: DevicePhase, updates: list[ConditionUpdate]) -> Outcome:
+        if tenant is not None:
+            platform.metrics.device_phase(namespace, name, tenant, phase.value)
         merged = set_conditions(conditions, updates, now, generation(body))
         merged = set_conditions(merged, [ready_update(merged, REQUIRED) if phase not in (
             DevicePhase.SUSPENDED,) else ConditionUpdate("Ready", False, "Suspended",
@@ -101,6 +106,12 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
                                   spec.suspended, outcome)
     if not spec.suspended and access.ok and spec.desired is not None:
         await _publish_desired(platform, root, spec.desired, outcome)
+    if spec.suspended and access.reason == "Suspended":  # disabled at the broker
+        # Brokers end a disabled identity's session without its last will (Mosquitto's
+        # dynamic security kicks "without will"), so its retained presence would say online
+        # for ever: say offline on its behalf.
+        await platform.messenger.publish(presence_topic(root), PRESENCE_OFFLINE.encode(),
+                                         retain=True)
     platform.gateway_refresh(namespace)
     if spec.suspended:
         return finish(DevicePhase.SUSPENDED, [credential.condition, access])
@@ -113,6 +124,7 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
 async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     """Revoke the certificate and remove broker access before the Device goes away."""
     outcome = Outcome(status={})
+    platform.metrics.device_gone(body["metadata"]["namespace"], body["metadata"]["name"])
     subject = await retire_credential(platform, body, IdentityKind.DEVICE, outcome)
     if subject is not None:
         await platform.messenger.publish(state_desired_topic(subject.topic_root), b"",

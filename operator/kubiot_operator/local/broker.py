@@ -42,8 +42,10 @@ class LocalBroker:
     backend when the identity is disabled).
     """
 
-    def __init__(self, root: Path, ports: BrokerPorts, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, ports: BrokerPorts, *, host: str = "127.0.0.1",
+                 statistics_interval: int | None = None) -> None:
         self.root = root
+        self.statistics_interval = statistics_interval
         self.ports = ports
         self.host = host
         self._store = FileMaterialStore(root / "pki")
@@ -92,7 +94,8 @@ class LocalBroker:
             tls=TLSListener(port=self.ports.device, ca_file=self.ca_bundle_file,
                             cert_file=certificate_dir / "tls.crt",
                             key_file=certificate_dir / "tls.key",
-                            crl_file=self.crl_bundle_file))
+                            crl_file=self.crl_bundle_file),
+            sys_interval=self.statistics_interval)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._broker = MosquittoBroker(config)
         await asyncio.to_thread(self._broker.start)

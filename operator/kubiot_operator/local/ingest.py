@@ -49,7 +49,7 @@ def resolve_environment(container: dict[str, Any], secrets: dict[str, dict[str, 
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM the ingest if the stack itself is killed, so none is left behind."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -57,16 +57,22 @@ def _die_with_parent() -> None:
 
 
 class IngestProcess:
-    def __init__(self, tenant: str, env: dict[str, str], log_file: Path) -> None:
+    def __init__(self, tenant: str, env: dict[str, str], log_file: Path, *,
+                 namespace: str = "") -> None:
         self.tenant = tenant
+        self.namespace = namespace
         self.env = env
         self.log_file = log_file
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
 
     @property
+    def metrics_port(self) -> int:
+        return int(self.env["KUBIOT_INGEST_METRICS_PORT"])
+
+    @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.env.get('KUBIOT_INGEST_METRICS_PORT', '')}/metrics"
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def running(self) -> bool:
@@ -78,7 +84,7 @@ class IngestProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "kubiot_ingest.main",
                 env={**os.environ, **self.env}, stdout=output, stderr=output,
-                stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.starts += 1
 
     async def stop(self) -> None:
@@ -121,6 +127,7 @@ class IngestSupervisor:
 
     async def reconcile(self) -> None:
         wanted: dict[str, dict[str, str]] = {}
+        namespaces: dict[str, str] = {}
         deployments = await self.objects.list(DEPLOYMENTS)
         for deployment in deployments:
             labels = deployment["metadata"].get("labels") or {}
@@ -137,6 +144,7 @@ class IngestSupervisor:
             env["KUBIOT_INGEST_METRICS_PORT"] = port
             if "KUBIOT_INGEST_DATABASE_DSN" in env and "KUBIOT_INGEST_BROKER_PASSWORD" in env:
                 wanted[tenant] = env
+                namespaces[tenant] = namespace
         for tenant in set(self.processes) - set(wanted):
             await self.processes.pop(tenant).stop()
         for tenant, env in wanted.items():
@@ -150,7 +158,8 @@ class IngestSupervisor:
                     log.warning("ingest for %s exited with %s; restarting", tenant,
                                 current.process.returncode if current.process else "?")
                     await asyncio.sleep(RESTART_DELAY)
-            process = IngestProcess(tenant, env, self.log_dir / f"{tenant}.log")
+            process = IngestProcess(tenant, env, self.log_dir / f"{tenant}.log",
+                                    namespace=namespaces[tenant])
             process.starts = current.starts if current else 0
             await process.start()
             self.processes[tenant] = process

@@ -63,6 +63,8 @@ class MosquittoConfig:
     bind_address: str = "127.0.0.1"
     plugin_path: str = field(default_factory=lambda: find_dynsec_plugin())
     run_as_user: str = field(default_factory=getpass.getuser)
+    #: Seconds between `$SYS` statistics updates; None keeps Mosquitto's default (10 s).
+    sys_interval: int | None = None
 
     @property
     def dynsec_file(self) -> Path:
@@ -108,6 +110,7 @@ def render_config(cfg: MosquittoConfig) -> str:
         "max_queued_messages 100000",
         # Small control messages and acknowledgements must not wait on Nagle's algorithm.
         "set_tcp_nodelay true",
+        *([f"sys_interval {cfg.sys_interval}"] if cfg.sys_interval is not None else []),
         "",
         f"listener {cfg.service_port} {cfg.bind_address}",
         "protocol mqtt",

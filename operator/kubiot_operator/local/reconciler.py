@@ -196,12 +196,20 @@ class LocalReconciler:
         assert self._platform is not None
         key = _key(obj)
         where = "/".join(p for p in (key[1], key[2]) if p)
+        metrics = self._platform.metrics
+        kind = str(obj["kind"])
+        # Counted as the operator's handlers count them, so the operator dashboard and alerts
+        # read the same figures from the local stack.
         try:
-            outcome = await step(self._platform, obj)
+            with metrics.reconciling(kind):
+                outcome = await step(self._platform, obj)
         except Exception as exc:  # the stack keeps running; the next pass retries
-            log.warning("%s %s: %s; retrying", obj["kind"], where, exc)
+            metrics.reconcile_errors.labels(kind, type(exc).__name__).inc()
+            log.warning("%s %s: %s; retrying", kind, where, exc)
             self._retry_at[key] = time.monotonic() + 5
             return
+        if outcome.retry_after is not None and not outcome.planned:
+            metrics.reconcile_errors.labels(kind, outcome.retry_reason).inc()
         await apply_outcome(obj, outcome, write_status=self._write_status,
                             post_event=_log_event, with_status=with_status)
         if outcome.retry_after is not None:

@@ -1,8 +1,9 @@
 """`make dev`: the whole platform on one machine, from the same manifests a cluster would get.
 
 Under `.kubiot/` it runs Mosquitto (mutual TLS, dynamic security), PostgreSQL, the reconcile
-core over a file-backed object store, one ingest process per tenant and simulated devices,
-and it picks up edits to the manifests within a second, as the operator would in a cluster.
+core over a file-backed object store, one ingest process per tenant, simulated devices and a
+Prometheus evaluating the chart's alerts, and it picks up edits to the manifests within a
+second, as the operator would in a cluster.
 """
 
 from __future__ import annotations
@@ -19,33 +20,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
 from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.brokers.statistics import STATISTICS_FILTER, BrokerStatistics
 from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
-from kubiot_operator.controllers.resync import resync_all
+from kubiot_operator.controllers.resync import resync_all, resync_forever
+from kubiot_operator.handlers.http import http_app
 from kubiot_operator.logs import configure_logging
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.mqtt import OperatorMqtt
 from kubiot_operator.pki import FileMaterialStore, TenantAuthority
 from kubiot_operator.reconcile.identity import BrokerEndpoint
-from kubiot_operator.reconcile.tenant import IngestEnvironment
+from kubiot_operator.reconcile.tenant import IngestEnvironment, ingest_name
 
 from .broker import BrokerPorts, LocalBroker
 from .ingest import IngestSupervisor
 from .objects import FileObjects
 from .ports import free_port, saved_ports
 from .postgres import PostgresServer
+from .prometheus import (
+    CHART_RULES,
+    PrometheusError,
+    PrometheusServer,
+    ScrapeTarget,
+    load_rules,
+    local_alert_rules,
+)
 from .reconciler import LocalReconciler
 from .simulation import Simulation
 from .summary import Summary
 
 log = logging.getLogger("kubiot.local")
 DATABASE_SECRET = "kubiot-database"
+#: Where the operator would run in a cluster: the labels its metrics get, as in the chart.
+OPERATOR_NAMESPACE = "local"
+OPERATOR_JOB = "kubiot"
+#: How often Mosquitto publishes its `$SYS` statistics here (its default is 10 s).
+BROKER_STATISTICS_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -53,10 +70,39 @@ class StackPorts:
     device: int
     service: int
     postgres: int
+    metrics: int
+    prometheus: int
 
     @classmethod
-    def pick(cls, device: int | None, service: int | None, postgres: int | None) -> StackPorts:
-        return cls(device or free_port(), service or free_port(), postgres or free_port())
+    def pick(cls, device: int | None = None, service: int | None = None,
+             postgres: int | None = None, metrics: int | None = None,
+             prometheus: int | None = None) -> StackPorts:
+        return cls(device or free_port(), service or free_port(), postgres or free_port(),
+                   metrics or free_port(), prometheus or free_port())
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """The stack's Prometheus: how often it scrapes and evaluates, and the rules it loads."""
+
+    enabled: bool = True
+    interval: float = 2.0
+    rules_file: Path = CHART_RULES
+    #: Every alert's `for:` cut to at most this many seconds; None keeps the chart's.
+    longest_for: float | None = None
+
+
+def scrape_targets(metrics_port: int, ingest: dict[str, tuple[str, int]]) -> list[ScrapeTarget]:
+    """The operator core and each tenant's ingest ({tenant: (namespace, metrics port)}), with
+    the target labels the chart's and the operator's ServiceMonitors give them in a cluster."""
+    targets = [ScrapeTarget(f"127.0.0.1:{metrics_port}", {
+        "job": OPERATOR_JOB, "namespace": OPERATOR_NAMESPACE, "service": OPERATOR_JOB,
+        "pod": "kubiot-operator-local"})]
+    for tenant, (namespace, port) in sorted(ingest.items()):
+        targets.append(ScrapeTarget(f"127.0.0.1:{port}", {
+            "job": "kubiot-ingest", "namespace": namespace, "service": ingest_name(tenant),
+            "pod": f"{tenant}-ingest-local"}))
+    return targets
 
 
 @dataclass(frozen=True)
@@ -68,6 +114,10 @@ class StackOptions:
     telemetry_interval: float = 2.0
     poll_interval: float = 1.0
     summary: bool = True
+    monitoring: Monitoring = Monitoring()
+    #: Seconds between drift repairs (broker rules deleted by hand come back), as the operator's
+    #: resync period.
+    resync_seconds: float = 30.0
 
 
 class LocalStack:
@@ -79,10 +129,14 @@ class LocalStack:
         self.objects = FileObjects(root / "objects.json")
         self.authority = TenantAuthority(FileMaterialStore(root / "pki"))
         self.broker = LocalBroker(root / "broker", BrokerPorts(options.ports.device,
-                                                               options.ports.service))
+                                                               options.ports.service),
+                                  statistics_interval=BROKER_STATISTICS_SECONDS)
         self.postgres = PostgresServer(postgres_home(root), port=options.ports.postgres,
                                        durable=True)
         self.metrics = OperatorMetrics(CollectorRegistry())
+        self.broker_statistics = BrokerStatistics(self.metrics.registry)
+        self.prometheus: PrometheusServer | None = None
+        self._http: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -108,10 +162,20 @@ class LocalStack:
                              patches_per_second=200)
         results = CommandResults()
         desk = ProvisioningDesk()
+        route = route_messages(reports.on_message, desk)
+
+        def on_message(topic: str, payload: bytes) -> None:
+            if topic.startswith("$SYS/"):
+                self.broker_statistics.on_message(topic, payload)
+            else:
+                route(topic, payload)
+
+        # The operator's session also reads the broker's statistics: Mosquitto has no metrics
+        # endpoint, and the admin identity may read `$SYS`.
         mqtt = OperatorMqtt("127.0.0.1", options.ports.service, OPERATOR_USERNAME, password,
-                            client_id=REPORTS_CLIENT_ID, subscriptions=report_filters(),
-                            on_message=route_messages(reports.on_message, desk),
-                            on_command_result=results.on_result)
+                            client_id=REPORTS_CLIENT_ID,
+                            subscriptions=[*report_filters(), STATISTICS_FILTER],
+                            on_message=on_message, on_command_result=results.on_result)
         platform = Platform(
             objects=self.objects, authority=self.authority, broker=backend, messenger=mqtt,
             trust=self.broker, metrics=self.metrics,
@@ -130,6 +194,10 @@ class LocalStack:
                                 claim_dir=options.root / "claims")
         summary = Summary(self.objects, self.postgres.dsn, options, ingest)
         try:
+            await self._serve_metrics(ready=lambda: mqtt.connected)
+            await self._start_prometheus()
+            if self.prometheus is not None:
+                summary.prometheus_url = self.prometheus.url
             self._spawn(mqtt.run(), "mqtt")
             self._spawn(reports.run(), "reports")
             self._spawn(results.run(), "command-results")
@@ -137,10 +205,14 @@ class LocalStack:
             await mqtt.wait_connected(30)
             await reconciler.sync()
             await resync_all(platform)
+            self._spawn(resync_forever(platform, options.resync_seconds,
+                                       first_delay=options.resync_seconds), "resync")
             self._spawn(reconciler.watch(options.poll_interval), "manifests")
             await ingest.reconcile()
             await ingest.wait_ready()
             self._spawn(ingest.supervise(), "ingest")
+            if self.prometheus is not None:
+                self._spawn(self._follow_targets(ingest), "scrape-targets")
             self._spawn(simulation.run(), "simulation")
             await summary.print_banner()
             if options.summary:
@@ -152,6 +224,10 @@ class LocalStack:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.prometheus is not None:
+                await asyncio.to_thread(self.prometheus.stop)
+            if self._http is not None:
+                await self._http.cleanup()
             await simulation.stop()
             await ingest.stop()
             with contextlib.suppress(Exception):
@@ -159,6 +235,45 @@ class LocalStack:
             await self.broker.stop()
             await asyncio.to_thread(self.postgres.stop)
             log.info("stopped; the data stays in %s", options.root)
+
+    async def _serve_metrics(self, ready: Any) -> None:
+        """/metrics, /healthz and /readyz of the operator core, as the operator serves them."""
+        app = http_app(self.metrics.registry, ready=ready, authority=lambda: self.authority)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        await web.TCPSite(self._http, "127.0.0.1", self.options.ports.metrics).start()
+
+    async def _start_prometheus(self) -> None:
+        monitoring = self.options.monitoring
+        if not monitoring.enabled:
+            return
+        rules = None
+        if monitoring.rules_file.exists():
+            rules = local_alert_rules(load_rules(monitoring.rules_file),
+                                      longest_for=monitoring.longest_for)
+        else:
+            log.warning("no alert rules at %s; Prometheus runs without them",
+                        monitoring.rules_file)
+        try:
+            server = PrometheusServer(self.options.root / "prometheus",
+                                      self.options.ports.prometheus,
+                                      interval=monitoring.interval, rules=rules)
+            server.set_targets(scrape_targets(self.options.ports.metrics, {}))
+            log.info("starting Prometheus on port %d", self.options.ports.prometheus)
+            await asyncio.to_thread(server.start)
+        except PrometheusError as exc:
+            log.warning("%s; the stack runs without Prometheus", exc)
+            return
+        self.prometheus = server
+
+    async def _follow_targets(self, ingest: IngestSupervisor, interval: float = 1.0) -> None:
+        """Keep Prometheus's targets in step with the ingest processes the supervisor runs."""
+        assert self.prometheus is not None
+        while True:
+            ports = {tenant: (process.namespace, process.metrics_port)
+                     for tenant, process in ingest.processes.items()}
+            self.prometheus.set_targets(scrape_targets(self.options.ports.metrics, ports))
+            await asyncio.sleep(interval)
 
     def _spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=f"kubiot-local-{name}")
@@ -169,7 +284,8 @@ class LocalStack:
         ports = self.options.ports
         (self.options.root / "ports.env").write_text(
             f"KUBIOT_DEVICE_PORT={ports.device}\nKUBIOT_SERVICE_PORT={ports.service}\n"
-            f"KUBIOT_POSTGRES_PORT={ports.postgres}\n")
+            f"KUBIOT_POSTGRES_PORT={ports.postgres}\nKUBIOT_METRICS_PORT={ports.metrics}\n"
+            f"KUBIOT_PROMETHEUS_PORT={ports.prometheus}\n")
 
 
 def postgres_home(root: Path) -> Path:
@@ -202,6 +318,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device-port", type=int, help="Mutual-TLS MQTT port for devices.")
     p.add_argument("--service-port", type=int, help="MQTT port for the operator and ingest.")
     p.add_argument("--postgres-port", type=int, help="PostgreSQL port.")
+    p.add_argument("--metrics-port", type=int,
+                   help="Port of the operator core's /metrics (with the broker's statistics).")
+    p.add_argument("--prometheus-port", type=int, help="Prometheus's port.")
+    p.add_argument("--no-prometheus", action="store_true", help="Do not run Prometheus.")
+    p.add_argument("--scrape-interval", type=float, default=2.0,
+                   help="Seconds between Prometheus scrapes and rule evaluations.")
+    p.add_argument("--alert-rules", type=Path, default=CHART_RULES,
+                   help="Alert rules Prometheus evaluates (default: the chart's).")
+    p.add_argument("--alert-for", type=float, metavar="SECONDS",
+                   help="Cut every alert's `for:` to at most this long, to see alerts fire "
+                        "within seconds (default: the chart's durations).")
+    p.add_argument("--resync-seconds", type=float, default=30.0,
+                   help="Seconds between drift repairs of the broker's rules.")
     p.add_argument("--no-simulation", action="store_true", help="Do not simulate devices.")
     p.add_argument("--telemetry-interval", type=float, default=2.0,
                    help="Seconds between telemetry messages of a simulated device.")
@@ -216,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     saved = saved_ports(root)
     ports = StackPorts.pick(args.device_port or saved.get("KUBIOT_DEVICE_PORT"),
                             args.service_port or saved.get("KUBIOT_SERVICE_PORT"),
-                            args.postgres_port or saved.get("KUBIOT_POSTGRES_PORT"))
+                            args.postgres_port or saved.get("KUBIOT_POSTGRES_PORT"),
+                            args.metrics_port or saved.get("KUBIOT_METRICS_PORT"),
+                            args.prometheus_port or saved.get("KUBIOT_PROMETHEUS_PORT"))
     if not args.manifests.is_dir():
         print(f"kubiot-local: {args.manifests} is not a folder of manifests", file=sys.stderr)
         return 2
     options = StackOptions(root=root, manifests=args.manifests.resolve(), ports=ports,
                            simulate=not args.no_simulation,
-                           telemetry_interval=args.telemetry_interval, summary=not args.quiet)
+                           telemetry_interval=args.telemetry_interval, summary=not args.quiet,
+                           resync_seconds=args.resync_seconds,
+                           monitoring=Monitoring(enabled=not args.no_prometheus,
+                                                 interval=args.scrape_interval,
+                                                 rules_file=args.alert_rules.resolve(),
+                                                 longest_for=args.alert_for))
     return asyncio.run(_run(options))
 
 

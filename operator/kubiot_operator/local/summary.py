@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 class Summary:
     def __init__(self, objects: FileObjects, dsn: str, options: StackOptions,
-                 ingest: IngestSupervisor) -> None:
+                 ingest: IngestSupervisor, prometheus_url: str | None = None) -> None:
         self.objects = objects
+        self.prometheus_url = prometheus_url
         self.dsn = dsn
         self.options = options
         self.ingest = ingest
@@ -56,8 +57,13 @@ class Summary:
             "  status:               .venv/bin/kubiot local status   "
             "(devices, tail, issue, factory, approve)",
         ]
+        lines.append(f"  operator metrics:     http://127.0.0.1:{ports.metrics}/metrics "
+                     "(with the broker's statistics)")
         for tenant, process in sorted(self.ingest.processes.items()):
             lines.append(f"  ingest metrics ({tenant}): {process.metrics_url}")
+        if self.prometheus_url is not None:
+            lines.append(f"  Prometheus:           {self.prometheus_url} (alerts: "
+                         f"{self.prometheus_url}/alerts)")
         lines.append("Press Ctrl-C to stop; run it again to resume with the same data.\n")
         print("\n".join(lines), flush=True)
 

@@ -173,7 +173,9 @@ def _monitor(tenant: str, env: IngestEnvironment, meta: dict[str, Any],
     return {
         "apiVersion": MONITORING_API, "kind": kind,
         "metadata": {**meta, "labels": {**env.monitor_labels, **meta["labels"]}},
-        "spec": {"selector": {"matchLabels": _selector(tenant)}, endpoints: [endpoint]},
+        # job="kubiot-ingest" for every tenant, as the KubiotIngestDown alert expects.
+        "spec": {"jobLabel": "app.kubernetes.io/name",
+                 "selector": {"matchLabels": _selector(tenant)}, endpoints: [endpoint]},
     }
 
 
