@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from kubiot_contract.device_json import parse_device_json
 from kubiot_contract.telemetry import RejectReason, TelemetryRejected, parse_payload
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
@@ -20,7 +21,6 @@ from kubiot_contract.topics import (
     ParsedTopic,
     parse_topic,
 )
-from kubiot_contract.device_json import parse_device_json
 
 #: The stream name stored for `telemetry` without a stream level; part of the primary key, so
 #: it is a value rather than NULL.

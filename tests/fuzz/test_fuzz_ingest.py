@@ -12,6 +12,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from kubiot_contract.device_json import MAX_DOCUMENT_DEPTH, document_problem, parse_device_json
+from kubiot_contract.telemetry import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    RejectReason,
+    Sample,
+    TelemetryRejected,
+    parse_payload,
+)
+from kubiot_contract.topics import NAME_MAX_LENGTH, ContractError, ParsedTopic, parse_topic
 from kubiot_ingest.batcher import Batch
 from kubiot_ingest.records import (
     DeadLetter,
@@ -22,15 +31,6 @@ from kubiot_ingest.records import (
     classify,
     parse_presence,
     parse_reported,
-)
-from kubiot_contract.topics import NAME_MAX_LENGTH, ContractError, ParsedTopic, parse_topic
-from kubiot_contract.device_json import MAX_DOCUMENT_DEPTH, document_problem, parse_device_json
-from kubiot_contract.telemetry import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    RejectReason,
-    Sample,
-    TelemetryRejected,
-    parse_payload,
 )
 from tests.fuzz.hostile import (
     ARRIVAL,

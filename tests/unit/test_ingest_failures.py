@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from kubiot_contract.telemetry import RejectReason
 from kubiot_ingest.batcher import Batch, Batcher
 from kubiot_ingest.config import load_settings
 from kubiot_ingest.records import DeadLetter, InboundMessage, TelemetryRecords
 from kubiot_ingest.service import IngestService
 from kubiot_ingest.sinks.postgres import WriteFailure, WriteResult, write_failure
-from kubiot_contract.telemetry import RejectReason
 
 RECEIVED = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 ENV = {"KUBIOT_INGEST_TENANT": "acme", "KUBIOT_INGEST_DATABASE_DSN": "postgresql://unused",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubiot_contract.device_json import parse_device_json
+from kubiot_contract.telemetry import TelemetryRejected
 from kubiot_contract.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
@@ -19,8 +21,6 @@ from kubiot_contract.topics import (
     IdentityKind,
     parse_topic,
 )
-from kubiot_contract.device_json import parse_device_json
-from kubiot_contract.telemetry import TelemetryRejected
 
 MAX_REPORTED_BYTES = 64 * 1024
 

@@ -10,9 +10,9 @@ from enum import StrEnum
 from typing import Any
 
 from kubiot_contract.device_json import parse_device_json
+from kubiot_contract.telemetry import TelemetryRejected
 from kubiot_operator.pki import PKIError, verify_manifest
 from kubiot_operator.pki.firmware import SIGNATURE_FIELD
-from kubiot_contract.telemetry import TelemetryRejected
 
 #: Far above any real job (a few hundred bytes); a retained job is read on every reconnect.
 MAX_JOB_BYTES = 16 * 1024
