@@ -6,7 +6,7 @@ Pure: the caller passes the clock in, and does the writing and acknowledging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.records import (
@@ -19,6 +19,11 @@ from kubiot_ingest.records import (
 )
 
 DeviceKey = tuple[IdentityKind, str]
+
+#: How far `last_seen` may lag behind the newest message of a device that only sends
+#: telemetry: far below the minutes after which a device counts as offline, and it spares the
+#: database an upsert per device per batch.
+LAST_SEEN_RESOLUTION = timedelta(seconds=10)
 
 
 @dataclass
@@ -125,6 +130,36 @@ class Batcher:
     def take(self) -> Batch:
         batch, self._batch = self._batch, Batch()
         return batch
+
+
+class LastSeenMemo:
+    """What this writer last stored for each device, so that a batch skips the upserts that
+    would change nothing but `last_seen`, and that by less than `resolution`."""
+
+    def __init__(self, resolution: timedelta = LAST_SEEN_RESOLUTION) -> None:
+        self.resolution = resolution
+        self._stored: dict[DeviceKey, datetime] = {}
+
+    def due(self, updates: list[DeviceUpdate]) -> list[DeviceUpdate]:
+        """The updates worth writing: presence or reported state, or `last_seen` moved on."""
+        result = []
+        for update in updates:
+            stored = self._stored.get((update.kind, update.device))
+            if (stored is None or update.online is not None or update.reported is not None
+                    or update.seen_at - stored >= self.resolution):
+                result.append(update)
+        return result
+
+    def written(self, updates: list[DeviceUpdate]) -> None:
+        """Remember updates once their transaction is committed."""
+        for update in updates:
+            key = (update.kind, update.device)
+            stored = self._stored.get(key)
+            if stored is None or update.seen_at > stored:
+                self._stored[key] = update.seen_at
+
+    def forget(self) -> None:
+        self._stored.clear()
 
 
 def single(message: InboundMessage, outcome: Outcome) -> Batch:

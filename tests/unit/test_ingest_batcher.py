@@ -8,7 +8,7 @@ import pytest
 
 from kubiot_contract.telemetry import RejectReason
 from kubiot_contract.topics import IdentityKind
-from kubiot_ingest.batcher import Batcher, single
+from kubiot_ingest.batcher import Batcher, LastSeenMemo, single
 from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
@@ -92,3 +92,20 @@ def test_sample_times_feed_the_lag_histogram() -> None:
     batcher.add(inbound(1), telemetry(ts=T0), now=0)
     batcher.add(inbound(2), telemetry(ts=T0 + timedelta(seconds=1)), now=0)
     assert batcher.take().sample_times == [T0, T0 + timedelta(seconds=1)]
+
+
+def test_last_seen_is_written_again_only_once_it_has_moved_on() -> None:
+    memo = LastSeenMemo(resolution=timedelta(seconds=10))
+    at = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    seen = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at)
+    assert memo.due([seen]) == [seen]  # never written by this writer
+    memo.written([seen])
+    soon = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=3))
+    assert memo.due([soon]) == []
+    online = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=4), online=True)
+    later = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=10))
+    other = DeviceUpdate(IdentityKind.GATEWAY, "pump-1", at)
+    assert memo.due([online]) == [online]  # presence is always written
+    assert memo.due([later, other]) == [later, other]
+    memo.forget()
+    assert memo.due([soon]) == [soon]
