@@ -13,7 +13,7 @@ the backlog, so that only the broker, the consumer and PostgreSQL share the mach
   3. kubiot-ingest: messages per second committed to PostgreSQL (and acknowledged), watched
      through the primary key on one connection (counting the rows would load the server);
 while (3) runs, the CPU time each party spends per message: the ingest process's event-loop
-thread and its paho network thread, its PostgreSQL backend, and the broker; then, live:
+thread and its other threads, its PostgreSQL backend, and the broker; then, live:
   4. end-to-end latency (device timestamp to row written) with the publishers sending at half
      of (3);
   5. the ingest process's peak RSS over the whole run;
@@ -22,20 +22,20 @@ then, without MQTT, in this process, on messages built like the published ones:
      migrations and idempotency key, same server) commits telemetry already decoded and
      validated in memory, in batches made by the product's batcher;
   7. where one message's time goes: the product's code timed stage by stage (CPU time of this
-     thread, best of three): paho decoding the same PUBLISH packets from a socket into the
-     inbox, payload validation, building rows (classifying minus validating, plus batching),
-     and the database write from (6) (wall time).
+     thread, best of three): the subscriber receiving the same PUBLISH packets from a
+     loopback connection into the inbox and acknowledging them, payload validation,
+     building rows (classifying minus validating, plus batching), and the database write
+     from (6) (wall time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -67,6 +67,7 @@ from tests.support.ingest import (  # noqa: E402
     broker_for_tenant,
     ingest_environment,
 )
+from tests.support.mqtt_wire import WireBroker, publish_packet  # noqa: E402
 
 TENANT = "bench"
 SCHEMA = "tenant_bench"
@@ -426,7 +427,7 @@ class CpuProbe:
         pid = self.ingest_pid
         main = cpu_seconds(pid, pid)
         values = {"ingest event-loop thread": main,
-                  "ingest other threads (paho network loop)": cpu_seconds(pid) - main}
+                  "ingest other threads": cpu_seconds(pid) - main}
         if self.backend_pid is not None:
             values["PostgreSQL backend of the ingest"] = cpu_seconds(self.backend_pid)
         if self.broker_pid is not None:
@@ -583,48 +584,51 @@ def database_ceiling(settings: IngestSettings, batches: list[Batch]) -> tuple[fl
     return asyncio.run(run())
 
 
-def publish_packet(message: InboundMessage) -> bytes:
-    """The MQTT 5 PUBLISH (QoS 1, no properties) the broker delivers for a message."""
-    topic = message.topic.encode()
-    body = (struct.pack("!H", len(topic)) + topic + struct.pack("!H", message.mid % 65535 + 1)
-            + b"\x00" + message.payload)
-    length, remaining = bytearray(), len(body)
-    while True:
-        remaining, digit = divmod(remaining, 128)
-        length.append(digit | (0x80 if remaining else 0))
-        if not remaining:
-            return b"\x32" + bytes(length) + body
-
-
 def receive_seconds(settings: IngestSettings, messages: list[InboundMessage]) -> float:
-    """CPU time of the product's subscriber reading the messages' PUBLISH packets from a
-    socket into its inbox, and the event loop taking them out."""
+    """CPU time of the event-loop thread while the product's subscriber reads the messages'
+    PUBLISH packets from a loopback connection into its inbox, the loop takes them out, and
+    the subscriber acknowledges them. The broker's side runs in another thread."""
     chunk_size = 500  # well under a socket buffer, so that writing never waits
-    packets = [publish_packet(m) for m in messages]
-    loop = asyncio.new_event_loop()
-    reader, writer = socket.socketpair()
-    reader.setblocking(False)
-    inbox = Inbox(settings.queue_max, loop)
-    subscriber = Subscriber(settings, [], inbox, lambda up: None)
-    client: Any = subscriber._client
-    client._sock = reader
-    spent = 0.0
+    packets = [publish_packet(m.mid % 65535 + 1, m.topic, m.payload) for m in messages]
+    broker_loop = asyncio.new_event_loop()
+    broker = WireBroker()
+    threading.Thread(target=broker_loop.run_forever, daemon=True).start()
+    asyncio.run_coroutine_threadsafe(broker.start(), broker_loop).result(10)
+
+    async def run() -> float:
+        local = settings.model_copy(update={"broker_host": "127.0.0.1",
+                                            "broker_port": broker.port})
+        inbox = Inbox(len(packets) + 1)
+        up = asyncio.Event()
+        subscriber = Subscriber(local, [f"{TENANT}/devices/+/telemetry"], inbox,
+                                lambda connected: up.set() if connected else None)
+        connection = asyncio.create_task(subscriber.run())
+        try:
+            await asyncio.wait_for(up.wait(), 10)
+            spent = 0.0
+            for start in range(0, len(packets), chunk_size):
+                data = b"".join(packets[start:start + chunk_size])
+                began = time.thread_time()
+                broker_loop.call_soon_threadsafe(broker.send, data)
+                wanted = min(chunk_size, len(packets) - start)
+                while wanted:
+                    await inbox.wait(None)
+                    taken = inbox.drain(wanted)
+                    wanted -= len(taken)
+                    subscriber.ack([m.receipt for m in taken])
+                spent += time.thread_time() - began
+            return spent
+        finally:
+            await subscriber.disconnect()
+            connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connection
+
     try:
-        for start in range(0, len(packets), chunk_size):
-            writer.sendall(b"".join(packets[start:start + chunk_size]))
-            wanted = min(chunk_size, len(packets) - start)
-            began = time.thread_time()
-            while wanted:
-                if client.loop_read() != 0:
-                    raise RuntimeError("the subscriber could not read the PUBLISH packets")
-                wanted -= len(inbox.drain(wanted))
-            spent += time.thread_time() - began
+        return asyncio.run(run())
     finally:
-        client._sock = None
-        reader.close()
-        writer.close()
-        loop.close()
-    return spent
+        asyncio.run_coroutine_threadsafe(broker.stop(), broker_loop).result(10)
+        broker_loop.call_soon_threadsafe(broker_loop.stop)
 
 
 def best_of(runs: int, measure: Callable[[], float]) -> float:
@@ -670,7 +674,7 @@ def database_figures(access: BrokerAccess, dsn: str, publishers: int, total: int
     figures.db_batches = (len(batches), n / len(batches), wall / len(batches))
     figures.db_client_cpu = cpu / n
     figures.stages = {
-        "MQTT receive + decode (paho, into the inbox)": receive / n,
+        "MQTT receive + decode + ack (paho on the loop)": receive / n,
         "validation (pydantic, parse_payload)": validation / n,
         "row building (classify - validation, + batcher)":
             max(0.0, classifying - validation + batching) / n,

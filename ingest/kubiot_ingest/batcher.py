@@ -14,6 +14,7 @@ from kubiot_ingest.records import (
     DeviceUpdate,
     InboundMessage,
     Outcome,
+    Receipt,
     TelemetryRecords,
     TelemetryRow,
 )
@@ -30,7 +31,8 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=10)
 class Batch:
     """What one database transaction writes, and the messages it settles."""
 
-    mids: list[int] = field(default_factory=list)
+    #: What acknowledges each message once the batch is committed, in arrival order.
+    receipts: list[Receipt] = field(default_factory=list)
     #: Kept so that a batch the database refuses can be retried message by message.
     entries: list[tuple[InboundMessage, Outcome]] = field(default_factory=list)
     #: The newest sample time of each telemetry message, for the lag histogram.
@@ -45,14 +47,14 @@ class Batch:
 
     @property
     def messages(self) -> int:
-        return len(self.mids)
+        return len(self.receipts)
 
     @property
     def rows(self) -> int:
         return len(self.telemetry) + len(self.seen) + len(self.dead_letters)
 
     def add(self, message: InboundMessage, outcome: Outcome) -> None:
-        self.mids.append(message.mid)
+        self.receipts.append(message.receipt)
         self.entries.append((message, outcome))
         if isinstance(outcome, TelemetryRecords):
             self.telemetry.extend(outcome.rows)
@@ -105,7 +107,7 @@ class Batcher:
         return self._batch.messages
 
     def add(self, message: InboundMessage, outcome: Outcome, now: float) -> None:
-        if not self._batch.mids:
+        if not self._batch.receipts:
             self._batch.started_at = now
         self._batch.add(message, outcome)
 
@@ -117,12 +119,12 @@ class Batcher:
         return self._batch.rows >= self.max_rows
 
     def is_due(self, now: float) -> bool:
-        return bool(self._batch.mids) and (
+        return bool(self._batch.receipts) and (
             self.is_full() or now - self._batch.started_at >= self.max_delay_s)
 
     def deadline(self) -> float | None:
         """When the pending batch must be written, or None when nothing is pending."""
-        return self._batch.started_at + self.max_delay_s if self._batch.mids else None
+        return self._batch.started_at + self.max_delay_s if self._batch.receipts else None
 
     def peek(self) -> Batch:
         return self._batch

@@ -1,9 +1,17 @@
-"""The MQTT side: a paho client (v5, persistent session, manual acks) feeding a bounded inbox.
+"""The MQTT side: a paho client (v5, persistent session, manual acks) run on the event loop.
 
-paho runs its network loop in its own thread. Messages are handed to the asyncio loop through
-`Inbox`; when the inbox is full the network thread waits, so the service stops reading from
-the broker instead of growing without bound. A message is acknowledged only when the service
-calls `ack()` after the batch holding it is committed.
+paho's public external-loop interface is used as aiomqtt 2 uses it: the socket is watched by
+the asyncio loop (`on_socket_open`, `on_socket_register_write`, ...), which calls
+`loop_read()`, `loop_write()` and `loop_misc()`; there is no network thread. Only connecting
+(DNS, TCP, TLS handshake: blocking calls) runs in a worker thread. A QoS 1 message is
+acknowledged with `Client.ack()` once the batch holding it is committed, and only on the
+connection it arrived on: packet ids belong to a connection, and after a reconnect the broker
+may give the same id to another message. What a lost connection leaves unacknowledged the
+broker delivers again, and the write path stores it once.
+
+Flow control is the broker's: the CONNECT asks for at most `queue_max` unacknowledged
+messages (MQTT 5 receive maximum), which bounds what the service holds. Should a broker send
+more, reading pauses until the inbox has room.
 """
 
 from __future__ import annotations
@@ -12,227 +20,89 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt import _packet as paho_packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from kubiot_ingest.config import IngestSettings
-from kubiot_ingest.records import InboundMessage
+from kubiot_ingest.records import InboundMessage, Receipt
 
 log = logging.getLogger(__name__)
 
 QOS = 1
-PUBACK_HEAD = 0x4002_0000  # a PUBACK's fixed header, above its 16-bit packet id
 # Reconnection waits 0.25 s, then doubles up to 1 s: back within a second of the broker
 # returning, since devices that publish before the subscriptions are back get "no matching
 # subscribers" and must send again. A few replicas per tenant trying once a second costs the
 # broker nothing, however long it is away.
 RECONNECT_MIN_DELAY_S = 0.25
 RECONNECT_MAX_DELAY_S = 1.0
+#: Keepalive pings and their timeout are checked this often (paho's `loop_misc()`).
+HOUSEKEEPING_INTERVAL_S = 1.0
+#: Packets read in one turn of the event loop before other tasks get theirs.
+PACKETS_PER_TURN = 1000
+#: Stands in for a topic that is not UTF-8, so that the message is dead-lettered as such.
+UNREADABLE_TOPIC = "\ufffd"
 
 
 class Inbox:
-    """A bounded hand-off from paho's thread to the event loop."""
+    """Messages received and not yet taken by the service (event loop only)."""
 
-    def __init__(self, maxsize: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._loop = loop
         self._items: deque[InboundMessage] = deque()
-        self._cond = threading.Condition(threading.Lock())
         self._ready = asyncio.Event()
-        self._signalled = False
-        self._closed = False
+        #: Called when a full inbox has room again.
+        self.on_room: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: InboundMessage) -> bool:
-        """Called by the network thread; waits while full. False once the inbox is closed."""
-        with self._cond:
-            while len(self._items) >= self.maxsize and not self._closed:
-                self._cond.wait(0.5)
-            if self._closed:
-                return False
-            self._items.append(item)
-            if not self._signalled:
-                # One wake-up per burst, not one per message.
-                self._signalled = True
-                self._loop.call_soon_threadsafe(self._ready.set)
-            return True
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    def put(self, item: InboundMessage) -> None:
+        self._items.append(item)
+        if not self._ready.is_set():
+            self._ready.set()
 
     def drain(self, limit: int) -> list[InboundMessage]:
         """Take up to `limit` items without waiting."""
-        with self._cond:
-            count = min(limit, len(self._items))
-            items = [self._items.popleft() for _ in range(count)]
-            if not self._items:
-                self._signalled = False
-                self._ready.clear()
-            self._cond.notify_all()
+        was_full = self.full
+        count = min(limit, len(self._items))
+        items = [self._items.popleft() for _ in range(count)]
+        if not self._items:
+            self._ready.clear()
+        if was_full and not self.full and self.on_room is not None:
+            self.on_room()
         return items
 
     async def wait(self, within: float | None) -> None:
-        """Until something is in the inbox, or `within` seconds have passed."""
+        """Until something is in the inbox, `wake()` is called, or `within` seconds pass."""
         if self._items:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), within)
 
     def wake(self) -> None:
-        """Release `wait()` early (called on the event loop)."""
+        """Release `wait()` early."""
         self._ready.set()
-
-    def close(self) -> None:
-        """Refuse further messages and release a waiting network thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class _PublishProperties(Properties):
-    """paho's Properties, made cheap for what nearly every PUBLISH carries: no properties.
-
-    paho decodes the properties of each MQTT 5 PUBLISH into a new Properties object whose
-    constructor and `unpack()` cost more than the rest of decoding the packet; at thousands of
-    messages a second that is the largest single cost. Instances share the (read-only) tables
-    of a template, and an empty property block is recognised without parsing it.
-    """
-
-    _tables: dict[int, dict[str, Any]] = {}
-
-    def __init__(self, packetType: int) -> None:
-        tables = self._tables.get(packetType)
-        if tables is None:
-            tables = dict(Properties(packetType).__dict__)  # type: ignore[no-untyped-call]
-            self._tables[packetType] = tables
-        self.__dict__.update(tables)
-
-    def unpack(self, buffer: bytes) -> tuple[Properties, int]:
-        if buffer[:1] == b"\x00":  # property length 0: nothing to read
-            return self, 1
-        result: tuple[Properties, int] = super().unpack(buffer)  # type: ignore[no-untyped-call]
-        return result
-
-
-def use_fast_publish_properties() -> None:
-    """Have paho decode PUBLISH properties with `_PublishProperties` (process-wide)."""
-    # paho's packet decoder looks the class up in its module's globals at each call.
-    setattr(paho_packet, "Properties", _PublishProperties)  # noqa: B010
-
-
-class ReadAheadClient(mqtt.Client):
-    """A paho client that reads the socket in 64 KiB chunks and hands QoS 1 messages over lean.
-
-    paho reads every packet with several small `recv()` calls (type, each length byte, body),
-    which costs more than the rest of receiving a message. This reads ahead and hands paho its
-    bytes from memory; a packet already whole in memory is cut out in one step. After a read,
-    packets already buffered are processed too, since the socket will not signal readiness for
-    data that has left it.
-
-    With `on_delivery` set, a QoS 1 PUBLISH (manual acknowledgement, MQTT 5) is passed on as
-    `(mid, topic, payload)` without paho's per-message object, lock, logging and topic
-    matching; everything else goes through paho as usual.
-    """
-
-    _ahead: bytes = b""
-    _ahead_pos: int = 0
-    _ahead_sock: object = None
-    READ_SIZE = 65536
-    on_delivery: Callable[[int, bytes, bytes | bytearray], object] | None = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._ahead_sock is not self._sock:  # a new connection: forget the old bytes
-            self._ahead, self._ahead_pos, self._ahead_sock = b"", 0, self._sock
-        if self._ahead_pos >= len(self._ahead):
-            data = super()._sock_recv(self.READ_SIZE)
-            if not data:
-                return data
-            self._ahead, self._ahead_pos = data, 0
-        end = self._ahead_pos + bufsize
-        chunk = self._ahead[self._ahead_pos:end]
-        self._ahead_pos = end
-        return chunk
-
-    def _buffered(self) -> bool:
-        return (self._sock is not None and self._ahead_sock is self._sock
-                and self._ahead_pos < len(self._ahead))
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._buffered():
-            rc = super().loop_read(1)
-        return rc
-
-    def _packet_read(self) -> MQTTErrorCode:
-        whole = self._whole_packet()
-        if whole is None:
-            return super()._packet_read()  # paho reads it piece by piece
-        command, body = whole
-        self._in_packet = _in_packet(command, body)
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _in_packet(0, b"")
-        with self._msgtime_mutex:
-            self._last_bytes_received = mqtt.time_func()
-        return rc
-
-    def _whole_packet(self) -> tuple[int, bytes] | None:
-        """The next packet, if paho has not started on it and it is all in memory; consumed."""
-        if (self._in_packet["command"] != 0 or self._ahead_sock is not self._sock
-                or self._sock is None):
-            return None
-        data, pos = self._ahead, self._ahead_pos
-        # Fixed header: the packet type, then the remaining length in 1 to 4 bytes.
-        length, shift, cursor = 0, 0, pos + 1
-        while True:
-            if cursor >= len(data) or shift > 21:
-                return None  # incomplete here (or malformed: paho's reader says so)
-            byte = data[cursor]
-            cursor += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-        end = cursor + length
-        if end > len(data):
-            return None
-        self._ahead_pos = end
-        return data[pos], data[cursor:end]
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        deliver = self.on_delivery
-        command, body = self._in_packet["command"], self._in_packet["packet"]
-        if (deliver is None or (command & 0x06) >> 1 != QOS or not self._manual_ack
-                or self._protocol != mqtt.MQTTv5):
-            return super()._handle_publish()
-        publish = paho_packet.decode_publish(command, body, self._protocol)
-        deliver(publish.mid, publish.topic, publish.payload)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-
-def _in_packet(command: int, body: bytes) -> Any:
-    """paho's state of the packet being read: `body` whole, or nothing yet."""
-    return {"command": command, "have_remaining": 1 if command else 0, "remaining_count": [],
-            "remaining_mult": 1, "remaining_length": len(body),
-            "packet": body if command else bytearray(), "to_process": 0, "pos": 0}
 
 
 class Subscriber:
-    """The tenant's broker connection: subscribe to the shared subscriptions, ack on demand."""
+    """The tenant's broker connection: subscribe to the shared subscriptions, ack on demand.
+
+    `run()` connects and reconnects until `disconnect()`; `on_connection(up)` says when the
+    subscriptions are in place and when the connection is lost.
+    """
 
     def __init__(self, settings: IngestSettings, topic_filters: list[str], inbox: Inbox,
                  on_connection: Callable[[bool], object]) -> None:
@@ -241,18 +111,35 @@ class Subscriber:
         self.inbox = inbox
         self._on_connection = on_connection
         self._taking = True
-        self._connected = threading.Event()
-        use_fast_publish_properties()
+        self._stopping = False
+        self._subscribed = False
+        #: Counts connections; messages carry the one they arrived on.
+        self._connections = 0
+        #: The connection acknowledgements go to; None while there is none.
+        self._live: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._fd: int | None = None
+        self._sock: Any = None
+        self._reading = False
+        self._writing = False
+        self._received = 0
+        self._lost: asyncio.Event | None = None
+        #: Whether the last connection got as far as its subscriptions (backoff resets).
+        self._was_subscribed = False
+        #: Acknowledgements not sent because their connection had ended.
+        self.left_for_redelivery = 0
         self._client = self._make_client()
+        inbox.on_room = self._resume_reading
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._subscribed
 
-    def _make_client(self) -> ReadAheadClient:
+    def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = ReadAheadClient(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
-                                 protocol=mqtt.MQTTv5, manual_ack=True)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
         if s.broker_username:
             password = s.broker_password.get_secret_value() if s.broker_password else None
             client.username_pw_set(s.broker_username, password)
@@ -262,31 +149,62 @@ class Subscriber:
                 context.load_cert_chain(s.broker_tls_cert_file, s.broker_tls_key_file)
             client.tls_set_context(context)
         client.max_inflight_messages_set(1)  # the service publishes nothing
-        # paho annotates whole seconds, but its wait takes any number of them.
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S,  # type: ignore[arg-type]
-                                   max_delay=RECONNECT_MAX_DELAY_S)  # type: ignore[arg-type]
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
-        client.on_delivery = self._handle_delivery
         client.on_subscribe = self._handle_subscribe
+        client.on_socket_open = self._socket_opened
+        client.on_socket_close = self._socket_closed
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._written
         return client
 
-    def start(self) -> None:
+    # --- connecting ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected (reconnecting with backoff) until `disconnect()`."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         s = self.settings
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = s.session_expiry_s
-        # The broker sends at most this many unacknowledged messages: the queue bound.
-        properties.ReceiveMaximum = s.queue_max
-        self._client.connect_async(s.broker_host, s.broker_port, keepalive=s.broker_keepalive_s,
-                                   clean_start=False, properties=properties)
-        self._client.loop_start()
+        delay = RECONNECT_MIN_DELAY_S
+        while not self._stopping:
+            lost = self._lost = asyncio.Event()
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = s.session_expiry_s
+            # The broker sends at most this many unacknowledged messages: the queue bound.
+            properties.ReceiveMaximum = s.queue_max
+            try:
+                # Blocking (name lookup, TCP and TLS handshakes): kept off the event loop.
+                await asyncio.to_thread(self._client.connect, s.broker_host, s.broker_port,
+                                        keepalive=s.broker_keepalive_s, clean_start=False,
+                                        properties=properties)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("cannot reach the broker at %s:%s: %s", s.broker_host,
+                            s.broker_port, exc)
+                await self._pause(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                continue
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), HOUSEKEEPING_INTERVAL_S)
+                if not lost.is_set():
+                    self._client.loop_misc()
+            delay = RECONNECT_MIN_DELAY_S if self._was_subscribed else min(
+                delay * 2, RECONNECT_MAX_DELAY_S)
+            if not self._stopping:
+                await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
                         reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
+        self._connections += 1
+        self._live = self._connections
+        self._was_subscribed = False
         log.info("connected to %s:%s as %s (session present: %s)", self.settings.broker_host,
                  self.settings.broker_port, self.settings.mqtt_client_id, flags.session_present)
         # Subscribe even when the session is present: a broker may restore a session without
@@ -302,47 +220,158 @@ class Subscriber:
         if not refused:
             # Connected counts from here: a session without its subscriptions reads nothing.
             log.info("subscribed to %d topic filters", len(self.topic_filters))
-            self._connected.set()
+            self._subscribed = self._was_subscribed = True
             self._on_connection(True)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                            reason: Any, properties: Any) -> None:
-        if self._taking and self._connected.is_set():
+        if self._taking and self._subscribed:
             log.warning("disconnected from the broker: %s", reason)
-        self._connected.clear()
-        self._on_connection(False)
+        self._on_loop(self._connection_ended)
+
+    def _connection_ended(self) -> None:
+        self._live = None
+        was_up, self._subscribed = self._subscribed, False
+        if was_up:
+            self._on_connection(False)
+        if self._lost is not None:
+            self._lost.set()
+
+    # --- the socket, watched by the event loop -------------------------------------------
+
+    def _on_loop(self, action: Callable[..., object], *args: Any) -> None:
+        """Run `action` on the event loop: now when called there, else as soon as it can."""
+        if self._loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            action(*args)
+        else:
+            self._loop.call_soon_threadsafe(action, *args)
+
+    def _socket_opened(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _socket_closed(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch, sock)
+
+    def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch_writable, sock)
+
+    def _written(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch_writable, sock)
+
+    def _watch(self, sock: Any) -> None:
+        assert self._loop is not None
+        self._unwatch(self._sock)
+        # The descriptor is kept: once paho has closed the socket, its fileno() is -1.
+        self._sock, self._fd = sock, sock.fileno()
+        self._resume_reading()
+
+    def _unwatch(self, sock: Any) -> None:
+        if self._loop is None or self._fd is None or sock is not self._sock:
+            return
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self._reading = self._writing = False
+        self._sock = self._fd = None
+
+    def _watch_writable(self, sock: Any) -> None:
+        if self._loop is not None and self._fd is not None and sock is self._sock \
+                and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _unwatch_writable(self, sock: Any) -> None:
+        if self._loop is not None and self._fd is not None and sock is self._sock \
+                and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _resume_reading(self) -> None:
+        if self._loop is not None and self._fd is not None and not self._reading:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._readable)
+
+    def _pause_reading(self) -> None:
+        if self._loop is not None and self._fd is not None and self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _readable(self) -> None:
+        client, sock = self._client, self._sock
+        # paho reads one packet per call; keep going while packets come, so that a burst is
+        # taken in one turn rather than one turn of the loop per message.
+        for _ in range(PACKETS_PER_TURN):
+            before = self._received
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is not self._sock:
+                return
+            if self.inbox.full:
+                self._pause_reading()
+                return
+            if self._received == before and not _tls_pending(sock):
+                return  # nothing more in the socket now (or not a message): wait for it
+        if _tls_pending(sock) and self._loop is not None:
+            # Bytes already decrypted do not make the socket readable again.
+            self._loop.call_soon(self._readable)
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    # --- messages ------------------------------------------------------------------------
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         message: mqtt.MQTTMessage) -> None:
-        self._handle_delivery(message.mid, message._topic, message.payload)
-
-    def _handle_delivery(self, mid: int, topic: bytes, payload: bytes | bytearray) -> None:
-        if not self._taking:
+        self._received += 1
+        if not self._taking or self._live is None:
             return  # left unacknowledged: the broker delivers it again to this session
         try:
-            name = topic.decode()
+            topic = message.topic
         except UnicodeDecodeError:
-            name = bytes(topic).decode("utf-8", "replace")
-        self.inbox.put(InboundMessage(mid, name, bytes(payload), datetime.now(UTC)))
+            topic = UNREADABLE_TOPIC
+        # A QoS 0 message needs no acknowledgement: packet id 0 is never acknowledged.
+        mid = message.mid if message.qos else 0
+        self.inbox.put(InboundMessage(mid, topic, bytes(message.payload), datetime.now(UTC),
+                                      self._live))
 
     def stop_taking(self) -> None:
         """Stop accepting new messages; those already in the inbox are still processed."""
         self._taking = False
 
-    def ack(self, mids: list[int]) -> None:
-        """Acknowledge committed messages, in the order they were received."""
-        if not mids:
-            return
-        # One queued write for the whole batch instead of one packet (and one send() and one
-        # wake-up of the network thread) per message. Each PUBACK is 4 bytes: type 0x40,
-        # remaining length 2, the packet id; MQTT 5 lets the success reason code be omitted.
-        pubacks = struct.pack(f"!{len(mids)}I", *[PUBACK_HEAD | mid for mid in mids])
-        client: Any = self._client
-        client._packet_queue(mqtt.PUBACK, pubacks, 0, QOS)
+    def ack(self, receipts: Sequence[Receipt]) -> int:
+        """Acknowledge committed messages, in the order they were received.
 
-    def disconnect(self, timeout: float = 5.0) -> None:
-        """Send what is queued (acknowledgements first), disconnect, stop the network thread."""
-        self.inbox.close()
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._connected.clear()
+        Only those that arrived on the current connection are acknowledged; the others are
+        left for the broker to deliver again. Returns how many were acknowledged.
+        """
+        live, client = self._live, self._client
+        acked = 0
+        for connection, mid in receipts:
+            if mid and connection == live:
+                client.ack(mid, QOS)
+                acked += 1
+        stale = sum(1 for connection, mid in receipts if mid and connection != live)
+        if stale:
+            self.left_for_redelivery += stale
+            log.info("%d committed messages arrived on an earlier connection; the broker "
+                     "delivers them again", stale)
+        return acked
+
+    async def disconnect(self, within: float = 5.0) -> None:
+        """Send what is queued (acknowledgements first), disconnect, and end `run()`."""
+        self._stopping = True
+        self._taking = False
+        lost = self._lost
+        if self._live is not None and lost is not None:
+            # DISCONNECT is queued behind the acknowledgements; the event loop writes both,
+            # and paho closes the socket once DISCONNECT is sent.
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), within)
+        self._unwatch(self._sock)
+        self._connection_ended()
+
+
+def _tls_pending(sock: Any) -> bool:
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

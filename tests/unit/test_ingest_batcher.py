@@ -38,7 +38,7 @@ def test_a_batch_closes_when_it_holds_enough_rows() -> None:
     # 4 telemetry rows + 1 device row
     assert batcher.is_due(0.2)
     batch = batcher.take()
-    assert batch.mids == [1, 2]
+    assert batch.receipts == [(0, 1), (0, 2)]
     assert batcher.pending_messages == 0
     assert batcher.deadline() is None
 
@@ -75,14 +75,14 @@ def test_device_updates_merge_in_arrival_order() -> None:
         DeviceUpdate(DEVICE, "pump-1", later, online=False, reported='{"a":1}'),
         DeviceUpdate(DEVICE, "pump-2", T0),
     ]
-    assert batch.mids == [1, 2, 3, 4, 5]
+    assert batch.receipts == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
 
 
 def test_dead_letters_travel_with_the_batch_and_are_acknowledged_with_it() -> None:
     letter = DeadLetter(T0, "acme/devices/pump-1/telemetry", b"{", RejectReason.BAD_JSON, "x")
     batch = single(inbound(9), letter)
     assert batch.dead_letters == [letter]
-    assert batch.mids == [9]
+    assert batch.receipts == [(0, 9)]
     assert batch.telemetry == []
     assert batch.device_updates() == []
 
