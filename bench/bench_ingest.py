@@ -696,7 +696,7 @@ def database_figures(access: BrokerAccess, dsn: str, publishers: int, total: int
     figures.db_batches = (len(batches), n / len(batches), wall / len(batches))
     figures.db_client_cpu = cpu / n
     figures.stages = {
-        "MQTT receive + decode + ack (paho on the loop)": receive / n,
+        "MQTT receive + decode + ack (mqtt5, event loop)": receive / n,
         "validation (pydantic, parse_payload)": validation / n,
         "row building (classify - validation, + batcher)":
             max(0.0, classifying - validation + batching) / n,
