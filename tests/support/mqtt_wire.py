@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 
 
@@ -34,7 +35,8 @@ def publish_packet(mid: int, topic: str, payload: bytes, qos: int = 1) -> bytes:
 class WireBroker:
     """`acks` holds (connection number, packet id) in the order PUBACKs arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.acks: list[tuple[int, int]] = []
         self.connections = 0
         self.subscribed = 0
@@ -44,7 +46,7 @@ class WireBroker:
         self._changed = asyncio.Condition()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -132,8 +134,8 @@ class WireBroker:
 
 
 @contextlib.asynccontextmanager
-async def wire_broker() -> AsyncIterator[WireBroker]:
-    broker = WireBroker()
+async def wire_broker(tls: ssl.SSLContext | None = None) -> AsyncIterator[WireBroker]:
+    broker = WireBroker(tls)
     await broker.start()
     try:
         yield broker

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kubiot_ingest.config import IngestSettings
@@ -51,16 +53,16 @@ async def test_a_full_inbox_says_when_it_has_room_again() -> None:
     assert rooms == [1]  # only the way out of full counts
 
 
-def settings(port: int) -> IngestSettings:
+def settings(port: int, **extra: Any) -> IngestSettings:
     return IngestSettings.model_validate(
         {"tenant": "acme", "database_dsn": "postgresql://localhost/x",
-         "broker_host": "127.0.0.1", "broker_port": port, "broker_keepalive_s": 5})
+         "broker_host": "127.0.0.1", "broker_port": port, "broker_keepalive_s": 5, **extra})
 
 
 @contextlib.asynccontextmanager
-async def subscribed(broker: WireBroker, inbox: Inbox,
-                     states: list[bool]) -> AsyncIterator[Subscriber]:
-    subscriber = Subscriber(settings(broker.port), FILTERS, inbox, states.append)
+async def subscribed(broker: WireBroker, inbox: Inbox, states: list[bool],
+                     **extra: Any) -> AsyncIterator[Subscriber]:
+    subscriber = Subscriber(settings(broker.port, **extra), FILTERS, inbox, states.append)
     running = asyncio.create_task(subscriber.run())
     try:
         await broker.wait_for("subscribed", 1)
@@ -145,3 +147,46 @@ async def test_a_subscriber_stopped_while_the_broker_is_away_ends_promptly() -> 
     with contextlib.suppress(asyncio.CancelledError):
         await running
     assert not subscriber.connected
+
+
+def self_signed_for_loopback(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for 127.0.0.1 and the certificate file a client trusts."""
+    from datetime import timedelta
+    from ipaddress import IPv4Address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "broker.pem", directory / "broker.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+async def test_the_connection_runs_over_tls_checking_the_brokers_certificate(
+        tmp_path: Path) -> None:
+    server, ca_file = self_signed_for_loopback(tmp_path)
+    inbox, states = Inbox(10), []
+    async with wire_broker(server) as broker, \
+            subscribed(broker, inbox, states, broker_tls_ca_file=str(ca_file)) as subscriber:
+        broker.send(publish_packet(3, TOPIC, b"{}"))
+        (message,) = await taken(inbox, 1)
+        assert subscriber.ack([message.receipt]) == 1
+        await broker.wait_for("acks", 1)
+        assert broker.acks == [(1, 3)]
