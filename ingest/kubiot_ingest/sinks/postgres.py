@@ -162,6 +162,10 @@ class PostgresSink:
 
     async def _transaction(self, conn: Any, batch: Batch, updates: list[DeviceUpdate], *,
                            direct: bool) -> int:
+        if direct and not updates and not batch.dead_letters:
+            # Telemetry alone (the common batch): one COPY is one statement, committed whole
+            # or not at all, without the round trips of BEGIN and COMMIT.
+            return await self._write_telemetry(conn, batch, direct=True)
         async with conn.transaction():
             # Telemetry first: when the direct copy fails on the key, nothing else was sent.
             inserted = await self._write_telemetry(conn, batch, direct=direct)
