@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.records import InboundMessage
 from kubiot_ingest.subscriber import Inbox, Subscriber
@@ -136,12 +138,14 @@ async def test_subscriptions_are_renewed_on_every_connect() -> None:
         assert broker.connections == broker.subscribed == 3
 
 
-async def test_a_subscriber_stopped_while_the_broker_is_away_ends_promptly() -> None:
+async def test_a_subscriber_stopped_while_the_broker_is_away_ends_promptly(
+        caplog: pytest.LogCaptureFixture) -> None:
     async with wire_broker() as broker:
         port = broker.port
     subscriber = Subscriber(settings(port), FILTERS, Inbox(10), lambda _: None)
     running = asyncio.create_task(subscriber.run())
-    await asyncio.sleep(0.3)
+    await async_wait_until(_true(lambda: "cannot reach the broker" in caplog.text),
+                           message="a failed attempt")
     await asyncio.wait_for(subscriber.disconnect(), 2)
     running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
