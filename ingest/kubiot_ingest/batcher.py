@@ -6,7 +6,7 @@ Pure: the caller passes the clock in, and does the writing and acknowledging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.records import (
@@ -14,18 +14,25 @@ from kubiot_ingest.records import (
     DeviceUpdate,
     InboundMessage,
     Outcome,
+    Receipt,
     TelemetryRecords,
     TelemetryRow,
 )
 
 DeviceKey = tuple[IdentityKind, str]
 
+#: How far `last_seen` may lag behind the newest message of a device that only sends
+#: telemetry: far below the minutes after which a device counts as offline, and it spares the
+#: database an upsert per device per batch.
+LAST_SEEN_RESOLUTION = timedelta(seconds=10)
+
 
 @dataclass
 class Batch:
     """What one database transaction writes, and the messages it settles."""
 
-    mids: list[int] = field(default_factory=list)
+    #: What acknowledges each message once the batch is committed, in arrival order.
+    receipts: list[Receipt] = field(default_factory=list)
     #: Kept so that a batch the database refuses can be retried message by message.
     entries: list[tuple[InboundMessage, Outcome]] = field(default_factory=list)
     #: The newest sample time of each telemetry message, for the lag histogram.
@@ -40,14 +47,14 @@ class Batch:
 
     @property
     def messages(self) -> int:
-        return len(self.mids)
+        return len(self.receipts)
 
     @property
     def rows(self) -> int:
         return len(self.telemetry) + len(self.seen) + len(self.dead_letters)
 
     def add(self, message: InboundMessage, outcome: Outcome) -> None:
-        self.mids.append(message.mid)
+        self.receipts.append(message.receipt)
         self.entries.append((message, outcome))
         if isinstance(outcome, TelemetryRecords):
             self.telemetry.extend(outcome.rows)
@@ -100,7 +107,7 @@ class Batcher:
         return self._batch.messages
 
     def add(self, message: InboundMessage, outcome: Outcome, now: float) -> None:
-        if not self._batch.mids:
+        if not self._batch.receipts:
             self._batch.started_at = now
         self._batch.add(message, outcome)
 
@@ -112,12 +119,12 @@ class Batcher:
         return self._batch.rows >= self.max_rows
 
     def is_due(self, now: float) -> bool:
-        return bool(self._batch.mids) and (
+        return bool(self._batch.receipts) and (
             self.is_full() or now - self._batch.started_at >= self.max_delay_s)
 
     def deadline(self) -> float | None:
         """When the pending batch must be written, or None when nothing is pending."""
-        return self._batch.started_at + self.max_delay_s if self._batch.mids else None
+        return self._batch.started_at + self.max_delay_s if self._batch.receipts else None
 
     def peek(self) -> Batch:
         return self._batch
@@ -125,6 +132,36 @@ class Batcher:
     def take(self) -> Batch:
         batch, self._batch = self._batch, Batch()
         return batch
+
+
+class LastSeenMemo:
+    """What this writer last stored for each device, so that a batch skips the upserts that
+    would change nothing but `last_seen`, and that by less than `resolution`."""
+
+    def __init__(self, resolution: timedelta = LAST_SEEN_RESOLUTION) -> None:
+        self.resolution = resolution
+        self._stored: dict[DeviceKey, datetime] = {}
+
+    def due(self, updates: list[DeviceUpdate]) -> list[DeviceUpdate]:
+        """The updates worth writing: presence or reported state, or `last_seen` moved on."""
+        result = []
+        for update in updates:
+            stored = self._stored.get((update.kind, update.device))
+            if (stored is None or update.online is not None or update.reported is not None
+                    or update.seen_at - stored >= self.resolution):
+                result.append(update)
+        return result
+
+    def written(self, updates: list[DeviceUpdate]) -> None:
+        """Remember updates once their transaction is committed."""
+        for update in updates:
+            key = (update.kind, update.device)
+            stored = self._stored.get(key)
+            if stored is None or update.seen_at > stored:
+                self._stored[key] = update.seen_at
+
+    def forget(self) -> None:
+        self._stored.clear()
 
 
 def single(message: InboundMessage, outcome: Outcome) -> Batch:

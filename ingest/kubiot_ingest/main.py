@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -13,6 +14,16 @@ from kubiot_ingest.config import ConfigError, IngestSettings, load_settings
 from kubiot_ingest.service import IngestService
 
 EXIT_CONFIG = 2
+#: Collector thresholds for a process that allocates a few tracked objects per message and
+#: keeps up to QUEUE_MAX messages alive: with Python's defaults (700, 10, 10) full collections
+#: over that live set took a quarter of the event loop's time per message in the benchmark.
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def tune_garbage_collection() -> None:
+    """Leave what start-up loaded out of every later collection, and collect less often."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,6 +71,7 @@ def main() -> int:
         print(f"kubiot-ingest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings)
+    tune_garbage_collection()
     return asyncio.run(serve(settings))
 
 

@@ -6,7 +6,7 @@ The date arithmetic is pure; `PartitionKeeper` applies it to a connection.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -71,13 +71,28 @@ class PartitionKeeper:
             "WHERE i.inhparent = to_regclass($1)", f"{self._ident}.telemetry")
         self._known = {d for r in rows if (d := partition_day(r["relname"])) is not None}
 
-    async def ensure_for(self, conn: Any, times: Iterable[datetime], now: datetime) -> None:
+    async def ensure_for(self, conn: Any, times: Sequence[datetime], now: datetime) -> None:
         """Create the partitions a batch needs, before it is written."""
         if self.layout is not Layout.NATIVE:
+            return
+        if self._known_span(times):
             return
         first, last = window(now, self.retention_days, self.ahead_days)
         for day in days_to_create(times, self._known, first, last):
             await self._create(conn, day)
+
+    def _known_span(self, times: Sequence[datetime]) -> bool:
+        """True when every day from the earliest to the latest of `times` has a partition:
+        the common batch, answered with two comparisons per row instead of a date each."""
+        if not times:
+            return True
+        earliest, latest = min(times).astimezone(UTC).date(), max(times).astimezone(UTC).date()
+        day = earliest
+        while day <= latest:
+            if day not in self._known:
+                return False
+            day += timedelta(days=1)
+        return True
 
     async def maintain(self, conn: Any, now: datetime) -> list[date]:
         """Create partitions ahead and drop expired ones; return the days dropped."""

@@ -31,12 +31,22 @@ TOPIC_CACHE_SIZE = 65536
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
-    """A QoS 1 message as received: `mid` is what gets acknowledged once it is stored."""
+    """A message as received: `mid` (0 for QoS 0) is what gets acknowledged once it is
+    stored, and only on `connection`, the broker connection it arrived on."""
 
     mid: int
     topic: str
     payload: bytes
     received_at: datetime
+    connection: int = 0
+
+    @property
+    def receipt(self) -> Receipt:
+        return (self.connection, self.mid)
+
+
+#: (connection, packet id): what acknowledges a message, on the connection it came by.
+Receipt = tuple[int, int]
 
 
 # (time, device, stream, seq, metric, value, text): the column order of the telemetry table.

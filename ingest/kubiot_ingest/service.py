@@ -115,7 +115,6 @@ class IngestService:
     # --- run -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
         self.metrics.database_up.set(0)
         self.metrics.broker_connected.set(0)
         server = MetricsServer(build_app(self.registry, self.ready),
@@ -124,17 +123,22 @@ class IngestService:
         try:
             if not await self._connect_database():
                 return 0
-            inbox = self._inbox = Inbox(self.settings.queue_max, loop)
+            inbox = self._inbox = Inbox(self.settings.queue_max)
             subscriber = Subscriber(
                 self.settings,
                 ingest_shared_subscriptions(self.settings.tenant, self.settings.share_group),
-                inbox, lambda up: loop.call_soon_threadsafe(self._set_broker, up))
-            subscriber.start()
+                inbox, self._set_broker)
+            connection = asyncio.create_task(subscriber.run(), name="broker connection")
+            # Should the connection task fail, the consumer must not sleep through it.
+            connection.add_done_callback(lambda _: inbox.wake())
             try:
-                await self._consume(inbox, subscriber)
+                await self._consume(inbox, subscriber, connection)
             finally:
                 subscriber.stop_taking()
-                await asyncio.to_thread(subscriber.disconnect)
+                await subscriber.disconnect()
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connection
                 self._set_broker(False)
         finally:
             await self.sink.close()
@@ -171,7 +175,8 @@ class IngestService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _consume(self, inbox: Inbox, subscriber: Subscriber) -> None:
+    async def _consume(self, inbox: Inbox, subscriber: Subscriber,
+                       connection: asyncio.Task[None]) -> None:
         s = self.settings
         batcher = Batcher(s.batch_size, s.batch_max_delay_s)
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
@@ -181,6 +186,8 @@ class IngestService:
         committing: asyncio.Task[bool] | None = None
         taking = True
         while True:
+            if connection.done():
+                connection.result()  # the connection task only ends by failing: surface it
             if taking and self._stop.is_set():
                 subscriber.stop_taking()
                 taking = False
@@ -223,7 +230,7 @@ class IngestService:
     async def _commit_and_ack(self, batch: Batch, subscriber: Subscriber) -> bool:
         if not await self._commit(batch):
             return False
-        subscriber.ack(batch.mids)
+        subscriber.ack(batch.receipts)
         self._committing_messages = 0
         self._update_queue_depth()
         return True

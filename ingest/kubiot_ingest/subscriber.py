@@ -1,9 +1,16 @@
-"""The MQTT side: a paho client (v5, persistent session, manual acks) feeding a bounded inbox.
+"""The MQTT side: an MQTT 5 session (persistent, manual acknowledgements) on the event loop.
 
-paho runs its network loop in its own thread. Messages are handed to the asyncio loop through
-`Inbox`; when the inbox is full the network thread waits, so the service stops reading from
-the broker instead of growing without bound. A message is acknowledged only when the service
-calls `ack()` after the batch holding it is committed.
+Packets are encoded and decoded by `mqtt5`, a sans-I/O MQTT 5 codec (from aiomqtt's
+maintainer); the connection is an asyncio protocol, so there is no network thread and no
+client library's internals to lean on. A QoS 1 message is acknowledged with an explicit PUBACK
+once the batch holding it is committed, and only on the connection it arrived on: packet ids
+belong to a connection, and after a reconnect the broker may give the same id to another
+message. What a lost connection leaves unacknowledged the broker delivers again, and the write
+path stores it once.
+
+Flow control is the broker's: the CONNECT asks for at most `queue_max` unacknowledged
+messages (MQTT 5 receive maximum), which bounds what the service holds. Should a broker send
+more, reading pauses until the inbox has room.
 """
 
 from __future__ import annotations
@@ -12,227 +19,83 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import struct
-import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt import _packet as paho_packet
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
+import mqtt5
 
 from kubiot_ingest.config import IngestSettings
-from kubiot_ingest.records import InboundMessage
+from kubiot_ingest.records import InboundMessage, Receipt
 
 log = logging.getLogger(__name__)
 
-QOS = 1
-PUBACK_HEAD = 0x4002_0000  # a PUBACK's fixed header, above its 16-bit packet id
+QOS = mqtt5.QoS.AT_LEAST_ONCE
 # Reconnection waits 0.25 s, then doubles up to 1 s: back within a second of the broker
 # returning, since devices that publish before the subscriptions are back get "no matching
 # subscribers" and must send again. A few replicas per tenant trying once a second costs the
 # broker nothing, however long it is away.
 RECONNECT_MIN_DELAY_S = 0.25
 RECONNECT_MAX_DELAY_S = 1.0
+#: Longest wait for TCP and TLS to connect, and then for the broker's CONNACK.
+CONNECT_TIMEOUT_S = 10.0
+SUBSCRIBE_PACKET_ID = 1
+#: Reason codes from 0x80 up say a request failed (MQTT 5, 2.4).
+FAILURE = 0x80
 
 
 class Inbox:
-    """A bounded hand-off from paho's thread to the event loop."""
+    """Messages received and not yet taken by the service (event loop only)."""
 
-    def __init__(self, maxsize: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._loop = loop
         self._items: deque[InboundMessage] = deque()
-        self._cond = threading.Condition(threading.Lock())
         self._ready = asyncio.Event()
-        self._signalled = False
-        self._closed = False
+        #: Called when a full inbox has room again.
+        self.on_room: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: InboundMessage) -> bool:
-        """Called by the network thread; waits while full. False once the inbox is closed."""
-        with self._cond:
-            while len(self._items) >= self.maxsize and not self._closed:
-                self._cond.wait(0.5)
-            if self._closed:
-                return False
-            self._items.append(item)
-            if not self._signalled:
-                # One wake-up per burst, not one per message.
-                self._signalled = True
-                self._loop.call_soon_threadsafe(self._ready.set)
-            return True
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    def put(self, item: InboundMessage) -> None:
+        self._items.append(item)
+        if not self._ready.is_set():
+            self._ready.set()
 
     def drain(self, limit: int) -> list[InboundMessage]:
         """Take up to `limit` items without waiting."""
-        with self._cond:
-            count = min(limit, len(self._items))
-            items = [self._items.popleft() for _ in range(count)]
-            if not self._items:
-                self._signalled = False
-                self._ready.clear()
-            self._cond.notify_all()
+        was_full = self.full
+        count = min(limit, len(self._items))
+        items = [self._items.popleft() for _ in range(count)]
+        if not self._items:
+            self._ready.clear()
+        if was_full and not self.full and self.on_room is not None:
+            self.on_room()
         return items
 
     async def wait(self, within: float | None) -> None:
-        """Until something is in the inbox, or `within` seconds have passed."""
+        """Until something is in the inbox, `wake()` is called, or `within` seconds pass."""
         if self._items:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), within)
 
     def wake(self) -> None:
-        """Release `wait()` early (called on the event loop)."""
+        """Release `wait()` early."""
         self._ready.set()
-
-    def close(self) -> None:
-        """Refuse further messages and release a waiting network thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class _PublishProperties(Properties):
-    """paho's Properties, made cheap for what nearly every PUBLISH carries: no properties.
-
-    paho decodes the properties of each MQTT 5 PUBLISH into a new Properties object whose
-    constructor and `unpack()` cost more than the rest of decoding the packet; at thousands of
-    messages a second that is the largest single cost. Instances share the (read-only) tables
-    of a template, and an empty property block is recognised without parsing it.
-    """
-
-    _tables: dict[int, dict[str, Any]] = {}
-
-    def __init__(self, packetType: int) -> None:
-        tables = self._tables.get(packetType)
-        if tables is None:
-            tables = dict(Properties(packetType).__dict__)  # type: ignore[no-untyped-call]
-            self._tables[packetType] = tables
-        self.__dict__.update(tables)
-
-    def unpack(self, buffer: bytes) -> tuple[Properties, int]:
-        if buffer[:1] == b"\x00":  # property length 0: nothing to read
-            return self, 1
-        result: tuple[Properties, int] = super().unpack(buffer)  # type: ignore[no-untyped-call]
-        return result
-
-
-def use_fast_publish_properties() -> None:
-    """Have paho decode PUBLISH properties with `_PublishProperties` (process-wide)."""
-    # paho's packet decoder looks the class up in its module's globals at each call.
-    setattr(paho_packet, "Properties", _PublishProperties)  # noqa: B010
-
-
-class ReadAheadClient(mqtt.Client):
-    """A paho client that reads the socket in 64 KiB chunks and hands QoS 1 messages over lean.
-
-    paho reads every packet with several small `recv()` calls (type, each length byte, body),
-    which costs more than the rest of receiving a message. This reads ahead and hands paho its
-    bytes from memory; a packet already whole in memory is cut out in one step. After a read,
-    packets already buffered are processed too, since the socket will not signal readiness for
-    data that has left it.
-
-    With `on_delivery` set, a QoS 1 PUBLISH (manual acknowledgement, MQTT 5) is passed on as
-    `(mid, topic, payload)` without paho's per-message object, lock, logging and topic
-    matching; everything else goes through paho as usual.
-    """
-
-    _ahead: bytes = b""
-    _ahead_pos: int = 0
-    _ahead_sock: object = None
-    READ_SIZE = 65536
-    on_delivery: Callable[[int, bytes, bytes | bytearray], object] | None = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._ahead_sock is not self._sock:  # a new connection: forget the old bytes
-            self._ahead, self._ahead_pos, self._ahead_sock = b"", 0, self._sock
-        if self._ahead_pos >= len(self._ahead):
-            data = super()._sock_recv(self.READ_SIZE)
-            if not data:
-                return data
-            self._ahead, self._ahead_pos = data, 0
-        end = self._ahead_pos + bufsize
-        chunk = self._ahead[self._ahead_pos:end]
-        self._ahead_pos = end
-        return chunk
-
-    def _buffered(self) -> bool:
-        return (self._sock is not None and self._ahead_sock is self._sock
-                and self._ahead_pos < len(self._ahead))
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._buffered():
-            rc = super().loop_read(1)
-        return rc
-
-    def _packet_read(self) -> MQTTErrorCode:
-        whole = self._whole_packet()
-        if whole is None:
-            return super()._packet_read()  # paho reads it piece by piece
-        command, body = whole
-        self._in_packet = _in_packet(command, body)
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _in_packet(0, b"")
-        with self._msgtime_mutex:
-            self._last_bytes_received = mqtt.time_func()
-        return rc
-
-    def _whole_packet(self) -> tuple[int, bytes] | None:
-        """The next packet, if paho has not started on it and it is all in memory; consumed."""
-        if (self._in_packet["command"] != 0 or self._ahead_sock is not self._sock
-                or self._sock is None):
-            return None
-        data, pos = self._ahead, self._ahead_pos
-        # Fixed header: the packet type, then the remaining length in 1 to 4 bytes.
-        length, shift, cursor = 0, 0, pos + 1
-        while True:
-            if cursor >= len(data) or shift > 21:
-                return None  # incomplete here (or malformed: paho's reader says so)
-            byte = data[cursor]
-            cursor += 1
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-        end = cursor + length
-        if end > len(data):
-            return None
-        self._ahead_pos = end
-        return data[pos], data[cursor:end]
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        deliver = self.on_delivery
-        command, body = self._in_packet["command"], self._in_packet["packet"]
-        if (deliver is None or (command & 0x06) >> 1 != QOS or not self._manual_ack
-                or self._protocol != mqtt.MQTTv5):
-            return super()._handle_publish()
-        publish = paho_packet.decode_publish(command, body, self._protocol)
-        deliver(publish.mid, publish.topic, publish.payload)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-
-def _in_packet(command: int, body: bytes) -> Any:
-    """paho's state of the packet being read: `body` whole, or nothing yet."""
-    return {"command": command, "have_remaining": 1 if command else 0, "remaining_count": [],
-            "remaining_mult": 1, "remaining_length": len(body),
-            "packet": body if command else bytearray(), "to_process": 0, "pos": 0}
 
 
 class Subscriber:
-    """The tenant's broker connection: subscribe to the shared subscriptions, ack on demand."""
+    """The tenant's broker connection: subscribe to the shared subscriptions, ack on demand.
+
+    `run()` connects and reconnects until `disconnect()`; `on_connection(up)` says when the
+    subscriptions are in place and when the connection is lost.
+    """
 
     def __init__(self, settings: IngestSettings, topic_filters: list[str], inbox: Inbox,
                  on_connection: Callable[[bool], object]) -> None:
@@ -241,108 +104,260 @@ class Subscriber:
         self.inbox = inbox
         self._on_connection = on_connection
         self._taking = True
-        self._connected = threading.Event()
-        use_fast_publish_properties()
-        self._client = self._make_client()
+        self._stopping = False
+        #: Counts connections; messages carry the one they arrived on.
+        self._connections = 0
+        #: The connection acknowledgements go to, once its CONNACK came; None otherwise.
+        self._live: _BrokerConnection | None = None
+        self._current: _BrokerConnection | None = None
+        self._subscribed = False
+        #: Acknowledgements not sent because their connection had ended.
+        self.left_for_redelivery = 0
+        inbox.on_room = self._resume_reading
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._subscribed
 
-    def _make_client(self) -> ReadAheadClient:
+    # --- connecting ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected (reconnecting with backoff) until `disconnect()`."""
+        loop = asyncio.get_running_loop()
         s = self.settings
-        client = ReadAheadClient(CallbackAPIVersion.VERSION2, client_id=s.mqtt_client_id,
-                                 protocol=mqtt.MQTTv5, manual_ack=True)
-        if s.broker_username:
-            password = s.broker_password.get_secret_value() if s.broker_password else None
-            client.username_pw_set(s.broker_username, password)
-        if s.broker_tls_ca_file or s.broker_tls_cert_file:
-            context = ssl.create_default_context(cafile=s.broker_tls_ca_file)
-            if s.broker_tls_cert_file and s.broker_tls_key_file:
-                context.load_cert_chain(s.broker_tls_cert_file, s.broker_tls_key_file)
-            client.tls_set_context(context)
-        client.max_inflight_messages_set(1)  # the service publishes nothing
-        # paho annotates whole seconds, but its wait takes any number of them.
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY_S,  # type: ignore[arg-type]
-                                   max_delay=RECONNECT_MAX_DELAY_S)  # type: ignore[arg-type]
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_delivery = self._handle_delivery
-        client.on_subscribe = self._handle_subscribe
-        return client
+        context = _tls_context(s)
+        delay = RECONNECT_MIN_DELAY_S
+        while not self._stopping:
+            self._connections += 1
+            connection = _BrokerConnection(self, self._connections)
+            try:
+                await asyncio.wait_for(loop.create_connection(
+                    connection.itself, s.broker_host, s.broker_port, ssl=context),
+                    CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                log.warning("cannot reach the broker at %s:%s: %s", s.broker_host,
+                            s.broker_port, exc or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                continue
+            self._current = connection
+            connection.send(mqtt5.ConnectPacket(
+                s.mqtt_client_id, username=s.broker_username,
+                password=(s.broker_password.get_secret_value().encode()
+                          if s.broker_password else None),
+                clean_start=False, keep_alive=s.broker_keepalive_s,
+                session_expiry_interval=s.session_expiry_s,
+                # The broker sends at most this many unacknowledged messages: the queue bound.
+                receive_max=s.queue_max).write())
+            await connection.keep_alive(s.broker_keepalive_s)
+            self._current = None
+            delay = RECONNECT_MIN_DELAY_S if connection.subscribed else min(
+                delay * 2, RECONNECT_MAX_DELAY_S)
+            if not self._stopping:
+                await asyncio.sleep(delay)
 
-    def start(self) -> None:
-        s = self.settings
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = s.session_expiry_s
-        # The broker sends at most this many unacknowledged messages: the queue bound.
-        properties.ReceiveMaximum = s.queue_max
-        self._client.connect_async(s.broker_host, s.broker_port, keepalive=s.broker_keepalive_s,
-                                   clean_start=False, properties=properties)
-        self._client.loop_start()
-
-    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                        reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            log.warning("broker refused the connection: %s", reason)
+    def connection_accepted(self, connection: _BrokerConnection,
+                            answer: mqtt5.ConnAckPacket) -> None:
+        if int(answer.reason_code) >= FAILURE:
+            log.warning("broker refused the connection: %s", answer.reason_code.name)
+            connection.close()
             return
+        self._live = connection
         log.info("connected to %s:%s as %s (session present: %s)", self.settings.broker_host,
-                 self.settings.broker_port, self.settings.mqtt_client_id, flags.session_present)
+                 self.settings.broker_port, self.settings.mqtt_client_id,
+                 answer.session_present)
         # Subscribe even when the session is present: a broker may restore a session without
         # its shared subscriptions (Mosquitto 2.0 does after a restart).
-        client.subscribe([(f, SubscribeOptions(qos=QOS)) for f in self.topic_filters])
+        filters = [mqtt5.TopicFilter(f, max_qos=QOS, retain_as_published=False)
+                   for f in self.topic_filters]
+        connection.send(mqtt5.SubscribePacket(SUBSCRIBE_PACKET_ID, filters).write())
 
-    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
-                          reasons: list[Any], properties: Any) -> None:
-        refused = [f for f, r in zip(self.topic_filters, reasons, strict=False) if r.is_failure]
-        for topic_filter, reason in zip(self.topic_filters, reasons, strict=False):
-            if reason.is_failure:
-                log.error("the broker refused the subscription %s: %s", topic_filter, reason)
-        if not refused:
+    def subscription_answered(self, connection: _BrokerConnection,
+                              answer: mqtt5.SubAckPacket) -> None:
+        refused = False
+        for topic_filter, reason in zip(self.topic_filters, answer.reason_codes, strict=False):
+            if int(reason) >= FAILURE:
+                refused = True
+                log.error("the broker refused the subscription %s: %s", topic_filter,
+                          reason.name)
+        if not refused and connection is self._live:
             # Connected counts from here: a session without its subscriptions reads nothing.
             log.info("subscribed to %d topic filters", len(self.topic_filters))
-            self._connected.set()
+            connection.subscribed = self._subscribed = True
             self._on_connection(True)
 
-    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                           reason: Any, properties: Any) -> None:
-        if self._taking and self._connected.is_set():
+    def connection_ended(self, connection: _BrokerConnection, reason: str) -> None:
+        if connection is not self._live and connection is not self._current:
+            return
+        if self._taking and self._subscribed:
             log.warning("disconnected from the broker: %s", reason)
-        self._connected.clear()
-        self._on_connection(False)
+        self._live = None
+        was_up, self._subscribed = self._subscribed, False
+        if was_up:
+            self._on_connection(False)
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any,
-                        message: mqtt.MQTTMessage) -> None:
-        self._handle_delivery(message.mid, message._topic, message.payload)
+    def acknowledges_on(self, connection: _BrokerConnection) -> bool:
+        """Whether `connection` is the one acknowledgements go to (its CONNACK came)."""
+        return connection is self._live
 
-    def _handle_delivery(self, mid: int, topic: bytes, payload: bytes | bytearray) -> None:
-        if not self._taking:
+    # --- messages ------------------------------------------------------------------------
+
+    def deliver(self, connection: _BrokerConnection, message: mqtt5.PublishPacket) -> None:
+        if not self._taking or connection is not self._live:
             return  # left unacknowledged: the broker delivers it again to this session
-        try:
-            name = topic.decode()
-        except UnicodeDecodeError:
-            name = bytes(topic).decode("utf-8", "replace")
-        self.inbox.put(InboundMessage(mid, name, bytes(payload), datetime.now(UTC)))
+        # A QoS 0 message needs no acknowledgement: packet id 0 is never acknowledged.
+        self.inbox.put(InboundMessage(message.packet_id or 0, message.topic, message.payload,
+                                      datetime.now(UTC), connection.number))
+        if self.inbox.full:
+            connection.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._live is not None:
+            self._live.resume_reading()
 
     def stop_taking(self) -> None:
         """Stop accepting new messages; those already in the inbox are still processed."""
         self._taking = False
 
-    def ack(self, mids: list[int]) -> None:
-        """Acknowledge committed messages, in the order they were received."""
-        if not mids:
-            return
-        # One queued write for the whole batch instead of one packet (and one send() and one
-        # wake-up of the network thread) per message. Each PUBACK is 4 bytes: type 0x40,
-        # remaining length 2, the packet id; MQTT 5 lets the success reason code be omitted.
-        pubacks = struct.pack(f"!{len(mids)}I", *[PUBACK_HEAD | mid for mid in mids])
-        client: Any = self._client
-        client._packet_queue(mqtt.PUBACK, pubacks, 0, QOS)
+    def ack(self, receipts: Sequence[Receipt]) -> int:
+        """Acknowledge committed messages, in the order they were received.
 
-    def disconnect(self, timeout: float = 5.0) -> None:
-        """Send what is queued (acknowledgements first), disconnect, stop the network thread."""
-        self.inbox.close()
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._connected.clear()
+        Only those that arrived on the current connection are acknowledged; the others are
+        left for the broker to deliver again. Returns how many were acknowledged.
+        """
+        live = self._live
+        number = live.number if live is not None else None
+        pubacks = [mqtt5.PubAckPacket(mid).write()
+                   for connection, mid in receipts if mid and connection == number]
+        if pubacks and live is not None:
+            live.send(b"".join(pubacks))  # one write for the batch
+        stale = sum(1 for connection, mid in receipts if mid and connection != number)
+        if stale:
+            self.left_for_redelivery += stale
+            log.info("%d committed messages arrived on an earlier connection; the broker "
+                     "delivers them again", stale)
+        return len(pubacks)
+
+    async def disconnect(self, within: float = 5.0) -> None:
+        """Send what is queued (acknowledgements first), disconnect, and end `run()`."""
+        self._stopping = True
+        self._taking = False
+        connection = self._current
+        if connection is not None:
+            if connection is self._live:
+                connection.send(mqtt5.DisconnectPacket().write())
+            connection.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connection.closed.wait(), within)
+
+
+class _BrokerConnection(asyncio.Protocol):
+    """One TCP (or TLS) connection to the broker: packets in and out, and keepalive."""
+
+    def __init__(self, subscriber: Subscriber, number: int) -> None:
+        self.subscriber = subscriber
+        self.number = number
+        self.subscribed = False
+        self.closed = asyncio.Event()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._ping_sent_at: float | None = None
+        self._reason = "connection closed"
+
+    def itself(self) -> _BrokerConnection:
+        """The protocol factory for this connection's transport."""
+        return self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def send(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing() \
+                and not self._transport.is_reading():
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        used = 0
+        packets = []
+        with memoryview(buffer) as view:
+            while used < len(buffer):
+                try:
+                    packet, size = mqtt5.read(view[used:])
+                except IndexError:
+                    break  # the rest of the packet is still on its way
+                except Exception as exc:
+                    self._fail(f"the broker sent a malformed packet ({exc})")
+                    return
+                packets.append(packet)
+                used += size
+        del buffer[:used]
+        subscriber = self.subscriber
+        for packet in packets:
+            if isinstance(packet, mqtt5.PublishPacket):
+                subscriber.deliver(self, packet)
+            elif isinstance(packet, mqtt5.ConnAckPacket):
+                subscriber.connection_accepted(self, packet)
+            elif isinstance(packet, mqtt5.SubAckPacket):
+                subscriber.subscription_answered(self, packet)
+            elif isinstance(packet, mqtt5.PingRespPacket):
+                self._ping_sent_at = None
+            elif isinstance(packet, mqtt5.DisconnectPacket):
+                self._fail(f"the broker ended the connection: {packet.reason_code.name}")
+                return
+
+    def _fail(self, reason: str) -> None:
+        self._reason = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self._reason if exc is None else f"{type(exc).__name__}: {exc}"
+        self.subscriber.connection_ended(self, reason)
+        self._transport = None
+        self.closed.set()
+
+    async def keep_alive(self, keepalive_s: int) -> None:
+        """Ping every half keepalive until the connection ends; end it when the broker does
+        not answer a CONNECT or a ping within a keepalive."""
+        interval = keepalive_s / 2
+        connect_sent = time.monotonic()
+        while not self.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), min(interval, CONNECT_TIMEOUT_S))
+            if self.closed.is_set():
+                return
+            now = time.monotonic()
+            if not self.subscriber.acknowledges_on(self):
+                if now - connect_sent > CONNECT_TIMEOUT_S:
+                    self._fail("no CONNACK from the broker")
+                continue
+            if self._ping_sent_at is not None:
+                if now - self._ping_sent_at > keepalive_s:
+                    self._fail("the broker stopped answering pings")
+                continue
+            self._ping_sent_at = now
+            self.send(mqtt5.PingReqPacket().write())
+
+
+def _tls_context(settings: IngestSettings) -> ssl.SSLContext | None:
+    if not (settings.broker_tls_ca_file or settings.broker_tls_cert_file):
+        return None
+    context = ssl.create_default_context(cafile=settings.broker_tls_ca_file)
+    if settings.broker_tls_cert_file and settings.broker_tls_key_file:
+        context.load_cert_chain(settings.broker_tls_cert_file, settings.broker_tls_key_file)
+    return context

@@ -29,7 +29,10 @@ def test_the_ingest_benchmark_runs_and_reports_its_figures() -> None:
     assert figure("ingest peak RSS") > 0
     assert re.search(r"p50 \d+ ms, p99 \d+ ms \((\d+) of \1 messages stored\)", out), out
     assert figure("database ceiling (sink, no MQTT)") > 0
-    for stage in ("MQTT receive + decode", "validation", "row building", "database writes"):
+    assert figure("raw COPY into the same table") > 0
+    for stage in ("MQTT receive + decode + ack", "validation", "row building", "database writes"):
         assert re.search(rf"{re.escape(stage)}.*\s[\d.]+ us\s+\d+%", out), out
     assert re.search(r"ingest / broker ceiling\s+\d+%", out), out
     assert re.search(r"ingest / database ceiling\s+\d+%", out), out
+    assert re.search(r"sink / raw COPY\s+\d+%", out), out
+    assert re.search(r"ingest / baseline\s+[\d.]+x", out), out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,9 @@ import pytest
 from kubiot_contract.topics import device_root
 from kubiot_operator.local.postgres import PostgresServer, postgres_server
 from tests.support.ingest import (
-    BrokerAccess,
     IngestProcess,
     Publisher,
+    Stream,
     broker_for_tenant,
     ingest_environment,
     sample,
@@ -62,39 +61,6 @@ async def wait_ready(process: IngestProcess) -> None:
             raise AssertionError(f"kubiot-ingest exited early:\n{process.log()}")
         return await http_status(process, "/readyz") == 200
     await async_wait_until(ready, timeout=20, message="kubiot-ingest ready")
-
-
-class Stream:
-    """Publishes 10 messages every 50 ms from a thread until stopped; keeps the (device, seq)
-    of each one the broker acknowledged."""
-
-    def __init__(self, access: BrokerAccess, tenant: str) -> None:
-        self.access, self.tenant = access, tenant
-        self.acknowledged: list[tuple[str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    @property
-    def sent(self) -> int:
-        return len(self.acknowledged)
-
-    def _run(self) -> None:
-        with Publisher(self.access) as publisher:
-            while not self._stop.is_set():
-                device, first = f"dev-{self.sent % 3}", self.sent
-                publisher.publish_all(
-                    (f"{device_root(self.tenant, device)}/telemetry", sample(first + i))
-                    for i in range(10))
-                self.acknowledged += [(device, first + i) for i in range(10)]
-                self._stop.wait(0.05)
-
-    def __enter__(self) -> Stream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 async def test_sigkill_mid_stream_then_restart_loses_nothing(

@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from kubiot_contract.topics import (
     AccessRules,
+    device_root,
     ingest_access,
     ingest_username,
 )
@@ -170,6 +171,39 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Stream:
+    """Telemetry from devices `dev-0` to `dev-2`: 10 messages every 50 ms from a thread until
+    stopped; keeps the (device, seq) of each one the broker acknowledged."""
+
+    def __init__(self, access: BrokerAccess, tenant: str) -> None:
+        self.access, self.tenant = access, tenant
+        self.acknowledged: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    @property
+    def sent(self) -> int:
+        return len(self.acknowledged)
+
+    def _run(self) -> None:
+        with Publisher(self.access) as publisher:
+            while not self._stop.is_set():
+                device, first = f"dev-{self.sent % 3}", self.sent
+                publisher.publish_all(
+                    (f"{device_root(self.tenant, device)}/telemetry", sample(first + i))
+                    for i in range(10))
+                self.acknowledged += [(device, first + i) for i in range(10)]
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
 
 
 class IngestProcess:

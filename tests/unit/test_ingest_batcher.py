@@ -8,7 +8,7 @@ import pytest
 
 from kubiot_contract.telemetry import RejectReason
 from kubiot_contract.topics import IdentityKind
-from kubiot_ingest.batcher import Batcher, single
+from kubiot_ingest.batcher import Batcher, LastSeenMemo, single
 from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
@@ -38,7 +38,7 @@ def test_a_batch_closes_when_it_holds_enough_rows() -> None:
     # 4 telemetry rows + 1 device row
     assert batcher.is_due(0.2)
     batch = batcher.take()
-    assert batch.mids == [1, 2]
+    assert batch.receipts == [(0, 1), (0, 2)]
     assert batcher.pending_messages == 0
     assert batcher.deadline() is None
 
@@ -75,14 +75,14 @@ def test_device_updates_merge_in_arrival_order() -> None:
         DeviceUpdate(DEVICE, "pump-1", later, online=False, reported='{"a":1}'),
         DeviceUpdate(DEVICE, "pump-2", T0),
     ]
-    assert batch.mids == [1, 2, 3, 4, 5]
+    assert batch.receipts == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
 
 
 def test_dead_letters_travel_with_the_batch_and_are_acknowledged_with_it() -> None:
     letter = DeadLetter(T0, "acme/devices/pump-1/telemetry", b"{", RejectReason.BAD_JSON, "x")
     batch = single(inbound(9), letter)
     assert batch.dead_letters == [letter]
-    assert batch.mids == [9]
+    assert batch.receipts == [(0, 9)]
     assert batch.telemetry == []
     assert batch.device_updates() == []
 
@@ -92,3 +92,20 @@ def test_sample_times_feed_the_lag_histogram() -> None:
     batcher.add(inbound(1), telemetry(ts=T0), now=0)
     batcher.add(inbound(2), telemetry(ts=T0 + timedelta(seconds=1)), now=0)
     assert batcher.take().sample_times == [T0, T0 + timedelta(seconds=1)]
+
+
+def test_last_seen_is_written_again_only_once_it_has_moved_on() -> None:
+    memo = LastSeenMemo(resolution=timedelta(seconds=10))
+    at = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    seen = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at)
+    assert memo.due([seen]) == [seen]  # never written by this writer
+    memo.written([seen])
+    soon = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=3))
+    assert memo.due([soon]) == []
+    online = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=4), online=True)
+    later = DeviceUpdate(IdentityKind.DEVICE, "pump-1", at + timedelta(seconds=10))
+    other = DeviceUpdate(IdentityKind.GATEWAY, "pump-1", at)
+    assert memo.due([online]) == [online]  # presence is always written
+    assert memo.due([later, other]) == [later, other]
+    memo.forget()
+    assert memo.due([soon]) == [soon]

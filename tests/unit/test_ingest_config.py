@@ -76,3 +76,18 @@ def test_the_command_exits_2_on_invalid_configuration(
     err = capsys.readouterr().err
     assert "KUBIOT_INGEST_DATABASE_DSN" in err
     assert "KUBIOT_INGEST_BATCH_SIZE" in err
+
+
+def test_the_process_collects_garbage_less_often_and_never_its_start_up_objects() -> None:
+    import gc
+
+    from kubiot_ingest.main import GC_THRESHOLDS, tune_garbage_collection
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collection()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -1,193 +1,196 @@
-"""The MQTT side: the bounded hand-off to the event loop, and cheap PUBLISH decoding."""
+"""The MQTT side: the inbox, and paho driven by the event loop against a packet-level broker."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.records import InboundMessage
-from kubiot_ingest.subscriber import Inbox
+from kubiot_ingest.subscriber import Inbox, Subscriber
+from tests.support.mqtt_wire import WireBroker, publish_packet, wire_broker
+from tests.support.waiting import async_wait_until
+
+TOPIC = "acme/devices/pump-1/telemetry"
+FILTERS = ["$share/kubiot-ingest-acme/acme/devices/+/telemetry"]
 
 
 def item(mid: int) -> InboundMessage:
-    return InboundMessage(mid, "acme/devices/pump-1/telemetry", b"{}", datetime.now(UTC))
+    return InboundMessage(mid, TOPIC, b"{}", datetime.now(UTC))
 
 
-async def test_messages_put_by_another_thread_wake_the_loop_in_order() -> None:
-    inbox = Inbox(10, asyncio.get_running_loop())
-    threading.Thread(target=lambda: [inbox.put(item(i)) for i in range(5)]).start()
-    taken: list[int] = []
-    while len(taken) < 5:
-        await asyncio.wait_for(inbox.wait(None), 5)
-        taken += [m.mid for m in inbox.drain(100)]
-    assert taken == [0, 1, 2, 3, 4]
+async def test_the_inbox_hands_over_in_order_and_wakes_a_waiting_consumer() -> None:
+    inbox = Inbox(10)
+    waiting = asyncio.create_task(inbox.wait(None))
+    await asyncio.sleep(0)
+    for mid in range(5):
+        inbox.put(item(mid))
+    await asyncio.wait_for(waiting, 2)
+    assert [m.mid for m in inbox.drain(3)] == [0, 1, 2]
+    assert [m.mid for m in inbox.drain(10)] == [3, 4]
     assert len(inbox) == 0
-
-
-async def test_a_full_inbox_holds_the_network_thread_back() -> None:
-    inbox = Inbox(2, asyncio.get_running_loop())
-    done = threading.Event()
-
-    def produce() -> None:
-        for i in range(4):
-            inbox.put(item(i))
-        done.set()
-
-    threading.Thread(target=produce).start()
-    await asyncio.sleep(0.2)
-    assert len(inbox) == 2
-    assert not done.is_set()  # waiting for room, not reading further
-    taken = [m.mid for m in inbox.drain(2)]
-    assert taken == [0, 1]
-    assert await asyncio.to_thread(done.wait, 5)
-    assert [m.mid for m in inbox.drain(10)] == [2, 3]
-
-
-async def test_closing_releases_a_waiting_thread_and_refuses_more() -> None:
-    inbox = Inbox(1, asyncio.get_running_loop())
-    assert inbox.put(item(1))
-    results: list[bool] = []
-    thread = threading.Thread(target=lambda: results.append(inbox.put(item(2))))
-    thread.start()
-    inbox.close()
-    await asyncio.to_thread(thread.join, 5)
-    assert results == [False]
-    assert not inbox.put(item(3))
-
-
-async def test_waiting_gives_up_after_the_given_time() -> None:
-    inbox = Inbox(1, asyncio.get_running_loop())
-    await asyncio.wait_for(inbox.wait(0.05), 2)
+    await asyncio.wait_for(inbox.wait(0.05), 2)  # gives up after the given time
     inbox.wake()
     await asyncio.wait_for(inbox.wait(None), 2)
 
 
-def test_publish_packets_decode_the_same_with_the_fast_properties() -> None:
-    from paho.mqtt import _packet as paho_packet
-    from paho.mqtt.enums import MQTTProtocolVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from kubiot_ingest.subscriber import use_fast_publish_properties
-
-    use_fast_publish_properties()
-    topic = b"acme/devices/pump-1/telemetry"
-    head = len(topic).to_bytes(2, "big") + topic + (7).to_bytes(2, "big")
-    plain = paho_packet.decode_publish(0x32, head + b"\x00" + b'{"ts":1}',
-                                       MQTTProtocolVersion.MQTTv5)
-    assert (plain.mid, plain.topic, plain.payload) == (7, topic, b'{"ts":1}')
-    with_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    with_props.ContentType = "application/json"
-    packed = with_props.pack()  # type: ignore[no-untyped-call]
-    decoded = paho_packet.decode_publish(0x32, head + packed + b"{}", MQTTProtocolVersion.MQTTv5)
-    assert decoded.payload == b"{}"
-    assert decoded.properties is not None
-    assert decoded.properties.ContentType == "application/json"  # type: ignore[attr-defined]
+async def test_a_full_inbox_says_when_it_has_room_again() -> None:
+    inbox = Inbox(2)
+    rooms: list[int] = []
+    inbox.on_room = lambda: rooms.append(len(inbox))
+    inbox.put(item(1))
+    assert not inbox.full
+    inbox.put(item(2))
+    assert inbox.full
+    inbox.drain(1)
+    assert rooms == [1]
+    inbox.drain(1)
+    assert rooms == [1]  # only the way out of full counts
 
 
-def publish(mid: int, topic: str, payload: bytes, qos: int = 1,
-            properties: bytes = b"\x00") -> bytes:
-    """An MQTT 5 PUBLISH packet as a broker sends it."""
-    name = topic.encode()
-    body = len(name).to_bytes(2, "big") + name
-    body += (mid.to_bytes(2, "big") if qos else b"") + properties + payload
-    length, remaining = bytearray(), len(body)
-    while True:
-        remaining, digit = divmod(remaining, 128)
-        length.append(digit | (0x80 if remaining else 0))
-        if not remaining:
-            return bytes([0x30 | qos << 1]) + bytes(length) + body
+def settings(port: int, **extra: Any) -> IngestSettings:
+    return IngestSettings.model_validate(
+        {"tenant": "acme", "database_dsn": "postgresql://localhost/x",
+         "broker_host": "127.0.0.1", "broker_port": port, "broker_keepalive_s": 5, **extra})
 
 
-def test_the_client_hands_over_whole_split_and_unusual_packets_in_order() -> None:
-    import socket
-
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from kubiot_ingest.subscriber import ReadAheadClient, use_fast_publish_properties
-
-    use_fast_publish_properties()
-    client = ReadAheadClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5,
-                             manual_ack=True)
-    delivered: list[tuple[int, bytes, bytes | bytearray]] = []
-    client.on_delivery = lambda mid, topic, payload: delivered.append((mid, topic, payload))
-    plain: list[tuple[int, str, bytes | bytearray]] = []
-    client.on_message = lambda _c, _u, m: plain.append((m.qos, m.topic, m.payload))
-    with_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    with_props.ContentType = "application/json"
-    props = with_props.pack()  # type: ignore[no-untyped-call]
-    topic = "acme/devices/pump-1/telemetry"
-    big = b'{"values":{"x":"' + b"y" * 300 + b'"}}'  # a two-byte remaining length
-    reader, writer = socket.socketpair()
-    reader.setblocking(False)
-    client._sock = reader
+@contextlib.asynccontextmanager
+async def subscribed(broker: WireBroker, inbox: Inbox, states: list[bool],
+                     **extra: Any) -> AsyncIterator[Subscriber]:
+    subscriber = Subscriber(settings(broker.port, **extra), FILTERS, inbox, states.append)
+    running = asyncio.create_task(subscriber.run())
     try:
-        writer.sendall(publish(1, topic, b"{}") + publish(2, topic, big)
-                       + publish(3, topic, b"[]", properties=props)
-                       + publish(0, topic, b"q0", qos=0))
-        assert client.loop_read() == 0
-        split = publish(4, topic, b'{"split":true}')
-        for part in (split[:1], split[1:9], split[9:]):  # paho reads what is not whole
-            writer.sendall(part)
-            assert client.loop_read() == 0
-        writer.sendall(publish(5, topic, b"{}"))
-        assert client.loop_read() == 0
+        await broker.wait_for("subscribed", 1)
+        await async_wait_until(_true(lambda: subscriber.connected), message="subscribed")
+        yield subscriber
     finally:
-        client._sock = None
-        reader.close()
-        writer.close()
-    name = topic.encode()
-    assert delivered == [(1, name, b"{}"), (2, name, big), (3, name, b"[]"),
-                         (4, name, b'{"split":true}'), (5, name, b"{}")]
-    assert plain == [(0, topic, b"q0")]
+        await subscriber.disconnect()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
 
 
-async def test_a_batch_is_acknowledged_with_one_write_of_pubacks() -> None:
-    from kubiot_ingest.config import IngestSettings
-    from kubiot_ingest.subscriber import Subscriber
-
-    settings = IngestSettings.model_validate(
-        {"tenant": "acme", "database_dsn": "postgresql://localhost/x"})
-    subscriber = Subscriber(settings, [], Inbox(10, asyncio.get_running_loop()), lambda _: None)
-    client: Any = subscriber._client
-    subscriber.ack([1, 300, 65535])
-    subscriber.ack([])
-    queued = list(client._out_packet)
-    assert len(queued) == 1
-    assert queued[0]["packet"] == (b"\x40\x02\x00\x01" + b"\x40\x02\x01\x2c"
-                                   + b"\x40\x02\xff\xff")
+def _true(condition: Any) -> Any:
+    async def check() -> bool:
+        return bool(condition())
+    return check
 
 
-async def test_subscriptions_are_renewed_on_every_connect_even_with_a_session() -> None:
-    from paho.mqtt.client import ConnectFlags
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
+async def taken(inbox: Inbox, count: int) -> list[InboundMessage]:
+    got: list[InboundMessage] = []
 
-    from kubiot_ingest.config import IngestSettings
-    from kubiot_ingest.subscriber import Subscriber
+    async def enough() -> bool:
+        got.extend(inbox.drain(count - len(got)))
+        return len(got) >= count
+    await async_wait_until(enough, message=f"{count} messages")
+    return got
 
-    settings = IngestSettings.model_validate(
-        {"tenant": "acme", "database_dsn": "postgresql://localhost/x"})
-    filters = ["$share/kubiot-ingest-acme/acme/devices/+/telemetry"]
-    subscriber = Subscriber(settings, filters, Inbox(10, asyncio.get_running_loop()),
-                            lambda _: None)
 
-    class Broker:
-        def __init__(self) -> None:
-            self.subscribed: list[list[str]] = []
+async def test_messages_arrive_in_order_and_a_batch_is_acknowledged() -> None:
+    inbox, states = Inbox(100), []
+    big = b'{"values":{"x":"' + b"y" * 300 + b'"}}'  # a two-byte remaining length
+    async with wire_broker() as broker, subscribed(broker, inbox, states) as subscriber:
+        broker.send(publish_packet(1, TOPIC, b"{}") + publish_packet(2, TOPIC, big)
+                    + publish_packet(0, TOPIC, b"q0", qos=0) + publish_packet(3, TOPIC, b"[]"))
+        messages = await taken(inbox, 4)
+        assert [(m.mid, m.topic, m.payload) for m in messages] == [
+            (1, TOPIC, b"{}"), (2, TOPIC, big), (0, TOPIC, b"q0"), (3, TOPIC, b"[]")]
+        assert subscriber.ack([m.receipt for m in messages]) == 3  # QoS 0 needs none
+        await broker.wait_for("acks", 3)
+        assert broker.acks == [(1, 1), (1, 2), (1, 3)]
+    assert states[0] is True
 
-        def subscribe(self, topics: list[tuple[str, Any]]) -> None:
-            self.subscribed.append([topic for topic, _ in topics])
 
-    broker = Broker()
-    accepted = ReasonCode(PacketTypes.CONNACK, identifier=0)  # type: ignore[no-untyped-call]
-    for session_present in (False, True, True):
-        subscriber._handle_connect(broker, None, ConnectFlags(session_present),  # type: ignore[arg-type]
-                                   accepted, None)
-    # A broker restored the session without its shared subscriptions: asked for again each time.
-    assert broker.subscribed == [filters] * 3
+async def test_an_ack_goes_only_to_the_connection_the_message_came_on() -> None:
+    inbox, states = Inbox(100), []
+    async with wire_broker() as broker, subscribed(broker, inbox, states) as subscriber:
+        broker.send(publish_packet(7, TOPIC, b'{"first":true}'))
+        (first,) = await taken(inbox, 1)
+        broker.drop()
+        # Back on a new connection, subscribed again; the broker gives id 7 to another message.
+        await broker.wait_for("subscribed", 2)
+        await async_wait_until(_true(lambda: subscriber.connected), message="reconnected")
+        broker.send(publish_packet(7, TOPIC, b'{"second":true}'))
+        (second,) = await taken(inbox, 1)
+        assert first.connection != second.connection
+        assert subscriber.ack([first.receipt]) == 0  # would confirm the second message
+        assert subscriber.left_for_redelivery == 1
+        assert subscriber.ack([second.receipt]) == 1
+        await broker.wait_for("acks", 1)
+        assert broker.acks == [(2, 7)]
+    assert states[:3] == [True, False, True]
+
+
+async def test_subscriptions_are_renewed_on_every_connect() -> None:
+    inbox: Inbox = Inbox(10)
+    async with wire_broker() as broker, subscribed(broker, inbox, []) as subscriber:
+        for connections in (2, 3):
+            broker.drop()
+            await broker.wait_for("subscribed", connections)
+        await async_wait_until(_true(lambda: subscriber.connected), message="reconnected")
+        assert broker.connections == broker.subscribed == 3
+
+
+async def test_a_subscriber_stopped_while_the_broker_is_away_ends_promptly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with wire_broker() as broker:
+        port = broker.port
+    subscriber = Subscriber(settings(port), FILTERS, Inbox(10), lambda _: None)
+    running = asyncio.create_task(subscriber.run())
+    await async_wait_until(_true(lambda: "cannot reach the broker" in caplog.text),
+                           message="a failed attempt")
+    await asyncio.wait_for(subscriber.disconnect(), 2)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert not subscriber.connected
+
+
+def self_signed_for_loopback(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for 127.0.0.1 and the certificate file a client trusts."""
+    from datetime import timedelta
+    from ipaddress import IPv4Address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "broker.pem", directory / "broker.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+async def test_the_connection_runs_over_tls_checking_the_brokers_certificate(
+        tmp_path: Path) -> None:
+    server, ca_file = self_signed_for_loopback(tmp_path)
+    inbox, states = Inbox(10), []
+    async with wire_broker(server) as broker, \
+            subscribed(broker, inbox, states, broker_tls_ca_file=str(ca_file)) as subscriber:
+        broker.send(publish_packet(3, TOPIC, b"{}"))
+        (message,) = await taken(inbox, 1)
+        assert subscriber.ack([message.receipt]) == 1
+        await broker.wait_for("acks", 1)
+        assert broker.acks == [(1, 3)]

@@ -1,7 +1,11 @@
-"""The PostgreSQL sink: one connection, one transaction per batch, COPY into staging.
+"""The PostgreSQL sink: one connection, one transaction per batch, telemetry by COPY.
 
-Rows are copied into a temporary staging table and moved with `INSERT ... SELECT ... ON
-CONFLICT DO NOTHING`, so a redelivered sample never becomes a second row.
+A batch is copied straight into the telemetry table. Only a redelivered message (a lost
+PUBACK, a restart) can hold a sample that is already stored; then the copy fails on the
+primary key, the transaction is rolled back, and that batch is written again through a
+temporary staging table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so a redelivered
+sample never becomes a second row. Conflict handling costs a batch something only when it
+needs it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from typing import Any
 
 import asyncpg
 
-from kubiot_ingest.batcher import Batch
+from kubiot_ingest.batcher import Batch, LastSeenMemo
 from kubiot_ingest.migrations import Layout, migrate, quote_ident
 from kubiot_ingest.partitions import PartitionKeeper
-from kubiot_ingest.records import TELEMETRY_COLUMNS
+from kubiot_ingest.records import TELEMETRY_COLUMNS, DeviceUpdate
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
-
-
 
 
 class WriteFailure(Enum):
@@ -96,6 +98,9 @@ class PostgresSink:
         self._conn: Any = None
         self._partitions: PartitionKeeper | None = None
         self._ident = quote_ident(schema)
+        self._last_seen = LastSeenMemo()
+        #: Batches that held already stored samples and took the staging path.
+        self.redelivered_batches = 0
 
     @property
     def connected(self) -> bool:
@@ -135,28 +140,50 @@ class PostgresSink:
         conn, keeper = self._conn, self._partitions
         if conn is None or keeper is None or conn.is_closed():
             raise asyncpg.InterfaceError("not connected to the database")
+        updates = self._last_seen.due(batch.device_updates())
         try:
             if batch.telemetry:
-                await keeper.ensure_for(conn, {row[0] for row in batch.telemetry}, now)
-            async with conn.transaction():
-                inserted = await self._write_telemetry(conn, batch)
-                await self._write_devices(conn, batch)
-                if batch.dead_letters:
-                    await conn.copy_records_to_table(
-                        "dead_letter", schema_name=self.schema, columns=DEAD_LETTER_COLUMNS,
-                        records=[(d.received_at, d.topic, d.payload, d.reason.value, d.detail)
-                                 for d in batch.dead_letters])
+                await keeper.ensure_for(conn, [row[0] for row in batch.telemetry], now)
+            try:
+                inserted = await self._transaction(conn, batch, updates, direct=True)
+            except asyncpg.UniqueViolationError:
+                # Some sample is stored already: a redelivery. Nothing of this attempt was
+                # kept, so the batch is written again, skipping what is there.
+                self.redelivered_batches += 1
+                inserted = await self._transaction(conn, batch, updates, direct=False)
         except Exception as exc:
             # After a data error the transaction is rolled back and the connection is fine;
             # after anything else its state is unknown, so the next write starts afresh.
             if write_failure(exc) is not WriteFailure.DATA:
                 await self.close()
             raise
-        return WriteResult(inserted, len(batch.dead_letters), len(batch.seen))
+        self._last_seen.written(updates)
+        return WriteResult(inserted, len(batch.dead_letters), len(updates))
 
-    async def _write_telemetry(self, conn: Any, batch: Batch) -> int:
+    async def _transaction(self, conn: Any, batch: Batch, updates: list[DeviceUpdate], *,
+                           direct: bool) -> int:
+        if direct and not updates and not batch.dead_letters:
+            # Telemetry alone (the common batch): one COPY is one statement, committed whole
+            # or not at all, without the round trips of BEGIN and COMMIT.
+            return await self._write_telemetry(conn, batch, direct=True)
+        async with conn.transaction():
+            # Telemetry first: when the direct copy fails on the key, nothing else was sent.
+            inserted = await self._write_telemetry(conn, batch, direct=direct)
+            await self._write_devices(conn, updates)
+            if batch.dead_letters:
+                await conn.copy_records_to_table(
+                    "dead_letter", schema_name=self.schema, columns=DEAD_LETTER_COLUMNS,
+                    records=[(d.received_at, d.topic, d.payload, d.reason.value, d.detail)
+                             for d in batch.dead_letters])
+        return inserted
+
+    async def _write_telemetry(self, conn: Any, batch: Batch, *, direct: bool) -> int:
         if not batch.telemetry:
             return 0
+        if direct:
+            await conn.copy_records_to_table("telemetry", schema_name=self.schema,
+                                             records=batch.telemetry, columns=TELEMETRY_COLUMNS)
+            return len(batch.telemetry)
         await conn.copy_records_to_table(STAGING_TABLE, records=batch.telemetry,
                                          columns=TELEMETRY_COLUMNS)
         status = await conn.execute(
@@ -164,8 +191,7 @@ class PostgresSink:
             "ON CONFLICT DO NOTHING")
         return int(status.rsplit(" ", 1)[-1])
 
-    async def _write_devices(self, conn: Any, batch: Batch) -> None:
-        updates = batch.device_updates()
+    async def _write_devices(self, conn: Any, updates: list[DeviceUpdate]) -> None:
         if not updates:
             return
         await conn.executemany(
@@ -183,6 +209,8 @@ class PostgresSink:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        # Another writer may have moved rows meanwhile; what this one wrote is no guide now.
+        self._last_seen.forget()
         if conn is not None and not conn.is_closed():
             try:
                 await conn.close(timeout=2)
