@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.kube.client import (
     KINDS_BY_API,
     Conflict,
@@ -61,15 +62,18 @@ def selector_matches(labels: Mapping[str, str], selector: str | None) -> bool:
 
 
 class FileObjects:
-    """The `Objects` port over a JSON file."""
+    """The `Objects` port over a JSON file. Every write is shown to `fleet`, the index the
+    controllers ask about the fleet, as a watch shows it to the operator in a cluster."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fleet = FleetIndex()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._generation = 0
         if path.exists():
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
+                self.fleet.observe(obj)
 
     async def served_kinds(self, api_version: str) -> frozenset[str]:
         """The kinds the store keeps, as discovery would list them. There is no Prometheus
@@ -137,6 +141,7 @@ class FileObjects:
             if stored.get("spec") != current.get("spec"):
                 stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
@@ -152,6 +157,7 @@ class FileObjects:
         if stored["spec"] != current.get("spec"):
             stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
@@ -168,19 +174,24 @@ class FileObjects:
             patch = {"status": patch.get("status", {})}
         stored = merge_patch(current, patch)
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
     async def delete(self, kind: KubeKind, name: str, namespace: str | None = None) -> bool:
         key = self._key(kind, name, namespace)
-        if self._objects.pop(key, None) is None:
+        gone = self._objects.pop(key, None)
+        if gone is None:
             return False
+        self.fleet.forget(gone["kind"], key[1], name)
         # Without a garbage collector, children owned by the object go with it here.
         uid_owned = [k for k, obj in self._objects.items()
                      if any(ref.get("name") == name and ref.get("kind") == kind_name(kind)
                             for ref in obj["metadata"].get("ownerReferences") or [])]
         for child in uid_owned:
-            self._objects.pop(child, None)
+            orphan = self._objects.pop(child, None)
+            if orphan is not None:
+                self.fleet.forget(orphan["kind"], child[1], child[2])
         self._save()
         return True
 

@@ -118,7 +118,7 @@ class LocalStack:
                                      broker_port=options.ports.service,
                                      platform_database_secret=DATABASE_SECRET,
                                      platform_database_key="dsn"),
-            ca_namespace="local")
+            ca_namespace="local", fleet=self.objects.fleet)
         reconciler.attach(platform, database_dsn=self.postgres.dsn)
         results.attach(platform)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")
