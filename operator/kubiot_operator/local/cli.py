@@ -4,6 +4,7 @@
     kubiot local devices                 every device with phase, online, firmware, cert expiry
     kubiot local issue --tenant acme --device sensor-9   add a device, wait, export its bundle
     kubiot local tail [--tenant acme]    print telemetry as it arrives
+    kubiot local fleet --devices 10000 --out fleet/   manifests for a fleet of that size
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .broker import ADMIN_BUNDLE
 from .credentials import BUNDLE_FILES, export_bundle
+from .fleet import fleet_resources
 from .objects import FileObjects
 from .ports import saved_ports
 
@@ -151,6 +153,19 @@ async def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_fleet(args: argparse.Namespace) -> int:
+    """Write the manifests of a fleet of `--devices` devices into `--out`."""
+    validate_name(args.tenant)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.tenant}-fleet.yaml"
+    resources = list(fleet_resources(args.tenant, args.devices))
+    path.write_text(yaml.safe_dump_all(resources, sort_keys=False))
+    print(f"{path}: 1 Tenant, {args.devices} Devices, "
+          f"{sum(1 for r in resources if r['kind'] == 'Gateway')} Gateways, 1 FirmwareRelease; "
+          f"run it with `make dev DEV_ARGS='--manifests {args.out}'`")
+    return 0
+
+
 def add_parser(commands: Any) -> None:
     local = commands.add_parser("local", help="Inspect the local stack that `make dev` runs.")
     local.add_argument("--dir", type=Path, default=Path(".kubiot"), help="The stack's data.")
@@ -172,5 +187,11 @@ def add_parser(commands: Any) -> None:
     tail.add_argument("--tenant")
     tail.add_argument("--device")
     tail.set_defaults(local_run=cmd_tail)
+    fleet = sub.add_parser("fleet", help="Write manifests for a fleet of N devices.")
+    fleet.add_argument("--devices", type=int, required=True)
+    fleet.add_argument("--tenant", default="fleet")
+    fleet.add_argument("--out", type=Path, default=Path("fleet"),
+                       help="Folder for the manifests (default fleet/)")
+    fleet.set_defaults(local_run=cmd_fleet)
     local.set_defaults(run=lambda args: asyncio.run(args.local_run(args)))
 

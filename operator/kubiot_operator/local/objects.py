@@ -7,9 +7,11 @@ restarted stack finds its Secrets (and thus its certificates) again.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,11 @@ from kubiot_operator.kube.client import (
 )
 
 Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
+#: A write is saved at once when the last save is older than this…
+SAVE_AFTER_SECONDS = 1.0
+#: …and at least this many times as long as that save took, so a large store (ten thousand
+#: devices and their Secrets) spends at most a fifth of its time rewriting its file.
+SAVE_COST_FACTOR = 5.0
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -70,6 +77,9 @@ class FileObjects:
         self.fleet = FleetIndex()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._generation = 0
+        self._dirty = False
+        self._saved_at = 0.0
+        self._save_seconds = 0.0
         if path.exists():
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
@@ -93,11 +103,33 @@ class FileObjects:
         return kind.plural, (namespace or "") if kind.namespaced else "", name
 
     def _save(self) -> None:
+        """Record a write; the file follows at once, or soon after for a large store (see
+        `flush`). What a crash loses is re-done by the next reconcile: a credential not saved
+        is issued again."""
         self._generation += 1
+        self._dirty = True
+        wait = max(SAVE_AFTER_SECONDS, SAVE_COST_FACTOR * self._save_seconds)
+        if time.monotonic() - self._saved_at >= wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the file now if anything changed since it was last written."""
+        if not self._dirty:
+            return
+        started = time.monotonic()
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(list(self._objects.values()), indent=1, sort_keys=True))
+        temporary.write_text(json.dumps(list(self._objects.values()), sort_keys=True))
         os.chmod(temporary, 0o600)
         temporary.replace(self.path)
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started
+
+    async def flush_periodically(self, seconds: float = SAVE_AFTER_SECONDS) -> None:
+        """Keep the file at most about `seconds` behind (plus a large store's save time)."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.flush()
 
     @property
     def generation(self) -> int:

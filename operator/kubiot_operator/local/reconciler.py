@@ -30,7 +30,7 @@ from kubiot_operator.kube.client import (
     kind_of,
 )
 from kubiot_operator.kube.secrets import secret_object
-from kubiot_operator.manifests import load_resources, manifest_files
+from kubiot_operator.manifests import ManifestSet, load_resources, manifest_files
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.pki import TenantAuthority
 from kubiot_operator.reconcile.tenant import tenant_namespace
@@ -47,6 +47,9 @@ ORDER: tuple[tuple[KubeKind, Controller, Controller], ...] = (
     (DEVICECOMMANDS, reconcile_command, delete_command),
 )
 FULL_PASS_SECONDS = 60.0
+#: Reconciles of one kind run this many at a time (certificates are issued in threads, the
+#: broker answers while the next request is prepared); kinds still go in ORDER.
+CONCURRENT_RECONCILES = 32
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
@@ -64,19 +67,29 @@ class LocalReconciler:
         self._signature: tuple[tuple[str, float, int], ...] = ()
         self._problems: list[str] = []
         self._last_full_pass = 0.0
+        self._loaded: tuple[tuple[tuple[str, float, int], ...], ManifestSet] | None = None
         self._lock = asyncio.Lock()
         self.passes = 0
 
     async def prepare_trust(self, authority: TenantAuthority, broker: LocalBroker) -> None:
         """Create every tenant's CA and hand the bundles to the broker before it starts."""
         tenants = []
-        for resource in load_resources([self.manifests]).resources:
+        for resource in (await self._load()).resources:
             if resource["kind"] == "Tenant":
                 name = resource["metadata"]["name"]
                 await authority.ensure_ca(name, TenantSpec.model_validate(resource["spec"]).ca)
                 tenants.append(name)
         await broker.publish(await authority.ca_bundle(tenants),
                              await authority.crl_bundle(tenants))
+
+    async def _load(self) -> ManifestSet:
+        """The manifests, validated as the API server would admit them; read again only when
+        a file changed (validating ten thousand takes a while), in a thread so the MQTT
+        session keeps its keepalives meanwhile."""
+        signature = self.manifest_signature()
+        if self._loaded is None or self._loaded[0] != signature:
+            self._loaded = signature, await asyncio.to_thread(load_resources, [self.manifests])
+        return self._loaded[1]
 
     def attach(self, platform: Platform, *, database_dsn: str) -> None:
         self._platform = platform
@@ -106,10 +119,12 @@ class LocalReconciler:
         async with self._lock:
             await self._sync()
 
-    async def _sync(self) -> None:
-        assert self._platform is not None
+    async def apply_manifests(self) -> tuple[dict[tuple[str, str, str], dict[str, Any]],
+                                             set[tuple[str, str, str]]]:
+        """Put the manifests into the store (as `kubectl apply` would); returns what they
+        want, by key, and the keys whose spec or labels changed."""
         self._signature = self.manifest_signature()
-        loaded = load_resources([self.manifests])
+        loaded = await self._load()
         if loaded.problems != self._problems:
             for problem in loaded.problems:
                 log.warning("manifest refused: %s", problem)
@@ -122,6 +137,11 @@ class LocalReconciler:
             if before is None or before.get("spec") != after.get("spec") or (
                     before["metadata"].get("labels") != after["metadata"].get("labels")):
                 changed.add(key)
+        return wanted, changed
+
+    async def _sync(self) -> None:
+        assert self._platform is not None
+        wanted, changed = await self.apply_manifests()
         full = time.monotonic() - self._last_full_pass > FULL_PASS_SECONDS
         if full:
             self._last_full_pass = time.monotonic()
@@ -134,14 +154,23 @@ class LocalReconciler:
                     self._retry_at.pop(_key(obj), None)
         await self._ensure_database_secrets()
         now = time.monotonic()
+        slots = asyncio.Semaphore(CONCURRENT_RECONCILES)
+
+        async def run(reconcile: Controller, obj: dict[str, Any]) -> None:
+            async with slots:
+                await self._run(reconcile, obj)
+
         for kind, reconcile, _ in ORDER:
+            work = []
             for obj in await self.objects.list(kind):
                 key = _key(obj)
                 status = obj.get("status") or {}
                 due = key in self._retry_at and self._retry_at[key] <= now
                 fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
                 if full or due or fresh or key in changed or kind is GATEWAYS:
-                    await self._run(reconcile, obj)
+                    work.append(run(reconcile, obj))
+            await asyncio.gather(*work)
+        self.objects.flush()
         self.passes += 1
 
     async def _run(self, controller: Controller, obj: dict[str, Any], *,
