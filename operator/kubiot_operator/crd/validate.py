@@ -199,8 +199,11 @@ def _fields_read(rule: str) -> frozenset[str] | None:
 def _cel_errors(schema: dict[str, Any], value: Any, where: str) -> Iterator[FieldError]:
     for validation in schema.get("x-kubernetes-validations", []):
         read = _fields_read(validation["rule"])
-        seen = value if read is None or not isinstance(value, dict) else {
-            k: v for k, v in value.items() if k in read}
+        # Only declared properties narrow `self`: `self.all(…)` on a map reads every key.
+        seen = value
+        if (read is not None and isinstance(value, dict)
+                and read <= schema.get("properties", {}).keys()):
+            seen = {k: v for k, v in value.items() if k in read}
         if not _rule_holds(validation["rule"], json.dumps(seen, sort_keys=True)):
             field = where + validation.get("fieldPath", "")
             yield FieldError(field.lstrip(".") or "<root>", validation["message"])
