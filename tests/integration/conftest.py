@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kubiot_contract.topics import IdentityKind
-from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.brokers import BrokerIdentity, MosquittoDynsecBackend
 from kubiot_operator.brokers.emqx import SESSION_BINDING
 from kubiot_operator.local.mosquitto import MosquittoBroker, MosquittoConfig, TLSListener
 from kubiot_operator.local.ports import free_port
@@ -142,7 +142,8 @@ class TlsMosquitto:
                    if not name.startswith(("list", "get")))
 
 
-def start_tls_mosquitto(directory: Path) -> TlsMosquitto:
+def start_tls_mosquitto(directory: Path, identities: Sequence[BrokerIdentity] = ()
+                        ) -> TlsMosquitto:
     pki = BrokerPki.create(directory / "pki")
     config = MosquittoConfig(
         data_dir=directory / "broker", service_port=free_port(),
@@ -150,7 +151,7 @@ def start_tls_mosquitto(directory: Path) -> TlsMosquitto:
         tls=pki.listener(free_port()),
     )
     broker = MosquittoBroker(config)
-    broker.start()
+    broker.start(identities=identities)
     return TlsMosquitto(broker, pki)
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, kind_of
 from kubiot_operator.local.objects import merge_patch
@@ -35,10 +36,12 @@ def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MemoryObjects:
-    """Kubernetes-like objects in a dict, keyed by (plural, namespace, name)."""
+    """Kubernetes-like objects in a dict, keyed by (plural, namespace, name); every write is
+    shown to `fleet`, as a watch would show it to the operator's index."""
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.fleet = FleetIndex()
         self._created = 0
 
     def put(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +53,7 @@ class MemoryObjects:
         meta.setdefault("creationTimestamp",
                         (T0 + timedelta(seconds=self._created)).isoformat().replace("+00:00", "Z"))
         self.items[(kind.plural, meta.get("namespace"), meta["name"])] = obj
+        self.fleet.observe(obj)
         return obj
 
     async def served_kinds(self, api_version: str) -> frozenset[str]:
@@ -80,10 +84,17 @@ class MemoryObjects:
         found = self.items.get((kind.plural, namespace, name))
         if found is None:
             raise KubeError(404, f"{kind.plural} {name} not found")
-        return merge(found, patch)
+        merged = merge(found, patch)
+        self.fleet.observe(merged)
+        return merged
 
     async def delete(self, kind: KubeKind, name: str, namespace: str | None = None) -> bool:
-        return self.items.pop((kind.plural, namespace, name), None) is not None
+        found = self.items.pop((kind.plural, namespace, name), None)
+        if found is None:
+            return False
+        if namespace is not None:
+            self.fleet.forget(found["kind"], namespace, name)
+        return True
 
 
 @dataclass
@@ -147,7 +158,7 @@ def memory_platform(objects: MemoryObjects, messenger: RecordingMessenger, clock
         endpoint=BrokerEndpoint("127.0.0.1", 8883, None),
         ingest=IngestEnvironment(image="ingest", broker_host="127.0.0.1", broker_port=1883,
                                  platform_database_secret="db", platform_database_key="url"),
-        ca_namespace="kubiot-system", clock=clock)
+        ca_namespace="kubiot-system", clock=clock, fleet=objects.fleet)
 
 
 def tenant_objects(objects: MemoryObjects, tenant: str = "acme", namespace: str = "acme") -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kubiot_contract.commands import ResultStatus, result_payload
 from kubiot_operator.controllers.commands import CommandResults, reconcile_command
 from kubiot_operator.controllers.platform import Outcome
+from kubiot_operator.kube.client import DEVICES
 from tests.support.firmware_env import (
     API,
     Clock,
@@ -106,7 +107,7 @@ async def test_queued_targets_are_sent_when_they_come_online_and_late_ones_time_
     assert setup.targets() == {"pump-1": "Sent", "pump-2": "Pending"}
 
     setup.clock.advance(3)
-    setup.objects.items[("devices", "acme", "pump-2")]["status"]["online"] = True
+    await setup.objects.patch(DEVICES, "pump-2", {"status": {"online": True}}, "acme")
     await setup.reconcile()
     assert [p.topic for p in setup.messenger.published] == [
         "acme/devices/pump-1/cmd/ping", "acme/devices/pump-2/cmd/ping"]

@@ -79,7 +79,8 @@ class Fleet:
             buffer.add(f"{root}/state/reported", json.dumps({"firmware": version}).encode(),
                        self.clock())
         for _, report in buffer.drain(10):
-            merge(self.device(device), {"status": report.status_patch()})
+            self.objects.fleet.observe(merge(self.device(device),
+                                             {"status": report.status_patch()}))
 
     def answer_jobs(self, outcome: dict[str, str]) -> None:
         """Every device holding a job it has not answered reports `outcome.get(name, ok)`."""

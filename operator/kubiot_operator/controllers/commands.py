@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,13 +38,7 @@ from kubiot_contract.topics import (
     device_root,
     parse_topic,
 )
-from kubiot_operator.kube.client import (
-    DEVICECOMMANDS,
-    DEVICES,
-    GATEWAYS,
-    TENANTS,
-    NotFound,
-)
+from kubiot_operator.kube.client import DEVICECOMMANDS, TENANTS, NotFound
 from kubiot_operator.models import DEVICE_COMMAND
 from kubiot_operator.models.command import (
     CommandPhase,
@@ -137,6 +131,14 @@ class _Record:
             "lastRun": _time(latest.started_at) if latest else None,
             "counts": latest.counts.to_wire() if latest else None,
         }
+
+
+def run_due(body: Mapping[str, Any]) -> bool:
+    """Whether the command has a run to advance or a run to start: not finished for good and
+    not suspended (a spec change wakes those)."""
+    phase = (body.get("status") or {}).get("phase")
+    return phase in (None, CommandPhase.PENDING.value, CommandPhase.RUNNING.value,
+                     CommandPhase.SCHEDULED.value)
 
 
 async def reconcile_command(platform: Platform, body: dict[str, Any]) -> Outcome:
@@ -335,20 +337,13 @@ def _plan_recheck(outcome: Outcome, record: _Record, now: datetime) -> None:
 
 async def _fleet(platform: Platform, namespace: str
                  ) -> tuple[list[DeviceFacts], dict[str, list[str]], dict[str, bool]]:
-    devices = []
-    for body in await platform.objects.list(DEVICES, namespace):
-        meta = body["metadata"]
-        if meta.get("deletionTimestamp"):
-            continue
-        spec, status = body.get("spec") or {}, body.get("status") or {}
-        devices.append(DeviceFacts(meta["name"], meta.get("labels") or {},
-                                   online=status.get("online") is True,
-                                   gateway=status.get("gateway"),
-                                   suspended=spec.get("suspended") is True))
+    devices = [DeviceFacts(d.name, dict(d.labels), online=d.online, gateway=d.gateway,
+                           suspended=d.suspended)
+               for d in platform.fleet.devices(namespace)]
     children: dict[str, list[str]] = {}
     gateway_online: dict[str, bool] = {}
-    for body in await platform.objects.list(GATEWAYS, namespace):
-        name, status = body["metadata"]["name"], body.get("status") or {}
+    for gateway in platform.fleet.gateways(namespace):
+        name, status = gateway.name, gateway.body.get("status") or {}
         children[name] = list(status.get("children") or [])
         gateway_online[name] = status.get("online") is True
     return devices, children, gateway_online

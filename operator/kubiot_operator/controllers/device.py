@@ -16,13 +16,10 @@ from kubiot_contract.topics import (
     state_desired_topic,
 )
 from kubiot_operator.brokers import BrokerError, BrokerIdentity
-from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DevicePhase, DeviceSpec
-from kubiot_operator.models.gateway import GatewaySpec
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.provisioning import APPROVED_LABEL, awaiting_approval
-from kubiot_operator.reconcile.selectors import selector_matches
 
 from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
 from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
@@ -80,7 +77,8 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     username, root = subject.username, subject.topic_root
     outcome.status.update(username=username, topicRoot=root)
 
-    quota = await _quota_refusal(platform, tenant_spec, namespace, name)
+    quota = _quota_refusal(platform, tenant_spec, namespace, name,
+                           meta.get("creationTimestamp") or "")
     if quota:
         outcome.warning("QuotaExceeded", quota)
         outcome.retry_after, outcome.retry_reason = QUOTA_RECHECK_SECONDS, "QuotaExceeded"
@@ -100,7 +98,7 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
                                          suspended=spec.suspended,
                                          owner=owner_reference(body), outcome=outcome)
-    outcome.status["gateway"] = await _serving_gateway(platform, namespace, labels)
+    outcome.status["gateway"] = platform.fleet.serving_gateway(namespace, labels)
 
     access = await _ensure_access(platform, tenant, username, credential.broker_credential,
                                   spec.suspended, outcome)
@@ -133,34 +131,18 @@ async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     return outcome
 
 
-async def _quota_refusal(platform: Platform, tenant_spec: TenantSpec, namespace: str,
-                         name: str) -> str | None:
+def _quota_refusal(platform: Platform, tenant_spec: TenantSpec, namespace: str, name: str,
+                   created: str) -> str | None:
     """A message when this device is beyond the tenant's device quota (oldest first are in)."""
     limit = tenant_spec.quotas.max_devices
     if limit is None:
         return None
-    devices = [d for d in await platform.objects.list(DEVICES, namespace)
-               if not d["metadata"].get("deletionTimestamp")]
-    order = sorted(devices, key=lambda d: (d["metadata"].get("creationTimestamp") or "",
-                                           d["metadata"]["name"]))
-    names = [d["metadata"]["name"] for d in order]
-    if name in names and names.index(name) < limit:
+    fleet = platform.fleet
+    if fleet.device(namespace, name) is not None and fleet.devices_before(
+            namespace, created, name) < limit:
         return None
-    return (f"the tenant allows {limit} devices and {len(names)} exist; this one is not "
-            "admitted until others are deleted or the quota is raised")
-
-
-async def _serving_gateway(platform: Platform, namespace: str, labels: dict[str, str]
-                           ) -> str | None:
-    for gateway in sorted(await platform.objects.list(GATEWAYS, namespace),
-                          key=lambda g: g["metadata"]["name"]):
-        try:
-            spec = parse_spec(GatewaySpec, gateway)
-        except ValidationError:
-            continue
-        if not spec.suspended and selector_matches(spec.selector, labels):
-            return str(gateway["metadata"]["name"])
-    return None
+    return (f"the tenant allows {limit} devices and {fleet.device_count(namespace)} exist; "
+            "this one is not admitted until others are deleted or the quota is raised")
 
 
 async def _ensure_access(platform: Platform, tenant: str, username: str, credential: Any,

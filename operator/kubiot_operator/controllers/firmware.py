@@ -83,6 +83,14 @@ class _Release:
     status: dict[str, Any]
 
 
+def rollout_due(body: Mapping[str, Any]) -> bool:
+    """Whether the release has work a periodic recheck can advance: a rollout not yet
+    finished, aborted or superseded (a paused one still follows the wave under way)."""
+    phase = (body.get("status") or {}).get("phase")
+    return phase not in (ReleasePhase.SUCCEEDED.value, ReleasePhase.ABORTED.value,
+                         ReleasePhase.SUPERSEDED.value)
+
+
 async def reconcile_release(platform: Platform, body: dict[str, Any]) -> Outcome:
     """Advance the rollout one step and return the release's status."""
     meta = body["metadata"]
@@ -198,20 +206,13 @@ async def delete_release(platform: Platform, body: dict[str, Any]) -> Outcome:
 
 
 async def _devices(platform: Platform, namespace: str) -> list[DeviceView]:
-    views = []
-    for body in await platform.objects.list(DEVICES, namespace):
-        meta = body["metadata"]
-        if meta.get("deletionTimestamp"):
-            continue
-        spec, status = body.get("spec") or {}, body.get("status") or {}
-        views.append(DeviceView(meta["name"], meta.get("labels") or {}, spec.get("model"),
-                                status.get("firmware") or {}))
-    return views
+    return [DeviceView(d.name, dict(d.labels), d.model, dict(d.firmware))
+            for d in platform.fleet.devices(namespace)]
 
 
 async def _other_releases(platform: Platform, namespace: str, name: str) -> list[ReleaseView]:
     views = []
-    for body in await platform.objects.list(FIRMWARERELEASES, namespace):
+    for body in platform.fleet.releases(namespace):
         meta = body["metadata"]
         if meta["name"] == name or meta.get("deletionTimestamp"):
             continue

@@ -14,7 +14,6 @@ from kubiot_contract.topics import (
     gateway_access,
 )
 from kubiot_operator.brokers import BrokerError, BrokerIdentity
-from kubiot_operator.kube.client import DEVICES, GATEWAYS
 from kubiot_operator.models.device import DeviceSpec
 from kubiot_operator.models.gateway import GatewayPhase, GatewaySpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
@@ -89,7 +88,7 @@ async def reconcile_gateway(platform: Platform, body: dict[str, Any]) -> Outcome
     credential = await ensure_credential(platform, subject, tenant_spec, spec.identity,
                                          suspended=spec.suspended,
                                          owner=owner_reference(body), outcome=outcome)
-    children = children_of(spec, await platform.objects.list(DEVICES, namespace))
+    children = platform.fleet.children(namespace, spec.selector)
     served = children[:spec.max_children]
     outcome.status.update(username=username, topicRoot=root, childCount=len(served),
                           children=served[:MAX_CHILDREN_IN_STATUS])
@@ -168,8 +167,6 @@ class GatewayRefresher:
                     self.request(namespace)
 
     async def refresh(self, namespace: str) -> None:
-        for gateway in await self._platform.objects.list(GATEWAYS, namespace):
-            if gateway["metadata"].get("deletionTimestamp"):
-                continue
-            outcome = await reconcile_gateway(self._platform, gateway)
-            await self._write_outcome(gateway, outcome)
+        for gateway in self._platform.fleet.gateways(namespace):
+            outcome = await reconcile_gateway(self._platform, gateway.body)
+            await self._write_outcome(gateway.body, outcome)

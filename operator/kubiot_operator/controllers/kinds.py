@@ -23,9 +23,9 @@ from kubiot_operator.models import (
 )
 from kubiot_operator.settings import OperatorSettings
 
-from .commands import delete_command, reconcile_command
+from .commands import delete_command, reconcile_command, run_due
 from .device import delete_device, reconcile_device
-from .firmware import delete_release, reconcile_release
+from .firmware import delete_release, reconcile_release, rollout_due
 from .gateway import delete_gateway, reconcile_gateway
 from .objects import checked_status
 from .platform import Event, Outcome, Platform
@@ -49,6 +49,9 @@ class KindController:
     delete: Controller
     #: Seconds between periodic rechecks of one object, from the operator's settings.
     recheck_seconds: Callable[[OperatorSettings], float]
+    #: Whether an object has work that no watch event announces (a rollout or a command run in
+    #: progress); None: every object is rechecked.
+    due: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 #: In dependency order: a Tenant before what lives in its namespace (deletion runs reversed).
@@ -60,9 +63,9 @@ CONTROLLERS: tuple[KindController, ...] = (
     KindController(GATEWAY, reconcile_gateway, delete_gateway,
                    lambda settings: settings.renewal_check_seconds),
     KindController(FIRMWARE_RELEASE, reconcile_release, delete_release,
-                   lambda settings: PROGRESS_RECHECK_SECONDS),
+                   lambda settings: PROGRESS_RECHECK_SECONDS, due=rollout_due),
     KindController(DEVICE_COMMAND, reconcile_command, delete_command,
-                   lambda settings: PROGRESS_RECHECK_SECONDS),
+                   lambda settings: PROGRESS_RECHECK_SECONDS, due=run_due),
 )
 
 if {c.resource.kind for c in CONTROLLERS} != {k.kind for k in KINDS}:  # pragma: no cover

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.ports import Messenger, Objects, TrustPublisher
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import TenantAuthority
@@ -41,6 +42,9 @@ class Platform:
     ingest: IngestEnvironment
     ca_namespace: str
     broker_kind: str = "mosquitto"
+    # The devices, gateways and releases the watch has shown: per-object questions about the
+    # fleet are answered here, never by listing the API.
+    fleet: FleetIndex = field(default_factory=FleetIndex)
     clock: Callable[[], datetime] = utc_now
     token: Callable[[], str] = run_token
     # Called when a namespace's devices change, so gateways serving them are brought up to date.

@@ -42,20 +42,29 @@ from kubiot_operator.reconcile.tenant import (
 from .gateway import children_of
 from .objects import parse_spec
 from .platform import Platform
+from .ports import Objects
 
 log = logging.getLogger(__name__)
 
 
 async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
                             ) -> list[BrokerIdentity]:
-    """Every broker identity the tenant's resources call for, with the credential each has.
+    """Every broker identity the tenant's resources call for, with the credential each has."""
+    return await identities_wanted(platform.objects, tenant, spec)
+
+
+async def identities_wanted(objects: Objects, tenant: str, spec: TenantSpec
+                            ) -> list[BrokerIdentity]:
+    """The same from the objects alone, for a broker about to start (a cold start writes them
+    into its state at once). A certificate identity needs no Secret: its broker entry is the
+    same before and after the certificate is issued.
 
     Secrets are read one by one and only where a password lives: the operator is not
     granted to list Secrets, which would let it read every credential in a namespace at once.
     """
     namespace = tenant_namespace(tenant, spec)
     wanted: list[BrokerIdentity] = []
-    ingest_password = _password(await platform.objects.get(
+    ingest_password = _password(await objects.get(
         SECRETS, ingest_broker_secret_name(tenant), namespace))
     if ingest_password is not None:
         wanted.append(BrokerIdentity(ingest_username(tenant), tenant, IdentityKind.INGEST,
@@ -65,7 +74,7 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
             wanted.append(BrokerIdentity(claim_username(tenant, claim.name), tenant,
                                          IdentityKind.CLAIM, claim_access(tenant, claim.name),
                                          CertificateCredential()))
-    devices = await platform.objects.list(DEVICES, namespace)
+    devices = await objects.list(DEVICES, namespace)
     quota = spec.quotas.max_devices
     admitted = sorted((d for d in devices if not d["metadata"].get("deletionTimestamp")),
                       key=lambda d: (d["metadata"].get("creationTimestamp") or "",
@@ -77,7 +86,7 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
             device_spec = parse_spec(DeviceSpec, device)
         except ValidationError:
             continue
-        credential = await _credential(platform, device_spec.identity.type, IdentityKind.DEVICE,
+        credential = await _credential(objects, device_spec.identity.type, IdentityKind.DEVICE,
                                        name, namespace)
         if awaiting_approval(device["metadata"].get("labels") or {}):
             continue  # no broker access until approved
@@ -85,7 +94,7 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
             wanted.append(BrokerIdentity(device_username(tenant, name), tenant,
                                          IdentityKind.DEVICE, device_access(tenant, name),
                                          credential, enabled=not device_spec.suspended))
-    for gateway in await platform.objects.list(GATEWAYS, namespace):
+    for gateway in await objects.list(GATEWAYS, namespace):
         name = gateway["metadata"]["name"]
         if gateway["metadata"].get("deletionTimestamp"):
             continue
@@ -93,7 +102,7 @@ async def wanted_identities(platform: Platform, tenant: str, spec: TenantSpec
             gateway_spec = parse_spec(GatewaySpec, gateway)
         except ValidationError:
             continue
-        credential = await _credential(platform, gateway_spec.identity.type,
+        credential = await _credential(objects, gateway_spec.identity.type,
                                        IdentityKind.GATEWAY, name, namespace)
         if credential is not None:
             children = children_of(gateway_spec, devices)[:gateway_spec.max_children]
@@ -149,11 +158,11 @@ def _password(secret: dict[str, Any] | None) -> str | None:
     return base64.b64decode(data["password"]).decode() if "password" in data else None
 
 
-async def _credential(platform: Platform, kind: IdentityType, identity: IdentityKind,
+async def _credential(objects: Objects, kind: IdentityType, identity: IdentityKind,
                       name: str, namespace: str) -> Credential | None:
     if kind is not IdentityType.PASSWORD:
         return CertificateCredential()
-    secret = await platform.objects.get(SECRETS, credential_secret_name(identity, name),
+    secret = await objects.get(SECRETS, credential_secret_name(identity, name),
                                         namespace)
     record = issued_record(secret)
     password = _password(secret)

@@ -121,9 +121,8 @@ async def reconcile_tenant(platform: Platform, body: dict[str, Any]) -> Outcome:
     updates.append(await _ensure_broker_tenant(platform, name, namespace, owner, outcome))
     updates += await _ensure_ingest(platform, name, spec, owner, outcome)
 
-    devices = await platform.objects.list(DEVICES, namespace)
-    gateways = await platform.objects.list(GATEWAYS, namespace)
-    outcome.status.update(deviceCount=len(devices), gatewayCount=len(gateways))
+    outcome.status.update(deviceCount=platform.fleet.device_count(namespace),
+                          gatewayCount=platform.fleet.gateway_count(namespace))
     return finish(updates)
 
 

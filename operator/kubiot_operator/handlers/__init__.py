@@ -14,6 +14,7 @@ import kopf
 
 from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.brokers import BrokerBackend, BrokerError
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.kinds import (
     CONTROLLERS,
     Controller,
@@ -59,6 +60,10 @@ class Operator:
         self._login = login
         self._broker = broker
         self._trust = trust
+        # Fed by kopf's indexing handlers from the watches it already runs; kopf holds every
+        # other handler back until the initial listings are indexed, so a quota or a gateway
+        # is never decided from a half-known fleet.
+        self.fleet = FleetIndex()
         self._register()
 
     @property
@@ -83,7 +88,8 @@ class Operator:
                 return Connection.from_kopf(fresh) if fresh is not None else None
 
             self.runtime = Runtime(self.settings, Connection.from_kopf(info),
-                                   broker=self._broker, trust=self._trust, relogin=relogin)
+                                   broker=self._broker, trust=self._trust, relogin=relogin,
+                                   fleet=self.fleet)
             await self.runtime.start()
 
         @kopf.on.login(registry=reg)
@@ -95,12 +101,31 @@ class Operator:
             if self.runtime is not None:
                 await self.runtime.stop()
 
+        for plural in ("devices", "gateways", "firmwarereleases"):
+            self._register_index(plural)
         for controller in CONTROLLERS:
             self._register_kind(controller)
+    def _register_index(self, plural: str) -> None:
+        reg = self.registry
+
+        def index(body: kopf.Body, **_: Any) -> bool:
+            self.fleet.observe(_plain(body))
+            return True  # kopf's own copy stays one flag per object; the facts live in the fleet
+
+        async def gone(type: str, body: kopf.Body, **_: Any) -> None:
+            # kopf drops a deleted object from its indexes without calling the index handler.
+            if type == "DELETED":
+                meta = body.get("metadata", {})
+                self.fleet.forget(str(body.get("kind")), meta.get("namespace", ""),
+                                  meta.get("name", ""))
+
+        kopf.index(API_GROUP, API_VERSION, plural, registry=reg, id=f"fleet-{plural}")(index)
+        kopf.on.event(API_GROUP, API_VERSION, plural, registry=reg, id=f"fleet-{plural}-gone")(
+            gone)
 
     def _register_kind(self, controller: KindController) -> None:
         reg, plural = self.registry, controller.resource.plural
-        timer = controller.recheck_seconds(self.settings)
+        timer, due = controller.recheck_seconds(self.settings), controller.due
 
         async def on_change(body: kopf.Body, **_: Any) -> None:
             await self._run(controller, controller.reconcile, body)
@@ -115,8 +140,11 @@ class Operator:
         for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
             decorator(API_GROUP, API_VERSION, plural, registry=reg, id="reconcile")(on_change)
         kopf.on.delete(API_GROUP, API_VERSION, plural, registry=reg, id="cleanup")(on_delete)
+        # A timer only where work is due: kopf evaluates `when` on each event, so a finished
+        # rollout or command stops being polled, and a spec change wakes it again.
+        when = (lambda body, **_: due(body)) if due is not None else None
         kopf.timer(API_GROUP, API_VERSION, plural, registry=reg, id="recheck",
-                   interval=timer, initial_delay=timer, idle=timer / 2)(periodic)
+                   interval=timer, initial_delay=timer, idle=timer / 2, when=when)(periodic)
 
     async def _run(self, controller: KindController, step: Controller, body: kopf.Body, *,
                    with_status: bool = True) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from kubiot_contract.topics import operator_client_id, report_filters
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
 from kubiot_operator.controllers.commands import CommandResults
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.kinds import apply_outcome
 from kubiot_operator.controllers.platform import Event, Outcome, Platform
@@ -45,8 +46,9 @@ class Runtime:
                  registry: CollectorRegistry | None = None,
                  broker: BrokerBackend | None = None,
                  trust: TrustPublisher | None = None,
-                 relogin: Relogin | None = None) -> None:
+                 relogin: Relogin | None = None, fleet: FleetIndex | None = None) -> None:
         self.settings = settings
+        self.fleet = fleet or FleetIndex()
         self.connection = connection
         self._relogin = relogin
         self.registry = registry or CollectorRegistry()
@@ -95,7 +97,8 @@ class Runtime:
                 platform_database_key=settings.platform_database_key,
                 monitoring_namespace=settings.monitoring_namespace,
                 monitor_labels=settings.ingest_monitor_labels),
-            ca_namespace=settings.namespace, broker_kind=settings.broker.value)
+            ca_namespace=settings.namespace, broker_kind=settings.broker.value,
+            fleet=self.fleet)
         self.results.attach(self.platform)
         refresher = GatewayRefresher(self.platform, self.apply)
         self.platform.gateway_refresh = refresher.request

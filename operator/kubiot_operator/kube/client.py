@@ -128,6 +128,9 @@ def _path_or_file(path: Any, data: str | bytes | None, suffix: str) -> str | Non
     return name
 
 
+#: Objects per page of a list; the API server's own default for kubectl is 500.
+LIST_PAGE_SIZE = 500
+
 #: Logs in again (as kopf's login handler does) and returns the fresh credentials, if any.
 Relogin = Callable[[], Connection | None]
 
@@ -238,10 +241,19 @@ class KubeClient:
 
     async def list(self, kind: KubeKind, namespace: str | None = None,
                    label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
-        body = await self._request("GET", kind.path(namespace), params=params)
-        items: list[dict[str, Any]] = (body or {}).get("items", [])
-        return items
+        """Every object, fetched in pages of `LIST_PAGE_SIZE` (limit/continue), so neither the
+        API server nor this process builds one answer of the whole collection."""
+        items: list[dict[str, Any]] = []
+        params = {"limit": str(LIST_PAGE_SIZE)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        while True:
+            body = await self._request("GET", kind.path(namespace), params=params) or {}
+            items += body.get("items", [])
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            params = {**params, "continue": token}
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj)

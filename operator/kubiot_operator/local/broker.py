@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubiot_operator.brokers import BrokerIdentity
 from kubiot_operator.pki import (
     CertificateAuthority,
     FileMaterialStore,
@@ -52,6 +55,8 @@ class LocalBroker:
         self._broker: MosquittoBroker | None = None
         self._lock = asyncio.Lock()
         self.reloads = 0
+        #: Seconds the first start took with a seeded dynamic-security state, if it had one.
+        self.cold_start_seeded: float | None = None
 
     @property
     def trust_dir(self) -> Path:
@@ -70,6 +75,11 @@ class LocalBroker:
         """What devices verify the broker with (goes into every device Secret)."""
         return self._store.path(SERVER_CA_BUNDLE) / "ca.crt"
 
+    @property
+    def has_state(self) -> bool:
+        """Whether Mosquitto has a dynamic-security state of its own (not a first start)."""
+        return (self.root / "mosquitto" / "dynamic-security.json").exists()
+
     async def admin_password(self) -> str:
         """The operator's dynamic-security password, created once."""
         bundle = await self._store.get(ADMIN_BUNDLE)
@@ -78,7 +88,9 @@ class LocalBroker:
             await self._store.put(ADMIN_BUNDLE, bundle)
         return bundle["password"].decode()
 
-    async def start(self) -> None:
+    async def start(self, identities: Sequence[BrokerIdentity] = ()) -> None:
+        """Start Mosquitto; on a cold start its dynamic-security state already holds
+        `identities`, so they need no command each (see `dynsec_with_identities`)."""
         server_ca = await self._server_ca()
         await self._server_certificate(server_ca)
         self.trust_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -98,7 +110,10 @@ class LocalBroker:
             sys_interval=self.statistics_interval)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._broker = MosquittoBroker(config)
-        await asyncio.to_thread(self._broker.start)
+        started = time.monotonic()
+        await asyncio.to_thread(self._broker.start, 10.0, identities)
+        if identities and self.cold_start_seeded is None:
+            self.cold_start_seeded = time.monotonic() - started
 
     async def stop(self) -> None:
         if self._broker is not None:

@@ -6,6 +6,7 @@
     kubiot local tail [--tenant acme]    print telemetry as it arrives
     kubiot local factory --count 20      factory-fresh devices that provision themselves by claim
     kubiot local approve acme/sn-0001    approve a Device waiting for approval
+    kubiot local fleet --devices 10000 --out fleet/   manifests for a fleet of that size
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .broker import ADMIN_BUNDLE
 from .credentials import BUNDLE_FILES, export_bundle, read_bundle
+from .fleet import fleet_resources
 from .objects import FileObjects
 from .ports import saved_ports
 from .reconciler import approval_file
@@ -235,6 +237,19 @@ async def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_fleet(args: argparse.Namespace) -> int:
+    """Write the manifests of a fleet of `--devices` devices into `--out`."""
+    validate_name(args.tenant)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.tenant}-fleet.yaml"
+    resources = list(fleet_resources(args.tenant, args.devices))
+    path.write_text(yaml.safe_dump_all(resources, sort_keys=False))
+    print(f"{path}: 1 Tenant, {args.devices} Devices, "
+          f"{sum(1 for r in resources if r['kind'] == 'Gateway')} Gateways, 1 FirmwareRelease; "
+          f"run it with `make dev DEV_ARGS='--manifests {args.out}'`")
+    return 0
+
+
 def add_parser(commands: Any) -> None:
     local = commands.add_parser("local", help="Inspect the local stack that `make dev` runs.")
     local.add_argument("--dir", type=Path, default=Path(".kubiot"), help="The stack's data.")
@@ -271,5 +286,11 @@ def add_parser(commands: Any) -> None:
     approve = sub.add_parser("approve", help="Approve a provisioned Device (manual approval).")
     approve.add_argument("device", help="<namespace>/<device>")
     approve.set_defaults(local_run=cmd_approve)
+    fleet = sub.add_parser("fleet", help="Write manifests for a fleet of N devices.")
+    fleet.add_argument("--devices", type=int, required=True)
+    fleet.add_argument("--tenant", default="fleet")
+    fleet.add_argument("--out", type=Path, default=Path("fleet"),
+                       help="Folder for the manifests (default fleet/)")
+    fleet.set_defaults(local_run=cmd_fleet)
     local.set_defaults(run=lambda args: asyncio.run(args.local_run(args)))
 

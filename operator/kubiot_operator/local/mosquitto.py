@@ -16,11 +16,15 @@ import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubiot_contract.topics import OPERATOR_USERNAME
+from kubiot_contract.topics import OPERATOR_USERNAME, tenant_root
+from kubiot_operator.brokers import BrokerIdentity, PasswordCredential
+from kubiot_operator.brokers import dynsec as commands
+from kubiot_operator.brokers.base import MANAGED_MARKER
 from kubiot_operator.local.ports import wait_for_port
 
 DYNSEC_PLUGIN_CANDIDATES = (
@@ -171,6 +175,44 @@ def dynsec_bootstrap(admin_username: str, admin_password: str) -> dict[str, Any]
     }
 
 
+def dynsec_with_identities(state: dict[str, Any], identities: Iterable[BrokerIdentity]
+                           ) -> dict[str, Any]:
+    """The dynamic-security state with kubiot's identities in it, exactly as the broker
+    backend's commands would leave it (so the backend later finds nothing to write).
+
+    Mosquitto 2.0 rewrites its whole file after every write command, so creating N identities
+    by command costs O(N^2); written here before the broker starts, it costs one file write.
+    """
+    seeded = {**state, "clients": list(state.get("clients", [])),
+              "groups": list(state.get("groups", [])), "roles": list(state.get("roles", []))}
+    groups: dict[str, dict[str, Any]] = {}
+    for identity in identities:
+        group = commands.tenant_group_name(identity.tenant)
+        if group not in groups:
+            groups[group] = {"groupname": group, "textname": MANAGED_MARKER,
+                             "roles": [{"rolename": group}], "clients": []}
+            seeded["roles"].append({
+                "rolename": group, "textname": MANAGED_MARKER,
+                "acls": [{"acltype": acl, "topic": f"{tenant_root(identity.tenant)}/#",
+                          "priority": commands.TENANT_DENY_PRIORITY, "allow": False}
+                         for acl in (commands.PUBLISH, commands.SUBSCRIBE)]})
+        groups[group]["clients"].append({"username": identity.username})
+        role = commands.role_name(identity.username)
+        seeded["roles"].append({"rolename": role, "textname": MANAGED_MARKER,
+                                "acls": commands.acls_for(identity.rules)})
+        client: dict[str, Any] = {
+            "username": identity.username, "textname": MANAGED_MARKER,
+            "textdescription": commands.describe_client(identity),
+            "roles": [{"rolename": role}] if identity.enabled else []}
+        if not identity.enabled:
+            client["disabled"] = True
+        if isinstance(identity.credential, PasswordCredential):
+            client.update(dynsec_password(identity.credential.password))
+        seeded["clients"].append(client)
+    seeded["groups"] += groups.values()
+    return seeded
+
+
 class MosquittoBroker:
     """One Mosquitto process. `start()` returns once both listeners accept connections."""
 
@@ -187,22 +229,27 @@ class MosquittoBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def prepare(self) -> None:
+    def prepare(self, identities: Iterable[BrokerIdentity] = ()) -> bool:
+        """Write the config, and on a cold start the dynamic-security state with `identities`
+        in it; False when the broker already has a state of its own (kept as it is)."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.config_file.write_text(render_config(cfg))
-        if not cfg.dynsec_file.exists():
-            cfg.dynsec_file.write_text(
-                json.dumps(dynsec_bootstrap(cfg.admin_username, cfg.admin_password), indent=2)
-            )
-            os.chmod(cfg.dynsec_file, 0o600)
+        if cfg.dynsec_file.exists():
+            return False
+        state = dynsec_with_identities(
+            dynsec_bootstrap(cfg.admin_username, cfg.admin_password), identities)
+        cfg.dynsec_file.write_text(json.dumps(state, indent=1))
+        os.chmod(cfg.dynsec_file, 0o600)
+        return True
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, identities: Iterable[BrokerIdentity] = ()) -> None:
+        """Start; a cold start (no dynamic-security state yet) begins with `identities`."""
         if self.running:
             return
         if not Path(self.executable).exists():
             raise MosquittoError(f"mosquitto not found at {self.executable}")
-        self.prepare()
+        self.prepare(identities)
         self._process = subprocess.Popen(
             [self.executable, "-c", str(self.config.config_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -7,19 +7,27 @@ restarted stack finds its Secrets (and thus its certificates) again.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.kube.client import KINDS_BY_API, Conflict, KubeError, NotFound, kind_of
 from kubiot_operator.models.api import KubeKind
 
 Key = tuple[str, str, str]  # plural, namespace ("" when cluster-scoped), name
+#: A write is saved at once when the last save is older than this…
+SAVE_AFTER_SECONDS = 1.0
+#: …and at least this many times as long as that save took, so a large store (ten thousand
+#: devices and their Secrets) spends at most a fifth of its time rewriting its file.
+SAVE_COST_FACTOR = 5.0
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -55,15 +63,21 @@ def selector_matches(labels: Mapping[str, str], selector: str | None) -> bool:
 
 
 class FileObjects:
-    """The `Objects` port over a JSON file."""
+    """The `Objects` port over a JSON file. Every write is shown to `fleet`, the index the
+    controllers ask about the fleet, as a watch shows it to the operator in a cluster."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fleet = FleetIndex()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._generation = 0
+        self._dirty = False
+        self._saved_at = 0.0
+        self._save_seconds = 0.0
         if path.exists():
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
+                self.fleet.observe(obj)
 
     async def served_kinds(self, api_version: str) -> frozenset[str]:
         """The kinds the store keeps, as discovery would list them. There is no Prometheus
@@ -83,11 +97,33 @@ class FileObjects:
         return kind.plural, (namespace or "") if kind.namespaced else "", name
 
     def _save(self) -> None:
+        """Record a write; the file follows at once, or soon after for a large store (see
+        `flush`). What a crash loses is re-done by the next reconcile: a credential not saved
+        is issued again."""
         self._generation += 1
+        self._dirty = True
+        wait = max(SAVE_AFTER_SECONDS, SAVE_COST_FACTOR * self._save_seconds)
+        if time.monotonic() - self._saved_at >= wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the file now if anything changed since it was last written."""
+        if not self._dirty:
+            return
+        started = time.monotonic()
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(list(self._objects.values()), indent=1, sort_keys=True))
+        temporary.write_text(json.dumps(list(self._objects.values()), sort_keys=True))
         os.chmod(temporary, 0o600)
         temporary.replace(self.path)
+        self._dirty = False
+        self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started
+
+    async def flush_periodically(self, seconds: float = SAVE_AFTER_SECONDS) -> None:
+        """Keep the file at most about `seconds` behind (plus a large store's save time)."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.flush()
 
     @property
     def generation(self) -> int:
@@ -131,6 +167,7 @@ class FileObjects:
             if stored.get("spec") != current.get("spec"):
                 stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
@@ -146,6 +183,7 @@ class FileObjects:
         if stored["spec"] != current.get("spec"):
             stored["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
@@ -162,19 +200,24 @@ class FileObjects:
             patch = {"status": patch.get("status", {})}
         stored = merge_patch(current, patch)
         self._objects[key] = stored
+        self.fleet.observe(stored)
         self._save()
         return copy.deepcopy(stored)
 
     async def delete(self, kind: KubeKind, name: str, namespace: str | None = None) -> bool:
         key = self._key(kind, name, namespace)
-        if self._objects.pop(key, None) is None:
+        gone = self._objects.pop(key, None)
+        if gone is None:
             return False
+        self.fleet.forget(gone["kind"], key[1], name)
         # Without a garbage collector, children owned by the object go with it here.
         uid_owned = [k for k, obj in self._objects.items()
                      if any(ref.get("name") == name and ref.get("kind") == kind_name(kind)
                             for ref in obj["metadata"].get("ownerReferences") or [])]
         for child in uid_owned:
-            self._objects.pop(child, None)
+            orphan = self._objects.pop(child, None)
+            if orphan is not None:
+                self.fleet.forget(orphan["kind"], child[1], child[2])
         self._save()
         return True
 

@@ -23,7 +23,7 @@ from kubiot_operator.controllers.kinds import CONTROLLERS, Controller, apply_out
 from kubiot_operator.controllers.platform import Event, EventType, Platform
 from kubiot_operator.kube.client import DEVICES, GATEWAYS, TENANTS, kind_of
 from kubiot_operator.kube.secrets import secret_object
-from kubiot_operator.manifests import load_resources, manifest_files
+from kubiot_operator.manifests import ManifestSet, load_resources, manifest_files
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.pki import TenantAuthority
 from kubiot_operator.reconcile.provisioning import APPROVED_LABEL, PROVISIONED_LABEL
@@ -34,6 +34,9 @@ from .objects import FileObjects
 
 log = logging.getLogger("kubiot.local")
 FULL_PASS_SECONDS = 60.0
+#: Reconciles of one kind run this many at a time (certificates are issued in threads, the
+#: broker answers while the next request is prepared); kinds still go in ORDER.
+CONCURRENT_RECONCILES = 32
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
@@ -59,6 +62,7 @@ class LocalReconciler:
         self._signature: tuple[tuple[str, float, int], ...] = ()
         self._problems: list[str] = []
         self._last_full_pass = 0.0
+        self._loaded: tuple[tuple[tuple[str, float, int], ...], ManifestSet] | None = None
         self._lock = asyncio.Lock()
         self._approved: set[tuple[str, str, str]] = set()
         self.passes = 0
@@ -71,13 +75,22 @@ class LocalReconciler:
     async def prepare_trust(self, authority: TenantAuthority, broker: LocalBroker) -> None:
         """Create every tenant's CA and hand the bundles to the broker before it starts."""
         tenants = []
-        for resource in load_resources([self.manifests]).resources:
+        for resource in (await self._load()).resources:
             if resource["kind"] == "Tenant":
                 name = resource["metadata"]["name"]
                 await authority.ensure_ca(name, TenantSpec.model_validate(resource["spec"]).ca)
                 tenants.append(name)
         await broker.publish(await authority.ca_bundle(tenants),
                              await authority.crl_bundle(tenants))
+
+    async def _load(self) -> ManifestSet:
+        """The manifests, validated as the API server would admit them; read again only when
+        a file changed (validating ten thousand takes a while), in a thread so the MQTT
+        session keeps its keepalives meanwhile."""
+        signature = self.manifest_signature()
+        if self._loaded is None or self._loaded[0] != signature:
+            self._loaded = signature, await asyncio.to_thread(load_resources, [self.manifests])
+        return self._loaded[1]
 
     def attach(self, platform: Platform, *, database_dsn: str) -> None:
         self._platform = platform
@@ -147,12 +160,12 @@ class LocalReconciler:
                     if fresh or _key(obj) in approved:
                         await self._run(controller.reconcile, obj)
 
-    async def _sync(self) -> None:
-        assert self._platform is not None
+    async def apply_manifests(self) -> tuple[dict[tuple[str, str, str], dict[str, Any]],
+                                             set[tuple[str, str, str]]]:
+        """Put the manifests into the store (as `kubectl apply` would); returns what they
+        want, by key, and the keys whose spec or labels changed."""
         self._signature = self.manifest_signature()
-        self._requested = False
-        approved, self._approved = self._approved, set()
-        loaded = load_resources([self.manifests])
+        loaded = await self._load()
         if loaded.problems != self._problems:
             for problem in loaded.problems:
                 log.warning("manifest refused: %s", problem)
@@ -165,6 +178,13 @@ class LocalReconciler:
             if before is None or before.get("spec") != after.get("spec") or (
                     before["metadata"].get("labels") != after["metadata"].get("labels")):
                 changed.add(key)
+        return wanted, changed
+
+    async def _sync(self) -> None:
+        assert self._platform is not None
+        self._requested = False
+        approved, self._approved = self._approved, set()
+        wanted, changed = await self.apply_manifests()
         full = time.monotonic() - self._last_full_pass > FULL_PASS_SECONDS
         if full:
             self._last_full_pass = time.monotonic()
@@ -179,8 +199,15 @@ class LocalReconciler:
                     self._retry_at.pop(_key(obj), None)
         await self._ensure_database_secrets()
         now = time.monotonic()
+        slots = asyncio.Semaphore(CONCURRENT_RECONCILES)
+
+        async def run(reconcile: Controller, obj: dict[str, Any]) -> None:
+            async with slots:
+                await self._run(reconcile, obj)
+
         for controller in CONTROLLERS:
             kind = controller.resource.api
+            work = []
             for obj in await self.objects.list(kind):
                 key = _key(obj)
                 status = obj.get("status") or {}
@@ -188,7 +215,9 @@ class LocalReconciler:
                 fresh = status.get("observedGeneration") != obj["metadata"].get("generation")
                 if (full or due or fresh or key in changed or key in approved
                         or kind == GATEWAYS):
-                    await self._run(controller.reconcile, obj)
+                    work.append(run(controller.reconcile, obj))
+            await asyncio.gather(*work)
+        self.objects.flush()
         self.passes += 1
 
     async def _run(self, step: Controller, obj: dict[str, Any], *,

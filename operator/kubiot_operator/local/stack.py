@@ -16,28 +16,33 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from kubiot_contract.topics import OPERATOR_USERNAME, REPORTS_CLIENT_ID, report_filters
-from kubiot_operator.brokers import MosquittoDynsecBackend
+from kubiot_operator.brokers import BrokerIdentity, MosquittoDynsecBackend
 from kubiot_operator.brokers.statistics import STATISTICS_FILTER, BrokerStatistics
 from kubiot_operator.controllers.commands import CommandResults
+from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.platform import Platform
 from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
-from kubiot_operator.controllers.resync import resync_all, resync_forever
+from kubiot_operator.controllers.resync import identities_wanted, resync_all, resync_forever
 from kubiot_operator.handlers.http import http_app
+from kubiot_operator.kube.client import TENANTS
 from kubiot_operator.logs import configure_logging
 from kubiot_operator.metrics import OperatorMetrics
+from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.mqtt import OperatorMqtt
 from kubiot_operator.pki import FileMaterialStore, TenantAuthority
 from kubiot_operator.reconcile.identity import BrokerEndpoint
-from kubiot_operator.reconcile.tenant import IngestEnvironment, ingest_name
+from kubiot_operator.reconcile.tenant import IngestEnvironment, ingest_name, tenant_namespace
 
 from .broker import BrokerPorts, LocalBroker
 from .ingest import IngestSupervisor
@@ -145,15 +150,33 @@ class LocalStack:
         options.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         options.root.chmod(0o711)
         self._write_ports()
+        started = time.monotonic()
         log.info("starting PostgreSQL on port %d", options.ports.postgres)
-        await asyncio.to_thread(self.postgres.start)
+        # Only the ingest needs the database: devices get their identities meanwhile (a first
+        # start spends tens of seconds in initdb).
+        database = asyncio.create_task(asyncio.to_thread(self.postgres.start))
+        try:
+            await self._run(stop, started, database)
+        finally:
+            with contextlib.suppress(Exception):
+                await database
+            await asyncio.to_thread(self.postgres.stop)
+            log.info("stopped; the data stays in %s", options.root)
+
+    async def _run(self, stop: asyncio.Event, started: float,
+                   database: asyncio.Task[PostgresServer]) -> None:
+        options = self.options
         reconciler = LocalReconciler(self.objects, options.manifests,
                                      approvals=options.root / "approvals")
         # Mosquitto needs every tenant's CA in its CA file before the listener starts.
         await reconciler.prepare_trust(self.authority, self.broker)
+        seed = await self._cold_start_identities(reconciler)
         log.info("starting Mosquitto: devices on %d (mutual TLS), services on %d",
                  options.ports.device, options.ports.service)
-        await self.broker.start()
+        await self.broker.start(seed)
+        if seed:
+            log.info("Mosquitto started with %d identities in its dynamic-security state "
+                     "(%.1f s)", len(seed), self.broker.cold_start_seeded or 0.0)
         password = await self.broker.admin_password()
         backend = MosquittoDynsecBackend("127.0.0.1", options.ports.service, OPERATOR_USERNAME,
                                          password)
@@ -185,7 +208,7 @@ class LocalStack:
                                      broker_port=options.ports.service,
                                      platform_database_secret=DATABASE_SECRET,
                                      platform_database_key="dsn"),
-            ca_namespace="local")
+            ca_namespace="local", fleet=self.objects.fleet)
         reconciler.attach(platform, database_dsn=self.postgres.dsn)
         results.attach(platform)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")
@@ -203,11 +226,16 @@ class LocalStack:
             self._spawn(results.run(), "command-results")
             self._spawn(desk.run(platform), "provisioning")
             await mqtt.wait_connected(30)
+            self._spawn(self.objects.flush_periodically(), "store")
             await reconciler.sync()
+            log.info("every identity usable at the broker %.1f s after start (%s)",
+                     time.monotonic() - started,
+                     ready_summary(self.objects.fleet, await self.objects.list(TENANTS)))
             await resync_all(platform)
             self._spawn(resync_forever(platform, options.resync_seconds,
                                        first_delay=options.resync_seconds), "resync")
             self._spawn(reconciler.watch(options.poll_interval), "manifests")
+            await database
             await ingest.reconcile()
             await ingest.wait_ready()
             self._spawn(ingest.supervise(), "ingest")
@@ -233,8 +261,23 @@ class LocalStack:
             with contextlib.suppress(Exception):
                 await backend.aclose()
             await self.broker.stop()
-            await asyncio.to_thread(self.postgres.stop)
-            log.info("stopped; the data stays in %s", options.root)
+            self.objects.flush()
+
+    async def _cold_start_identities(self, reconciler: LocalReconciler) -> list[BrokerIdentity]:
+        """On a broker's first start, every identity the manifests call for, so Mosquitto
+        starts with them instead of taking one command each (each rewrites its whole state
+        file). A broker with a state of its own keeps it: nothing to write after a restart."""
+        if self.broker.has_state:
+            return []
+        await reconciler.apply_manifests()
+        identities: list[BrokerIdentity] = []
+        for tenant in await self.objects.list(TENANTS):
+            try:
+                spec = TenantSpec.model_validate(tenant.get("spec") or {})
+            except ValidationError:
+                continue  # the Tenant reconcile reports it
+            identities += await identities_wanted(self.objects, tenant["metadata"]["name"], spec)
+        return identities
 
     async def _serve_metrics(self, ready: Any) -> None:
         """/metrics, /healthz and /readyz of the operator core, as the operator serves them."""
@@ -286,6 +329,21 @@ class LocalStack:
             f"KUBIOT_DEVICE_PORT={ports.device}\nKUBIOT_SERVICE_PORT={ports.service}\n"
             f"KUBIOT_POSTGRES_PORT={ports.postgres}\nKUBIOT_METRICS_PORT={ports.metrics}\n"
             f"KUBIOT_PROMETHEUS_PORT={ports.prometheus}\n")
+
+
+def ready_summary(fleet: FleetIndex, tenants: list[dict[str, Any]]) -> str:
+    """`acme: 9998/10000 devices Ready`, per tenant, from the objects' status."""
+    parts = []
+    for tenant in tenants:
+        try:
+            namespace = tenant_namespace(tenant["metadata"]["name"],
+                                         TenantSpec.model_validate(tenant.get("spec") or {}))
+        except ValidationError:
+            continue
+        devices = fleet.devices(namespace)
+        ready = sum(1 for d in devices if d.ready)
+        parts.append(f"{tenant['metadata']['name']}: {ready}/{len(devices)} devices Ready")
+    return "; ".join(parts) or "no tenants"
 
 
 def postgres_home(root: Path) -> Path:
