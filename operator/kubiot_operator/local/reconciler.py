@@ -117,7 +117,8 @@ class LocalReconciler:
 
     async def sync(self) -> None:
         async with self._lock:
-            await self._sync()
+            with self.objects.saves_held():
+                await self._sync()
 
     async def apply_manifests(self) -> tuple[dict[tuple[str, str, str], dict[str, Any]],
                                              set[tuple[str, str, str]]]:
@@ -170,7 +171,6 @@ class LocalReconciler:
                 if full or due or fresh or key in changed or kind is GATEWAYS:
                     work.append(run(reconcile, obj))
             await asyncio.gather(*work)
-        self.objects.flush()
         self.passes += 1
 
     async def _run(self, controller: Controller, obj: dict[str, Any], *,
