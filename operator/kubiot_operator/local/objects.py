@@ -8,11 +8,12 @@ restarted stack finds its Secrets (and thus its certificates) again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class FileObjects:
         self._dirty = False
         self._saved_at = 0.0
         self._save_seconds = 0.0
+        self._held = 0
         if path.exists():
             for obj in json.loads(path.read_text()):
                 self._objects[self._key_of(obj)] = obj
@@ -103,8 +105,20 @@ class FileObjects:
         self._generation += 1
         self._dirty = True
         wait = max(SAVE_AFTER_SECONDS, SAVE_COST_FACTOR * self._save_seconds)
-        if time.monotonic() - self._saved_at >= wait:
+        if not self._held and time.monotonic() - self._saved_at >= wait:
             self.flush()
+
+    @contextlib.contextmanager
+    def saves_held(self) -> Iterator[None]:
+        """Write the file once at the end instead of along the way (a reconcile pass over
+        thousands of objects); a crash meanwhile loses only what the next pass re-does."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held:
+                self.flush()
 
     def flush(self) -> None:
         """Write the file now if anything changed since it was last written."""
@@ -123,7 +137,8 @@ class FileObjects:
         """Keep the file at most about `seconds` behind (plus a large store's save time)."""
         while True:
             await asyncio.sleep(seconds)
-            self.flush()
+            if not self._held:
+                self.flush()
 
     @property
     def generation(self) -> int:

@@ -145,7 +145,8 @@ class LocalReconciler:
 
     async def sync(self) -> None:
         async with self._lock:
-            await self._sync()
+            with self.objects.saves_held():
+                await self._sync()
 
     async def reconcile_new(self) -> None:
         """Run the controllers of resources created or approved since the last pass only:
@@ -217,7 +218,6 @@ class LocalReconciler:
                         or kind == GATEWAYS):
                     work.append(run(controller.reconcile, obj))
             await asyncio.gather(*work)
-        self.objects.flush()
         self.passes += 1
 
     async def _run(self, step: Controller, obj: dict[str, Any], *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class Simulation:
         self.interval = interval
         self.enabled = enabled
         self.running: dict[tuple[str, str, str], Running] = {}
+        # What each bundle folder was last written from: with ten thousand devices, comparing
+        # every file on disk every second would be most of the stack's work.
+        self._exported: dict[tuple[str, str, str], int] = {}
 
     async def run(self, poll_seconds: float = 1.0) -> None:
         while True:
@@ -63,7 +67,10 @@ class Simulation:
                 secret = await self.objects.get(SECRETS, f"{name}-{kind}-credentials", namespace)
                 if secret is None:
                     continue
-                export_bundle(secret, self.bundle_dir / namespace / name)
+                exported = hash(json.dumps(secret.get("data") or {}, sort_keys=True))
+                if self._exported.get((kind, namespace, name)) != exported:
+                    export_bundle(secret, self.bundle_dir / namespace / name)
+                    self._exported[(kind, namespace, name)] = exported
                 files = secret_data(secret)
                 suspended = bool((obj.get("spec") or {}).get("suspended"))
                 if not self.enabled or suspended or "tls.key" not in files:
