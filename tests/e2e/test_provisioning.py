@@ -30,7 +30,7 @@ from kubiot_operator.simulator.factory import (
     ignore_lost_claim_sessions,
 )
 from tests.e2e.test_local_stack import REPO, Stack, telemetry_devices
-from tests.support.waiting import async_wait_until
+from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 CLAIM = "factory-line-1"
@@ -268,7 +268,9 @@ async def test_with_manual_approval_devices_wait_until_approved(stack: Stack) ->
 
         await async_wait_until(first_provisioned, timeout=60, interval=0.2,
                                message="the approved device provisioned")
-        assert phase(stack, "sn-1001") == "Ready"
+        # The stack saves its object store a moment after a change, not at once.
+        wait_until(lambda: phase(stack, "sn-1001") == "Ready", timeout=10, interval=0.2,
+                   message="the approved Device Ready in the stack's store")
         assert waiting[1].state is FactoryState.PENDING
         assert phase(stack, "sn-1002") == "Pending"
     edit_tenant(stack, approval="Automatic")
