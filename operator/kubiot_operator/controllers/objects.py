@@ -13,7 +13,7 @@ from kubiot_operator.models.common import Condition
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import TENANT_LABEL
 
-from .ports import Objects
+from .adapters import Objects
 
 M = TypeVar("M", bound=BaseModel)
 

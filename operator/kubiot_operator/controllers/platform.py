@@ -11,8 +11,8 @@ from enum import StrEnum
 from typing import Any
 
 from kubiot_operator.brokers import BrokerBackend
+from kubiot_operator.controllers.adapters import Messenger, Objects, TrustPublisher
 from kubiot_operator.controllers.fleet import FleetIndex
-from kubiot_operator.controllers.ports import Messenger, Objects, TrustPublisher
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import TenantAuthority
 from kubiot_operator.reconcile.identity import BrokerEndpoint

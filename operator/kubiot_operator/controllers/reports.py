@@ -23,9 +23,9 @@ from kubiot_operator.reconcile.reports import (
 )
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
+from .adapters import Objects
 from .objects import parse_spec
 from .platform import utc_now
-from .ports import Objects
 
 log = logging.getLogger(__name__)
 

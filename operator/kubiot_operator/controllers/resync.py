@@ -39,10 +39,10 @@ from kubiot_operator.reconcile.tenant import (
     tenant_namespace,
 )
 
+from .adapters import Objects
 from .gateway import children_of
 from .objects import parse_spec
 from .platform import Platform
-from .ports import Objects
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import kopf
 
 from kubiot_operator import API_GROUP, API_VERSION
 from kubiot_operator.brokers import BrokerBackend, BrokerError
+from kubiot_operator.controllers.adapters import TrustPublisher
 from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.kinds import (
     CONTROLLERS,
@@ -22,7 +23,6 @@ from kubiot_operator.controllers.kinds import (
     apply_outcome,
 )
 from kubiot_operator.controllers.platform import Platform
-from kubiot_operator.controllers.ports import TrustPublisher
 from kubiot_operator.kube.client import Connection, KubeError
 from kubiot_operator.mqtt import MessengerUnavailable
 from kubiot_operator.settings import OperatorSettings

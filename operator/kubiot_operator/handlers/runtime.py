@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from kubiot_contract.topics import operator_client_id, report_filters
 from kubiot_operator.brokers import BrokerBackend, backend_from_settings
+from kubiot_operator.controllers.adapters import TrustPublisher
 from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.kinds import apply_outcome
 from kubiot_operator.controllers.platform import Event, Outcome, Platform
-from kubiot_operator.controllers.ports import TrustPublisher
 from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
