@@ -36,6 +36,9 @@ class ContractError(ValueError):
 class Direction(StrEnum):
     DEVICE_TO_CLOUD = "device-to-cloud"
     CLOUD_TO_DEVICE = "cloud-to-device"
+    #: Published by the tenant's ingest about a device, read by the operator; devices have no
+    #: access to it (they can neither forge nor read their own verdict).
+    INGEST_TO_OPERATOR = "ingest-to-operator"
 
 
 class Channel(StrEnum):
@@ -49,6 +52,7 @@ class Channel(StrEnum):
     OTA_STATUS = "ota/status"
     COMMAND = "cmd"
     COMMAND_RESULT = "cmd-result"
+    HEALTH = "health"
 
 
 class IdentityKind(StrEnum):
@@ -135,6 +139,9 @@ TOPICS: tuple[TopicSpec, ...] = (
               "a command for the device (ping, reboot, ...)"),
     TopicSpec(Channel.COMMAND_RESULT, "cmd/{name}/result", Direction.DEVICE_TO_CLOUD, 1, False,
               "the device's answer to a command", _OPERATOR),
+    TopicSpec(Channel.HEALTH, "health", Direction.INGEST_TO_OPERATOR, 1, True,
+              "the ingest's verdict on the device's telemetry: last sample, silent or not, "
+              "anomalies found (`kubiot_contract.health.HealthReport`)", _OPERATOR),
 )
 
 
@@ -257,6 +264,10 @@ def command_topic(root: str, name: str) -> str:
 
 def command_result_topic(root: str, name: str) -> str:
     return channel_topic(root, Channel.COMMAND_RESULT, name)
+
+
+def health_topic(root: str) -> str:
+    return channel_topic(root, Channel.HEALTH)
 
 
 # --- broker usernames --------------------------------------------------------------------------
@@ -518,8 +529,14 @@ def _sent_to_devices() -> list[TopicSpec]:
     return [spec for spec in TOPICS if spec.direction is Direction.CLOUD_TO_DEVICE]
 
 
+def _sent_by_ingest() -> list[TopicSpec]:
+    return [spec for spec in TOPICS if spec.direction is Direction.INGEST_TO_OPERATOR]
+
+
 def _read_by(reader: Reader) -> list[TopicSpec]:
-    return [spec for spec in _sent_by_devices() if reader in spec.read_by]
+    """The rows a service subscribes to: what devices send, and what the ingest reports."""
+    return [spec for spec in (*_sent_by_devices(), *_sent_by_ingest())
+            if reader in spec.read_by]
 
 
 def _endpoint_rules(root: str) -> AccessRules:
@@ -584,14 +601,16 @@ def ingest_share_group(tenant: str) -> str:
 
 
 def ingest_access(tenant: str) -> AccessRules:
-    """The tenant's ingest service reads what devices and gateways send; it publishes nothing.
+    """The tenant's ingest service reads what devices and gateways send, and publishes only
+    its health reports about them.
 
     Brokers check a shared subscription's ACL against the whole filter, `$share/<group>/`
     included, so the shared forms of the same filters are allowed too.
     """
     plain = _ingest_filters(tenant)
     shared = {f"$share/{ingest_share_group(tenant)}/{f}" for f in plain}
-    return AccessRules(publish=frozenset(), subscribe=frozenset(plain | shared))
+    publish = {f for base in _collections(tenant) for f in _filters(base, _sent_by_ingest())}
+    return AccessRules(publish=frozenset(publish), subscribe=frozenset(plain | shared))
 
 
 def operator_access(tenant: str) -> AccessRules:

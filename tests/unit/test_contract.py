@@ -67,9 +67,11 @@ def test_two_tenants_share_no_topic() -> None:
             assert not filters_overlap(a, b), (a, b)
 
 
-def test_ingest_reads_telemetry_presence_and_reports_and_publishes_nothing() -> None:
+def test_ingest_reads_telemetry_presence_and_reports_and_publishes_only_health() -> None:
     rules = ingest_access("acme")
-    assert rules.publish == frozenset()
+    assert rules.publish == frozenset({"acme/devices/+/health", "acme/gateways/+/health"})
+    assert not rules.may_publish("acme/devices/pump-1/state/desired")
+    assert not rules.may_publish("globex/devices/pump-1/health")
     assert rules.may_subscribe("acme/devices/+/telemetry/+")
     assert rules.may_subscribe("acme/gateways/+/presence")
     assert not rules.may_subscribe("acme/devices/+/state/desired")
@@ -359,3 +361,15 @@ def test_docs_list_every_provisioning_topic_and_a_claims_rules() -> None:
     for topic_filter in rules.publish | rules.subscribe:
         assert f"`{topic_filter}`" in text, topic_filter
     assert "`{tenant}.claim.{claim}`" in text
+
+
+def test_health_is_written_by_the_ingest_and_read_by_the_operator_never_by_devices() -> None:
+    topic = contract.health_topic(contract.device_root("acme", "pump-1"))
+    assert topic == "acme/devices/pump-1/health"
+    assert contract.parse_topic(topic).channel is Channel.HEALTH
+    device = device_access("acme", "pump-1")
+    assert not device.may_publish(topic)
+    assert not device.may_subscribe(topic)
+    assert operator_access("acme").may_subscribe("acme/devices/+/health")
+    assert "+/devices/+/health" in contract.report_filters()
+    assert not ingest_access("acme").may_subscribe("acme/devices/+/health")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field, StringConstraints
 
+from kubiot_contract.health import AnomalyRules
 from kubiot_operator.models.common import (
     CertificateSummary,
     Conditions,
@@ -180,6 +181,10 @@ class TenantSpec(KubiotModel):
     quotas: Quotas = Field(Quotas())
     ingest: IngestSpec = Field(IngestSpec())
     provisioning: ProvisioningSpec = Field(ProvisioningSpec())
+    anomalies: AnomalyRules | None = Field(
+        None, description="Anomaly detection on the tenant's telemetry, evaluated by its "
+        "ingest: fixed bounds, a statistical detector per device and metric, and silent "
+        "devices. Left out, nothing is evaluated.")
 
 
 class TenantPhase(StrEnum):
