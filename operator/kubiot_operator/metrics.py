@@ -33,7 +33,9 @@ class OperatorMetrics:
             "kubiot_operator_broker_errors_total", "Broker calls that failed, by error type.",
             ["backend", "error"], registry=r)
         self.drift_repairs = Counter(
-            "kubiot_operator_drift_repairs_total", "Broker changes made by a resync.",
+            "kubiot_operator_drift_repairs_total",
+            "Broker changes that restored access the resources had already been given: by the "
+            "periodic resync (action=resync) or by a Device reconcile (action=reconcile).",
             ["tenant", "action"], registry=r)
         self.resync_passes = Counter(
             "kubiot_operator_resync_passes_total",

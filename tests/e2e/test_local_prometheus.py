@@ -220,7 +220,8 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
     await _resolved(prometheus, "KubiotIngestBrokerDisconnected")
     await _fires(prometheus, stack, "KubiotIngestLagHigh")
 
-    # A device's broker identity deleted by hand comes back with the next drift repair.
+    # A device's broker identity deleted by hand comes back with the next drift repair: the
+    # resync's, or the Device's own reconcile (the local stack runs a full pass every minute).
     password = (stack.root / "broker/pki" / ADMIN_BUNDLE / "password").read_text().strip()
     await asyncio.to_thread(
         send_commands, "127.0.0.1", _port(stack, "KUBIOT_SERVICE_PORT"), OPERATOR_USERNAME,
@@ -231,7 +232,10 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
             # A broker just resumed from SIGSTOP may hold the first pass up: several periods.
             timeout=RESYNC_SECONDS * 9, interval=1, message="the deleted identity repaired")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{stack.output()}") from None
+        assert stack.process is not None
+        stack.process.send_signal(signal.SIGUSR1)  # the stack logs what each task waits on
+        await asyncio.sleep(1)
+        raise AssertionError(f"{exc}\n{stack.log.read_text(errors='replace')[-30000:]}") from None
 
     # Every query of every panel returns series, now that the faults have left their counters.
     empty = []

@@ -176,6 +176,9 @@ class MosquittoDynsecBackend:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(BrokerUnavailable(why))
+                # A batch whose publish failed first is never awaited: mark the error seen, so
+                # it is not logged again as "never retrieved" (an awaiting send still gets it).
+                future.exception()
         self._pending.clear()
 
     async def aclose(self) -> None:

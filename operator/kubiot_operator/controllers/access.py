@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from kubiot_operator.brokers import BrokerError
+import logging
+
+from kubiot_operator.brokers import BrokerError, SyncResult
 from kubiot_operator.reconcile.conditions import ConditionUpdate
 
 from .platform import Outcome, Platform
+
+log = logging.getLogger(__name__)
 
 ACCESS_READY = "AccessReady"
 #: How soon a resource whose Tenant does not exist yet is looked at again.
@@ -21,3 +25,13 @@ def broker_failure(platform: Platform, exc: BrokerError, outcome: Outcome) -> Co
     else:
         outcome.warning(exc.reason, str(exc))
     return ConditionUpdate(ACCESS_READY, False, exc.reason, str(exc))
+
+
+def count_drift(platform: Platform, tenant: str, username: str, result: SyncResult) -> None:
+    """Count broker writes a reconcile made to access it had already applied: the broker had
+    lost or changed it (an identity deleted by hand, a broker restored from an old backup), so
+    they are drift repairs, like the periodic resync's."""
+    if result.writes:
+        platform.metrics.drift_repairs.labels(tenant, "reconcile").inc(result.writes)
+        log.info("drift repaired for %s: %s", username, "; ".join(result.details) or
+                 f"{result.writes} broker writes")

@@ -21,9 +21,10 @@ from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.conditions import ConditionUpdate, ready_update, set_conditions
 from kubiot_operator.reconcile.provisioning import APPROVED_LABEL, awaiting_approval
 
-from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure
+from .access import ACCESS_READY, TENANT_RETRY_SECONDS, broker_failure, count_drift
 from .credentials import IDENTITY_READY, Subject, ensure_credential, retire_credential
 from .objects import (
+    condition_held,
     conditions_wire,
     current_conditions,
     generation,
@@ -101,7 +102,9 @@ async def reconcile_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     outcome.status["gateway"] = platform.fleet.serving_gateway(namespace, labels)
 
     access = await _ensure_access(platform, tenant, username, credential.broker_credential,
-                                  spec.suspended, outcome)
+                                  spec.suspended, outcome,
+                                  applied=condition_held(conditions, ACCESS_READY,
+                                                         generation(body)))
     if not spec.suspended and access.ok and spec.desired is not None:
         await _publish_desired(platform, root, spec.desired, outcome)
     if spec.suspended and access.reason == "Suspended":  # disabled at the broker
@@ -146,7 +149,10 @@ def _quota_refusal(platform: Platform, tenant_spec: TenantSpec, namespace: str, 
 
 
 async def _ensure_access(platform: Platform, tenant: str, username: str, credential: Any,
-                         suspended: bool, outcome: Outcome) -> ConditionUpdate:
+                         suspended: bool, outcome: Outcome, *, applied: bool
+                         ) -> ConditionUpdate:
+    """Enable or disable the device at the broker. `applied`: this generation's access was
+    already in place, so whatever this has to write back had drifted (it is counted)."""
     try:
         if suspended:
             await platform.broker.set_enabled(username, False)
@@ -156,9 +162,11 @@ async def _ensure_access(platform: Platform, tenant: str, username: str, credent
             return ConditionUpdate(ACCESS_READY, False, "NoCredential",
                                    "no broker access without a credential")
         name = parse_username(username).name
-        await platform.broker.ensure_identity(BrokerIdentity(
+        result = await platform.broker.ensure_identity(BrokerIdentity(
             username=username, tenant=tenant, kind=IdentityKind.DEVICE,
             rules=device_access(tenant, name), credential=credential, enabled=True))
+        if applied:
+            count_drift(platform, tenant, username, result)
     except BrokerError as exc:
         return broker_failure(platform, exc, outcome)
     return ConditionUpdate(ACCESS_READY, True, "RulesApplied",

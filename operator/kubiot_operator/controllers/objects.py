@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from kubiot_operator.kube.client import NAMESPACES, TENANTS
 from kubiot_operator.models import ResourceKind
-from kubiot_operator.models.common import Condition
+from kubiot_operator.models.common import Condition, ConditionStatus
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import TENANT_LABEL
 
@@ -43,6 +43,12 @@ def generation(body: dict[str, Any]) -> int | None:
 def parse_spec(model: type[M], body: dict[str, Any]) -> M:
     """The spec as a model; raises ValidationError for a spec the schema should have refused."""
     return model.model_validate(body.get("spec") or {})
+
+
+def condition_held(conditions: list[Condition], kind: str, generation: int | None) -> bool:
+    """Whether condition `kind` is True for this very generation of the object."""
+    return any(c.type == kind and c.status is ConditionStatus.TRUE
+               and c.observed_generation == generation for c in conditions)
 
 
 def current_conditions(body: dict[str, Any]) -> list[Condition]:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -425,8 +426,18 @@ async def _run(options: StackOptions) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_tasks)
     await LocalStack(options).run(stop)
     return 0
+
+
+def log_tasks() -> None:
+    """`kill -USR1 <pid>`: log what every task of the stack is waiting on (for a stack that
+    seems stuck)."""
+    for task in asyncio.all_tasks():
+        frames = io.StringIO()
+        task.print_stack(limit=12, file=frames)
+        log.warning("task %s:\n%s", task.get_name(), frames.getvalue())
 
 
 if __name__ == "__main__":
