@@ -217,14 +217,18 @@ async def test_a_name_outside_the_pattern_and_a_reused_serial_are_refused(stack:
     assert caught.value.reason == "NameNotAllowed"
     assert "pump-7" in str(caught.value) and ("acme", "pump-7") not in objects(stack)
 
-    # sn-0001 exists (the first test) with another key: a clone of its serial is refused.
-    clone = FactoryDevice(claim, "sn-0001", check_hostname=False)
-    if ("acme", "sn-0001") not in objects(stack):
-        pytest.skip("needs the Device sn-0001 the first test provisions")
+    # A device provisions sn-0777; a clone of its serial, with another key, is refused.
+    original = FactoryDevice(claim, "sn-0777", check_hostname=False)
+    await asyncio.wait_for(original.provision(), 120)
+    async def original_ready() -> bool:
+        return phase(stack, "sn-0777") == "Ready"
+
+    await async_wait_until(original_ready, timeout=60, interval=0.2, message="sn-0777 Ready")
+    clone = FactoryDevice(claim, "sn-0777", check_hostname=False)
     with pytest.raises(ProvisioningRefused) as caught:
         await asyncio.wait_for(clone.provision(), 60)
     assert caught.value.reason == "SerialInUse"
-    assert phase(stack, "sn-0001") == "Ready"
+    assert phase(stack, "sn-0777") == "Ready"
 
 
 async def test_with_manual_approval_devices_wait_until_approved(stack: Stack) -> None:
