@@ -34,6 +34,9 @@ where the product depends on it:
   not exist is refused with 404;
 - with `tokens`, a request without one of the accepted bearer tokens gets 401, and a token can
   be expired while clients hold it;
+- lists are chunked as kube-apiserver chunks them (`limit`/`continue`, in namespace and name
+  order), and `compact()` expires the continue tokens issued so far (410, reason Expired), as
+  etcd's compaction does;
 - a Deployment's status reports its replicas available once its generation is applied
   (`deployments_available=False`: never), as the deployment controller would.
 
@@ -47,6 +50,7 @@ that stop matching a watched label selector.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import contextvars
@@ -289,6 +293,20 @@ def apply_patch(obj: Mapping[str, Any], patch: Any) -> JsonDict:
     raise ValueError(f"unsupported patch body: {type(patch).__name__}")
 
 
+def _write_continue(revision: int, after: tuple[str, str]) -> str:
+    text = json.dumps({"rv": revision, "after": list(after)})
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def _read_continue(token: str) -> tuple[int, tuple[str, str]]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(decoded["rv"]), (str(decoded["after"][0]), str(decoded["after"][1]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise kmock.KubernetesError(status=400, reason="BadRequest",
+                                    message="invalid continue token") from None
+
+
 def _as_revision(value: str | None) -> int:
     """A resourceVersion as a number; anything unparseable counts as "from the beginning"."""
     try:
@@ -466,6 +484,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     selectors, status-subresource isolation, namespaces and 422 on failed JSON-patch tests."""
 
     _revision: int = attrs.field(default=0, init=False)
+    #: Continue tokens of lists begun before this revision are refused (see `compact`).
+    compacted_revision: int = attrs.field(default=0, init=False)
     #: Bearer tokens the API accepts; None: every request is accepted, as with no authentication.
     tokens: set[str] | None = attrs.field(default=None)
     # The garbage collector and the namespace controller: woken whenever something goes away.
@@ -839,10 +859,41 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: Any) -> Any:
         payload: Any = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
-        payload["items"] = [copy.deepcopy(item) for item in payload["items"]
-                            if matches_label_selector(item, selector)]
+        items = [copy.deepcopy(item) for item in payload["items"]
+                 if matches_label_selector(item, selector)]
         payload["metadata"]["resourceVersion"] = str(self._revision)
+        # Chunked lists as kube-apiserver serves them: in key order (namespace, name), `limit`
+        # at a time, the rest behind a `continue` token that names the last key returned and
+        # the revision of the first chunk. Once that revision is compacted the token is refused
+        # with 410 Gone (reason Expired), and the client has to list again from the start.
+        items.sort(key=lambda item: (item["metadata"].get("namespace") or "",
+                                     item["metadata"]["name"]))
+        token = request.params.get("continue")
+        if token:
+            revision, after = _read_continue(token)
+            if revision < self.compacted_revision:
+                raise kmock.KubernetesError(
+                    status=410, reason="Expired",
+                    message="The provided continue parameter is too old to display a "
+                            "consistent list result. You can start a new list without the "
+                            "continue parameter.")
+            items = [item for item in items if (item["metadata"].get("namespace") or "",
+                                                item["metadata"]["name"]) > after]
+        else:
+            revision = self._revision
+        limit = int(request.params.get("limit") or 0)
+        if 0 < limit < len(items):
+            last = items[limit - 1]["metadata"]
+            payload["metadata"]["continue"] = _write_continue(
+                revision, (last.get("namespace") or "", last["name"]))
+            payload["metadata"]["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
+        payload["items"] = items
         return payload
+
+    def compact(self) -> None:
+        """Like etcd's compaction: continue tokens issued until now expire."""
+        self.compacted_revision = int(self.next_resource_version())
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
         selector = request.params.get("labelSelector")

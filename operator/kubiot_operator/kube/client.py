@@ -50,6 +50,10 @@ class Conflict(KubeError):
     pass
 
 
+class Gone(KubeError):
+    """410: what was asked for is no longer kept (an expired list continue token)."""
+
+
 NAMESPACES = KubeKind("", "v1", "namespaces", namespaced=False)
 SECRETS = KubeKind("", "v1", "secrets", namespaced=True)
 SERVICES = KubeKind("", "v1", "services", namespaced=True)
@@ -130,6 +134,8 @@ def _path_or_file(path: Any, data: str | bytes | None, suffix: str) -> str | Non
 
 #: Objects per page of a list; the API server's own default for kubectl is 500.
 LIST_PAGE_SIZE = 500
+#: Full lists started again after their continue token expired, before giving up.
+LIST_ATTEMPTS = 3
 
 #: Logs in again (as kopf's login handler does) and returns the fresh credentials, if any.
 Relogin = Callable[[], Connection | None]
@@ -243,17 +249,26 @@ class KubeClient:
                    label_selector: str | None = None) -> list[dict[str, Any]]:
         """Every object, fetched in pages of `LIST_PAGE_SIZE` (limit/continue), so neither the
         API server nor this process builds one answer of the whole collection."""
-        items: list[dict[str, Any]] = []
-        params = {"limit": str(LIST_PAGE_SIZE)}
+        first = {"limit": str(LIST_PAGE_SIZE)}
         if label_selector:
-            params["labelSelector"] = label_selector
-        while True:
-            body = await self._request("GET", kind.path(namespace), params=params) or {}
-            items += body.get("items", [])
-            token = (body.get("metadata") or {}).get("continue")
-            if not token:
-                return items
-            params = {**params, "continue": token}
+            first["labelSelector"] = label_selector
+        for attempt in range(LIST_ATTEMPTS):
+            items: list[dict[str, Any]] = []
+            params = first
+            try:
+                while True:
+                    body = await self._request("GET", kind.path(namespace), params=params) or {}
+                    items += body.get("items", [])
+                    token = (body.get("metadata") or {}).get("continue")
+                    if not token:
+                        return items
+                    params = {**first, "continue": token}
+            except Gone:
+                # The list took longer than the API server keeps its snapshot (etcd compacts
+                # every 5 minutes): start again, so the result is one consistent snapshot.
+                if attempt == LIST_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind = kind_of(obj)
@@ -299,6 +314,8 @@ def _checked(method: str, path: str, status: int, body: Any) -> Any:
         raise NotFound(404, f"{method} {path}")
     if status == 409:
         raise Conflict(409, _message(body))
+    if status == 410:
+        raise Gone(410, f"{method} {path}: {_message(body)}")
     if status >= 400:
         raise KubeError(status, f"{method} {path}: {_message(body)}")
     return body
