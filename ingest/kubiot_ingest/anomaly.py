@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 
 from kubiot_contract.health import (
     MAX_REPORTED_METRICS,
@@ -40,9 +41,9 @@ DeviceKey = tuple[IdentityKind, str]
 
 #: A device's health report goes out at most this often, however much changes.
 MIN_REPORT_GAP_S = 1.0
-#: Metrics of one device a wildcard z-score rule follows at most: a device that invents
-#: metric names cannot grow the detector's memory without bound.
-MAX_SCORED_METRICS = 64
+#: Numeric metrics of one device followed at most (their latest value, their z-score): a
+#: device that invents metric names cannot grow the detector's memory without bound.
+MAX_TRACKED_METRICS = 64
 #: Gaps between a device's messages seen before its interval counts as learnt.
 LEARN_INTERVAL_AFTER = 3
 #: The weight of each new gap in a device's learnt interval.
@@ -51,9 +52,31 @@ INTERVAL_WEIGHT = 0.1
 #: MIN_DEVIATION): a metric that has been constant is not flagged for a rounding difference.
 MIN_RELATIVE_DEVIATION = 1e-9
 MIN_DEVIATION = 1e-12
+#: Beyond this a moving mean or variance is taken as overflowing.
+_LARGE = 1e300
 #: Seconds since the epoch of a device never reported (so that the first report is due).
 _NEVER = -math.inf
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scoring:
+    """A z-score rule in the form the hot path reads."""
+
+    threshold: float
+    #: threshold squared: a value is normal while (value - mean)^2 <= limit * variance.
+    limit: float
+    alpha: float
+    #: Samples after which the moving weight `alpha` takes over from 1/(n+1).
+    moving_after: int
+    warmup: int
+    half_life: int
+
+    @classmethod
+    def of(cls, rule: ZScoreRule) -> _Scoring:
+        alpha = rule.alpha
+        return cls(rule.threshold, rule.threshold ** 2, alpha, math.ceil(1.0 / alpha),
+                   rule.warmup_samples, rule.half_life_samples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +88,18 @@ class Finding:
     anomaly: Anomaly
 
 
-class _Moments:
-    """The exponentially weighted mean and variance of one metric of one device, and the run
-    of anomalous values since the last normal one (its own mean and spread)."""
+class _Metric:
+    """One numeric metric of one device: its latest value, the rules that judge it, and the
+    z-score's exponentially weighted mean and variance with the run of anomalous values since
+    the last normal one (that run's own mean and spread)."""
 
-    __slots__ = ("mean", "n", "run", "run_m2", "run_mean", "var")
+    __slots__ = ("mean", "n", "ranges", "run", "run_m2", "run_mean", "scoring", "value", "var")
 
-    def __init__(self) -> None:
+    def __init__(self, ranges: list[tuple[float, float]] | None,
+                 scoring: _Scoring | None) -> None:
+        self.ranges = ranges
+        self.scoring = scoring
+        self.value = 0.0
         self.n = 0
         self.mean = 0.0
         self.var = 0.0
@@ -90,7 +118,6 @@ class _Device:
         "last_sample",
         "latest",
         "metrics",
-        "moments",
         "name",
         "received",
         "silent",
@@ -105,15 +132,10 @@ class _Device:
         self.interval = 0.0
         self.gaps = 0
         self.silent = False
-        self.moments: dict[str, _Moments] = {}
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, _Metric] = {}
         self.counts: dict[AnomalyRule, int] = {}
         self.latest: Anomaly | None = None
         self.last_report = _NEVER
-
-
-def _seconds(moment: datetime) -> float:
-    return (moment - _EPOCH).total_seconds()
 
 
 def _finite(value: float) -> float | None:
@@ -125,18 +147,20 @@ class AnomalyDetector:
 
     def __init__(self, rules: AnomalyRules) -> None:
         self.rules = rules
-        self._bounds: dict[str, list[tuple[float | None, float | None]]] = {}
+        self._bounds: dict[str, list[tuple[float, float]]] = {}
         for bound in rules.bounds:
-            self._bounds.setdefault(bound.metric, []).append((bound.min, bound.max))
-        self._scored: dict[str, ZScoreRule] = {}
-        self._scored_any: ZScoreRule | None = None
+            self._bounds.setdefault(bound.metric, []).append(
+                (-math.inf if bound.min is None else bound.min,
+                 math.inf if bound.max is None else bound.max))
+        self._scored: dict[str, _Scoring] = {}
+        self._scored_any: _Scoring | None = None
         for rule in rules.zscore:
             if rule.metric == "*":
-                self._scored_any = rule
+                self._scored_any = _Scoring.of(rule)
             else:
-                self._scored[rule.metric] = rule
-        self._alpha = {rule.metric: rule.alpha for rule in rules.zscore}
+                self._scored[rule.metric] = _Scoring.of(rule)
         self._silence = rules.silence
+        self._report_seconds = rules.report_seconds
         self._devices: OrderedDict[DeviceKey, _Device] = OrderedDict()
         #: Devices whose report is due: something changed, or their heartbeat came round.
         self._due: dict[DeviceKey, None] = {}
@@ -154,55 +178,83 @@ class AnomalyDetector:
         return self._silent
 
     def observe(self, kind: IdentityKind, device: str, rows: Iterable[TelemetryRow],
-                received_at: datetime, booleans: frozenset[str] = frozenset()) -> list[Finding]:
-        """Judge the stored rows of one telemetry message; returns the anomalies in them."""
-        now = _seconds(received_at)
-        state = self._state(kind, device)
+                received_at: datetime, booleans: frozenset[str] = frozenset(),
+                latest: datetime | None = None) -> list[Finding]:
+        """Judge the stored rows of one telemetry message (whose newest sample is `latest`,
+        when the caller knows it); returns the anomalies in them."""
+        now = received_at.timestamp()
+        key = (kind, device)
+        state = self._devices.get(key)
+        if state is None:
+            state = self._new_state(kind, device)
+        else:
+            self._devices.move_to_end(key)
         found: list[Finding] = []
+        received = state.received
         if state.silent:
             # Back from silence: the gap says nothing about the device's usual interval.
             state.silent = False
             self._silent -= 1
-            self._due[(kind, device)] = None
-        elif state.received != _NEVER and now > state.received:
-            gap = now - state.received
-            state.gaps += 1
-            state.interval = gap if state.gaps == 1 else (
-                state.interval + INTERVAL_WEIGHT * (gap - state.interval))
-        if now > state.received:
+            self._due[key] = None
+        elif now > received > _NEVER:
+            gaps = state.gaps = state.gaps + 1
+            state.interval = now - received if gaps == 1 else (
+                state.interval + INTERVAL_WEIGHT * (now - received - state.interval))
+        if now > received:
             state.received = now
-        metrics, bounds, scored, scored_any = (state.metrics, self._bounds, self._scored,
-                                               self._scored_any)
+        metrics = state.metrics
         newest = state.last_sample
-        for row in rows:
-            ts = row[0]
-            if newest is None or ts > newest:
-                newest = ts
-            value = row[5]
-            metric = row[4]
+        if latest is None:
+            for row in rows:
+                if newest is None or row[0] > newest:
+                    newest = row[0]
+        elif newest is None or latest > newest:
+            newest = latest
+        for ts, _, _, _, metric, value, _ in rows:
             if value is None or metric in booleans:
                 continue
-            if metric in metrics or len(metrics) < MAX_REPORTED_METRICS:
-                metrics[metric] = value
-            ranges = bounds.get(metric)
+            entry = metrics.get(metric)
+            if entry is None:
+                entry = self._track(metrics, metric)
+            entry.value = value
+            ranges = entry.ranges
             if ranges is not None:
                 for low, high in ranges:
-                    if (low is not None and value < low) or (high is not None and value > high):
+                    if value < low or value > high:
                         found.append(Finding(kind, device, Anomaly(
                             rule=AnomalyRule.BOUNDS, metric=metric, time=ts, value=value,
-                            low=low, high=high)))
-            rule = scored.get(metric) or scored_any
-            if rule is not None:
-                expected = self._score(state, metric, value, rule)
+                            low=_finite(low), high=_finite(high))))
+            scoring = entry.scoring
+            if scoring is None:
+                continue
+            # The z-score, inline: this runs for every value of the stream.
+            n = entry.n
+            diff = value - entry.mean
+            if n >= scoring.warmup and diff * diff > scoring.limit * entry.var:
+                expected = _anomalous(entry, value, diff, scoring)
                 if expected is not None:
                     found.append(Finding(kind, device, Anomaly(
                         rule=AnomalyRule.ZSCORE, metric=metric, time=ts, value=value,
                         low=_finite(expected[0]), high=_finite(expected[1]))))
+                    continue
+            if entry.run:
+                entry.run, entry.run_mean, entry.run_m2 = 0, 0.0, 0.0
+            # Plain mean and variance until the weights of the moving ones take over: a moving
+            # variance started from one value underestimates the spread for a long while.
+            weight = scoring.alpha if n >= scoring.moving_after else 1.0 / (n + 1)
+            increment = weight * diff
+            mean = entry.mean + increment
+            var = (1.0 - weight) * (entry.var + diff * increment)
+            if -_LARGE < mean < _LARGE and var < _LARGE:
+                entry.mean, entry.var, entry.n = mean, var, n + 1
+            else:
+                # Values near the limits of a double: start again rather than carry inf or nan.
+                entry.mean, entry.var, entry.n = 0.0, 0.0, 0
         state.last_sample = newest
         if found:
             self._found(state, [f.anomaly for f in found])
-        if now - state.last_report >= self.rules.report_seconds:
-            self._due[(kind, device)] = None
+        if now - state.last_report >= self._report_seconds:
+            self._due[key] = None
         return found
 
     def silences(self, now: datetime) -> list[Finding]:
@@ -210,7 +262,7 @@ class AnomalyDetector:
         silence = self._silence
         if silence is None:
             return []
-        at = _seconds(now)
+        at = now.timestamp()
         found: list[Finding] = []
         # In the order they were last heard from: the first one heard from too recently to be
         # silent ends the search.
@@ -236,7 +288,7 @@ class AnomalyDetector:
     def reports_due(self, now: datetime) -> list[tuple[DeviceKey, HealthReport]]:
         """The health reports to publish now: a device whose state changed (unless reported
         within the last second) or whose heartbeat came round while it sends."""
-        at = _seconds(now)
+        at = now.timestamp()
         reports: list[tuple[DeviceKey, HealthReport]] = []
         for key in list(self._due):
             state = self._devices.get(key)
@@ -250,26 +302,32 @@ class AnomalyDetector:
                 time=now, last_telemetry=state.last_sample,
                 received_at=_EPOCH + timedelta(seconds=state.received),
                 silent=state.silent, anomalies=state.counts, latest=state.latest,
-                metrics=state.metrics)))
+                metrics={name: entry.value for name, entry in islice(
+                    state.metrics.items(), MAX_REPORTED_METRICS)})))
             state.counts = {}
             state.last_report = at
         return reports
 
     # --- inside ----------------------------------------------------------------------------
 
-    def _state(self, kind: IdentityKind, device: str) -> _Device:
-        key = (kind, device)
+    def _new_state(self, kind: IdentityKind, device: str) -> _Device:
         devices = self._devices
-        state = devices.get(key)
-        if state is not None:
-            devices.move_to_end(key)
-            return state
-        state = devices[key] = _Device(kind, device)
+        state = devices[(kind, device)] = _Device(kind, device)
         if len(devices) > self.rules.max_devices:
             _, forgotten = devices.popitem(last=False)
             if forgotten.silent:
                 self._silent -= 1
         return state
+
+    def _track(self, metrics: dict[str, _Metric], metric: str) -> _Metric:
+        """A metric seen for the first time on a device: kept, unless the device already has
+        MAX_TRACKED_METRICS (then judged by its bounds only, and not reported)."""
+        entry = _Metric(self._bounds.get(metric), self._scored.get(metric, self._scored_any))
+        if len(metrics) < MAX_TRACKED_METRICS:
+            metrics[metric] = entry
+        else:
+            entry.scoring = None
+        return entry
 
     def _found(self, state: _Device, anomalies: list[Anomaly]) -> None:
         counts = state.counts
@@ -278,45 +336,26 @@ class AnomalyDetector:
         state.latest = anomalies[-1]
         self._due[(state.kind, state.name)] = None
 
-    def _score(self, state: _Device, metric: str, value: float,
-               rule: ZScoreRule) -> tuple[float, float] | None:
-        """Judge one value against the metric's moving mean and variance; learn it when it is
-        normal. Returns the expected range when the value is anomalous."""
-        m = state.moments.get(metric)
-        if m is None:
-            if len(state.moments) >= MAX_SCORED_METRICS:
-                return None
-            m = state.moments[metric] = _Moments()
-        n = m.n
-        if n >= rule.warmup_samples:
-            mean = m.mean
-            spread = rule.threshold * max(math.sqrt(m.var), MIN_RELATIVE_DEVIATION * abs(mean),
-                                          MIN_DEVIATION)
-            if not -spread <= value - mean <= spread:
-                # Anomalous: not learnt, so that a spike teaches nothing. A run of them as long
-                # as the half-life is a new normal: its mean (and wider spread) is adopted.
-                m.run += 1
-                delta = value - m.run_mean
-                m.run_mean += delta / m.run
-                m.run_m2 += delta * (value - m.run_mean)
-                if m.run >= rule.half_life_samples:
-                    m.mean, m.var = m.run_mean, max(m.var, m.run_m2 / m.run)
-                    m.run, m.run_mean, m.run_m2 = 0, 0.0, 0.0
-                return mean - spread, mean + spread
-            if m.run:
-                m.run, m.run_mean, m.run_m2 = 0, 0.0, 0.0
-        # Plain mean and variance until the weights of the moving ones take over: a moving
-        # variance started from one value underestimates the spread for a long while.
-        weight = max(self._alpha[rule.metric], 1.0 / (n + 1))
-        diff = value - m.mean
-        increment = weight * diff
-        m.mean += increment
-        m.var = (1.0 - weight) * (m.var + diff * increment)
-        m.n = n + 1
-        if not (math.isfinite(m.mean) and math.isfinite(m.var)):
-            # Values near the limits of a double: start again rather than carry inf or nan.
-            state.moments[metric] = _Moments()
+
+def _anomalous(entry: _Metric, value: float, diff: float,
+               scoring: _Scoring) -> tuple[float, float] | None:
+    """A value beyond the threshold: the expected range, unless the deviation is within its
+    floor after all. An anomalous value is not learnt, so that a spike teaches nothing; a run
+    of them as long as the half-life is a new normal, and its mean (and wider spread) is
+    adopted."""
+    mean = entry.mean
+    spread = scoring.threshold * max(math.sqrt(entry.var), MIN_RELATIVE_DEVIATION * abs(mean),
+                                     MIN_DEVIATION)
+    if -spread <= diff <= spread:
         return None
+    entry.run += 1
+    delta = value - entry.run_mean
+    entry.run_mean += delta / entry.run
+    entry.run_m2 += delta * (value - entry.run_mean)
+    if entry.run >= scoring.half_life:
+        entry.mean, entry.var = entry.run_mean, max(entry.var, entry.run_m2 / entry.run)
+        entry.run, entry.run_mean, entry.run_m2 = 0, 0.0, 0.0
+    return mean - spread, mean + spread
 
 
 def judge_stored(detector: AnomalyDetector, entries: Sequence[tuple[InboundMessage, Outcome]],
@@ -331,5 +370,5 @@ def judge_stored(detector: AnomalyDetector, entries: Sequence[tuple[InboundMessa
             row for row in outcome.rows if sample_key(row) in fresh]
         if rows:
             found += detector.observe(outcome.kind, outcome.device, rows, message.received_at,
-                                      outcome.booleans)
+                                      outcome.booleans, outcome.latest if fresh is None else None)
     return found
