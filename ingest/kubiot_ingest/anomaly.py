@@ -12,6 +12,8 @@ anomalies in.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -46,6 +48,8 @@ MIN_REPORT_GAP_S = 1.0
 MAX_TRACKED_METRICS = 64
 #: Gaps between a device's messages seen before its interval counts as learnt.
 LEARN_INTERVAL_AFTER = 3
+#: Longest time between two looks at whether a sending device is silent.
+MAX_CHECK_GAP_S = 60.0
 #: The weight of each new gap in a device's learnt interval.
 INTERVAL_WEIGHT = 0.1
 #: A standard deviation is never taken as smaller than this share of the mean (nor than
@@ -164,6 +168,9 @@ class AnomalyDetector:
         self._devices: OrderedDict[DeviceKey, _Device] = OrderedDict()
         #: Devices whose report is due: something changed, or their heartbeat came round.
         self._due: dict[DeviceKey, None] = {}
+        #: When to look at whether a device is silent: (time, order, device), a heap.
+        self._schedule: list[tuple[float, int, _Device]] = []
+        self._checks = itertools.count()
         self._silent = 0
 
     # --- what the ingest asks --------------------------------------------------------------
@@ -186,7 +193,7 @@ class AnomalyDetector:
         key = (kind, device)
         state = self._devices.get(key)
         if state is None:
-            state = self._new_state(kind, device)
+            state = self._new_state(kind, device, now)
         else:
             self._devices.move_to_end(key)
         found: list[Finding] = []
@@ -196,6 +203,8 @@ class AnomalyDetector:
             state.silent = False
             self._silent -= 1
             self._due[key] = None
+            self._check(state, now + self._silence.min_silence_seconds
+                        if self._silence is not None else now)
         elif now > received > _NEVER:
             gaps = state.gaps = state.gaps + 1
             state.interval = now - received if gaps == 1 else (
@@ -264,25 +273,28 @@ class AnomalyDetector:
             return []
         at = now.timestamp()
         found: list[Finding] = []
-        # In the order they were last heard from: the first one heard from too recently to be
-        # silent ends the search.
-        for state in self._devices.values():
-            if at - state.received <= silence.min_silence_seconds:
-                break
-            if state.silent:
+        schedule, devices = self._schedule, self._devices
+        # Only the devices whose check is due: a fleet that reports every few minutes costs a
+        # check per device per silence period, not one per device per call.
+        while schedule and schedule[0][0] <= at:
+            _, _, state = heapq.heappop(schedule)
+            if devices.get((state.kind, state.name)) is not state or state.silent:
+                continue  # forgotten meanwhile, or silent already (its return reschedules it)
+            allowed = self._allowed(state)
+            if allowed is None:
+                self._check(state, at + max(silence.min_silence_seconds, 1.0))
                 continue
-            interval = silence.interval_seconds or (
-                state.interval if state.gaps >= LEARN_INTERVAL_AFTER else None)
-            if interval is None:
+            deadline = state.received + allowed
+            if at <= deadline:
+                # The interval may still shrink: look again within MAX_CHECK_GAP_S at most.
+                self._check(state, min(deadline, at + MAX_CHECK_GAP_S))
                 continue
-            allowed = max(silence.min_silence_seconds, silence.intervals * interval)
-            if at - state.received > allowed:
-                state.silent = True
-                self._silent += 1
-                anomaly = Anomaly(rule=AnomalyRule.SILENT, time=_EPOCH + timedelta(
-                    seconds=state.received), value=at - state.received, high=allowed)
-                self._found(state, [anomaly])
-                found.append(Finding(state.kind, state.name, anomaly))
+            state.silent = True
+            self._silent += 1
+            anomaly = Anomaly(rule=AnomalyRule.SILENT, time=_EPOCH + timedelta(
+                seconds=state.received), value=at - state.received, high=allowed)
+            self._found(state, [anomaly])
+            found.append(Finding(state.kind, state.name, anomaly))
         return found
 
     def reports_due(self, now: datetime) -> list[tuple[DeviceKey, HealthReport]]:
@@ -310,14 +322,30 @@ class AnomalyDetector:
 
     # --- inside ----------------------------------------------------------------------------
 
-    def _new_state(self, kind: IdentityKind, device: str) -> _Device:
+    def _new_state(self, kind: IdentityKind, device: str, now: float) -> _Device:
         devices = self._devices
         state = devices[(kind, device)] = _Device(kind, device)
         if len(devices) > self.rules.max_devices:
             _, forgotten = devices.popitem(last=False)
             if forgotten.silent:
                 self._silent -= 1
+        if self._silence is not None:
+            self._check(state, now + self._silence.min_silence_seconds)
         return state
+
+    def _check(self, state: _Device, at: float) -> None:
+        """Look at whether the device is silent at `at` (it has one check scheduled at most)."""
+        heapq.heappush(self._schedule, (at, next(self._checks), state))
+
+    def _allowed(self, state: _Device) -> float | None:
+        """How long the device may be silent; None while its interval is not learnt yet."""
+        silence = self._silence
+        assert silence is not None
+        interval = silence.interval_seconds or (
+            state.interval if state.gaps >= LEARN_INTERVAL_AFTER else None)
+        if interval is None:
+            return None
+        return max(silence.min_silence_seconds, silence.intervals * interval)
 
     def _track(self, metrics: dict[str, _Metric], metric: str) -> _Metric:
         """A metric seen for the first time on a device: kept, unless the device already has
