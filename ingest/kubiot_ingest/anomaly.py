@@ -186,7 +186,7 @@ class AnomalyDetector:
 
     def observe(self, kind: IdentityKind, device: str, rows: Iterable[TelemetryRow],
                 received_at: datetime, booleans: frozenset[str] = frozenset(),
-                latest: datetime | None = None) -> list[Finding]:
+                latest: datetime | None = None) -> Sequence[Finding]:
         """Judge the stored rows of one telemetry message (whose newest sample is `latest`,
         when the caller knows it); returns the anomalies in them."""
         now = received_at.timestamp()
@@ -196,7 +196,7 @@ class AnomalyDetector:
             state = self._new_state(kind, device, now)
         else:
             self._devices.move_to_end(key)
-        found: list[Finding] = []
+        found: list[Finding] | None = None
         received = state.received
         if state.silent:
             # Back from silence: the gap says nothing about the device's usual interval.
@@ -211,7 +211,7 @@ class AnomalyDetector:
                 state.interval + INTERVAL_WEIGHT * (now - received - state.interval))
         if now > received:
             state.received = now
-        metrics = state.metrics
+        metrics, large = state.metrics, _LARGE
         newest = state.last_sample
         if latest is None:
             for row in rows:
@@ -230,6 +230,7 @@ class AnomalyDetector:
             if ranges is not None:
                 for low, high in ranges:
                     if value < low or value > high:
+                        found = found or []
                         found.append(Finding(kind, device, Anomaly(
                             rule=AnomalyRule.BOUNDS, metric=metric, time=ts, value=value,
                             low=_finite(low), high=_finite(high))))
@@ -242,6 +243,7 @@ class AnomalyDetector:
             if n >= scoring.warmup and diff * diff > scoring.limit * entry.var:
                 expected = _anomalous(entry, value, diff, scoring)
                 if expected is not None:
+                    found = found or []
                     found.append(Finding(kind, device, Anomaly(
                         rule=AnomalyRule.ZSCORE, metric=metric, time=ts, value=value,
                         low=_finite(expected[0]), high=_finite(expected[1]))))
@@ -254,16 +256,17 @@ class AnomalyDetector:
             increment = weight * diff
             mean = entry.mean + increment
             var = (1.0 - weight) * (entry.var + diff * increment)
-            if -_LARGE < mean < _LARGE and var < _LARGE:
+            if -large < mean < large and var < large:
                 entry.mean, entry.var, entry.n = mean, var, n + 1
             else:
                 # Values near the limits of a double: start again rather than carry inf or nan.
                 entry.mean, entry.var, entry.n = 0.0, 0.0, 0
         state.last_sample = newest
-        if found:
-            self._found(state, [f.anomaly for f in found])
         if now - state.last_report >= self._report_seconds:
             self._due[key] = None
+        if found is None:
+            return ()
+        self._found(state, [f.anomaly for f in found])
         return found
 
     def silences(self, now: datetime) -> list[Finding]:
@@ -391,12 +394,19 @@ def judge_stored(detector: AnomalyDetector, entries: Sequence[tuple[InboundMessa
     """Judge the telemetry of messages just stored: all of it, or only the samples in `fresh`
     (those a redelivered batch added; the others were judged when they were new)."""
     found: list[Finding] = []
+    observe = detector.observe
     for message, outcome in entries:
         if type(outcome) is not TelemetryRecords:
             continue
-        rows = outcome.rows if fresh is None else [
-            row for row in outcome.rows if sample_key(row) in fresh]
-        if rows:
-            found += detector.observe(outcome.kind, outcome.device, rows, message.received_at,
-                                      outcome.booleans, outcome.latest if fresh is None else None)
+        if fresh is None:
+            hit = observe(outcome.kind, outcome.device, outcome.rows, message.received_at,
+                          outcome.booleans, outcome.latest)
+        else:
+            rows = [row for row in outcome.rows if sample_key(row) in fresh]
+            if not rows:
+                continue
+            hit = observe(outcome.kind, outcome.device, rows, message.received_at,
+                          outcome.booleans)
+        if hit:
+            found += hit
     return found

@@ -223,6 +223,8 @@ class PostgresSink:
 
     async def write_anomalies(self, rows: Sequence[AnomalyRow]) -> int:
         """Record anomalies; one already recorded is skipped. Returns how many were new."""
+        if not rows:
+            return 0
         conn = self._conn
         if conn is None or conn.is_closed():
             raise asyncpg.InterfaceError("not connected to the database")
