@@ -130,15 +130,8 @@ class WireBroker:
                 if kind == 0x10:  # CONNECT
                     writer.write(b"\x20\x03\x00\x00\x00")
                 elif kind == 0x80:  # SUBSCRIBE: one QoS 1 grant per filter
-                    filters, pos = 0, 2
-                    props, shift = 0, 0
-                    while True:
-                        byte = body[pos]
-                        pos += 1
-                        props |= (byte & 0x7F) << shift
-                        shift += 7
-                        if not byte & 0x80:
-                            break
+                    filters = 0
+                    props, pos = _variable_length(body, 2)
                     pos += props
                     while pos < len(body):
                         pos += 2 + int.from_bytes(body[pos:pos + 2], "big") + 1
