@@ -269,8 +269,9 @@ class AnomalyDetector:
         self._found(state, [f.anomaly for f in found])
         return found
 
-    def silences(self, now: datetime) -> list[Finding]:
-        """The devices that fell silent by `now` (each silence is found once)."""
+    def silences(self, now: datetime, limit: int | None = None) -> list[Finding]:
+        """The devices that fell silent by `now` (each silence is found once); at most `limit`
+        of them, the others are found by the next call."""
         silence = self._silence
         if silence is None:
             return []
@@ -279,7 +280,7 @@ class AnomalyDetector:
         schedule, devices = self._schedule, self._devices
         # Only the devices whose check is due: a fleet that reports every few minutes costs a
         # check per device per silence period, not one per device per call.
-        while schedule and schedule[0][0] <= at:
+        while schedule and schedule[0][0] <= at and (limit is None or len(found) < limit):
             _, _, state = heapq.heappop(schedule)
             if devices.get((state.kind, state.name)) is not state or state.silent:
                 continue  # forgotten meanwhile, or silent already (its return reschedules it)
@@ -300,12 +301,16 @@ class AnomalyDetector:
             found.append(Finding(state.kind, state.name, anomaly))
         return found
 
-    def reports_due(self, now: datetime) -> list[tuple[DeviceKey, HealthReport]]:
+    def reports_due(self, now: datetime,
+                    limit: int | None = None) -> list[tuple[DeviceKey, HealthReport]]:
         """The health reports to publish now: a device whose state changed (unless reported
-        within the last second) or whose heartbeat came round while it sends."""
+        within the last second) or whose heartbeat came round while it sends. At most `limit`
+        of them, the longest due first; the others stay due."""
         at = now.timestamp()
         reports: list[tuple[DeviceKey, HealthReport]] = []
         for key in list(self._due):
+            if limit is not None and len(reports) >= limit:
+                break
             state = self._devices.get(key)
             if state is None:
                 del self._due[key]  # forgotten meanwhile

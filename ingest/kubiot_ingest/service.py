@@ -55,6 +55,10 @@ CLASSIFY_SLICE = 500
 LOGGED_PAYLOAD_BYTES = 200
 #: How often silent devices are looked for and due health reports published.
 HEALTH_TICK_S = 0.25
+#: Silences found and reports made at most per tick (the rest wait for the next ones): a
+#: whole fleet falling silent at once, or a restart meeting every device anew, must not hold
+#: the event loop for seconds.
+HEALTH_PER_TICK = 500
 #: Anomalies waiting to be recorded at most (the database away); the oldest go first.
 MAX_PENDING_ANOMALIES = 100_000
 
@@ -436,14 +440,14 @@ class IngestService:
         detector = self.detector
         assert detector is not None
         now = self.clock()
-        silent = detector.silences(now)
+        silent = detector.silences(now, HEALTH_PER_TICK)
         if silent:
             self._found(silent)
             for finding in silent:
                 log.info("device %s is silent (last heard from at %s)", finding.device,
                          finding.anomaly.time.isoformat())
         tenant = self.settings.tenant
-        for (kind, name), report in detector.reports_due(now):
+        for (kind, name), report in detector.reports_due(now, HEALTH_PER_TICK):
             root = (device_root(tenant, name) if kind is IdentityKind.DEVICE
                     else gateway_root(tenant, name))
             subscriber.publish(health_topic(root), report.encode())

@@ -353,3 +353,17 @@ def test_of_a_redelivered_batch_only_the_samples_it_added_are_judged() -> None:
     found = judge_stored(detector, entries, added)
     assert [f.anomaly.value for f in found] == [62.0, 63.0]
     assert [f.anomaly.value for f in judge_stored(detector, entries[:1])] == [60.0]
+
+
+def test_silences_and_reports_come_in_bounded_portions_and_none_is_lost() -> None:
+    detector = AnomalyDetector(AnomalyRules(silence=SilenceRule(
+        interval_seconds=1, min_silence_seconds=0)))
+    for i in range(25):
+        detector.observe(DEVICE, f"d-{i}", rows(T0, device=f"d-{i}", temp=1.0), T0)
+    assert len(detector.reports_due(T0, limit=10)) == 10
+    assert len(detector.reports_due(T0, limit=10)) == 10
+    assert len(detector.reports_due(T0, limit=10)) == 5
+    later = T0 + timedelta(seconds=10)
+    portions = [detector.silences(later, limit=10) for _ in range(4)]
+    assert [len(p) for p in portions] == [10, 10, 5, 0]
+    assert {f.device for p in portions for f in p} == {f"d-{i}" for i in range(25)}
