@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import islice
 
 from kubiot_contract.health import (
     MAX_REPORTED_METRICS,
@@ -113,6 +112,8 @@ class _Metric:
 
 
 class _Device:
+    """What the detector keeps of one device (or gateway)."""
+
     __slots__ = (
         "counts",
         "gaps",
@@ -322,7 +323,7 @@ class AnomalyDetector:
                 time=now, last_telemetry=state.last_sample,
                 received_at=_EPOCH + timedelta(seconds=state.received),
                 silent=state.silent, anomalies=state.counts, latest=state.latest,
-                metrics={name: entry.value for name, entry in islice(
+                metrics={name: entry.value for name, entry in itertools.islice(
                     state.metrics.items(), MAX_REPORTED_METRICS)})))
             state.counts = {}
             state.last_report = at
