@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +19,7 @@ from kubiot_contract.health import (
     AnomalyRules,
     BoundsRule,
     SilenceRule,
+    ZScoreRule,
     parse_health,
 )
 from kubiot_contract.topics import device_access, device_root, health_topic, operator_access
@@ -171,3 +173,89 @@ async def test_a_redelivered_batch_records_each_anomaly_once(postgres: PostgresS
 
 async def _count(dsn: str, sql: str, at_least: int) -> bool:
     return int((await query(dsn, sql))[0][0]) >= at_least
+
+
+SEED = 424242
+STREAM_DEVICES = 16
+STREAM_STEPS = 160
+STEP_PAUSE_S = 0.02
+SILENT_AFTER = 40
+
+
+async def test_a_seeded_stream_through_the_real_ingest_records_each_injected_anomaly_only(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    """16 devices x 160 samples through Mosquitto, the ingest process and PostgreSQL; seed
+    424242. Four devices get 2% spikes on `temp` after the warm-up (15 to 30 sigma), two a
+    lasting 20-sigma step from sample 100, every device 1% of `pressure` out of bounds, one
+    device stops after sample 40; the other devices are clean (and fall silent only when the
+    stream ends)."""
+    tenant = "seeded"
+    rules = AnomalyRules(
+        bounds=[BoundsRule(metric="pressure", min=0.5, max=3.0)],
+        zscore=[ZScoreRule(metric="temp", threshold=6, half_life_samples=20, warmup_samples=30)],
+        silence=SilenceRule(intervals=6, interval_seconds=0.5, min_silence_seconds=3))
+    rng = random.Random(SEED)
+    names = [f"unit-{i:02d}" for i in range(STREAM_DEVICES)]
+    spiky, stepping, silent = set(names[:4]), set(names[4:6]), names[-1]
+    spikes: set[tuple[str, int]] = set()
+    out_of_range: set[tuple[str, int]] = set()
+    start = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    with broker_for_tenant(tenant) as (_, access):
+        env = ingest_environment(tenant, access, postgres.dsn, ANOMALY_RULES=rules.to_json())
+        process = IngestProcess(env, tmp_path / "ingest.log").start()
+        try:
+            await async_wait_until(lambda: process_ready(process), timeout=20, message="ready")
+            with Publisher(access) as publisher:
+                for step in range(STREAM_STEPS):
+                    last_step_at = datetime.now(UTC)
+                    batch = []
+                    for name in names:
+                        if name == silent and step > SILENT_AFTER:
+                            continue
+                        temp = 20 + rng.gauss(0, 0.5)
+                        if name in spiky and step >= 30 and rng.random() < 0.02:
+                            temp += rng.choice((-1, 1)) * rng.uniform(15, 30) * 0.5
+                            spikes.add((name, step))
+                        if name in stepping and step >= 100:
+                            temp += 20 * 0.5
+                        pressure = 1.5 + rng.gauss(0, 0.05)
+                        if rng.random() < 0.01:
+                            pressure = rng.choice((0.2, 3.6))
+                            out_of_range.add((name, step))
+                        batch.append((f"{device_root(tenant, name)}/telemetry", sample(
+                            step, start + timedelta(seconds=step), temp=temp,
+                            pressure=pressure)))
+                    await asyncio.to_thread(publisher.publish_all, batch)
+                    await asyncio.sleep(STEP_PAUSE_S)
+            schema = f"tenant_{tenant}"
+            await async_wait_until(
+                lambda: _count(postgres.dsn, f"SELECT count(*) FROM {schema}.anomalies "
+                               "WHERE rule = 'silent'", 1),
+                timeout=20, message="the silent device found")
+            await async_wait_until(
+                lambda: _count(postgres.dsn, f"SELECT count(*) FROM {schema}.telemetry",
+                               2 * (STREAM_STEPS * (STREAM_DEVICES - 1) + SILENT_AFTER + 1)),
+                timeout=20, message="every sample stored")
+            await asyncio.sleep(1)  # the last batch's anomalies are written after its commit
+            rows = await query(postgres.dsn,
+                               f"SELECT device, time, rule FROM {schema}.anomalies")
+        finally:
+            assert await asyncio.to_thread(process.terminate) == 0
+
+    def step_of(moment: datetime) -> int:
+        return int((moment - start).total_seconds())
+
+    found = {(r["rule"], r["device"], step_of(r["time"])) for r in rows
+             if r["rule"] != "silent"}
+    assert len(spikes) >= 5 and len(out_of_range) >= 10  # the test bites
+    assert {(d, s) for rule, d, s in found if rule == "bounds"} == out_of_range
+    zscore = {(d, s) for rule, d, s in found if rule == "zscore"}
+    assert {(d, s) for d, s in zscore if d in spiky} == spikes
+    for name in stepping:
+        steps = sorted(s for d, s in zscore if d == name)
+        assert steps[0] == 100 and steps[-1] < 100 + 2 * 20, (name, steps)
+    assert not {(d, s) for d, s in zscore if d not in spiky | stepping}
+    silences = [r for r in rows if r["rule"] == "silent"]
+    assert [r["device"] for r in silences].count(silent) == 1
+    # The others fell silent only once the stream had ended (`time`: when last heard from).
+    assert all(r["time"] >= last_step_at for r in silences if r["device"] != silent)
