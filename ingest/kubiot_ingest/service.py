@@ -106,9 +106,9 @@ class IngestService:
         self._broker_up = False
         rules = settings.active_anomaly_rules
         self.detector = AnomalyDetector(rules) if rules is not None else None
-        self._subscriber: Subscriber | None = None
-        #: Anomalies found and not recorded yet.
+        #: Anomalies found and not recorded yet, and when the health tick may next try to.
         self._anomaly_rows: list[AnomalyRow] = []
+        self._anomalies_retry_at = 0.0
 
     # --- state ---------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class IngestService:
             if not await self._connect_database():
                 return 0
             inbox = self._inbox = Inbox(self.settings.queue_max)
-            subscriber = self._subscriber = Subscriber(
+            subscriber = Subscriber(
                 self.settings,
                 ingest_shared_subscriptions(self.settings.tenant, self.settings.share_group),
                 inbox, self._set_broker, self._report_published)
@@ -253,7 +253,8 @@ class IngestService:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + HEALTH_TICK_S
                 self._watch_health(subscriber)
-                if self._anomaly_rows and (committing is None or committing.done()):
+                if self._anomaly_rows and (committing is None or committing.done()) \
+                        and time.monotonic() >= self._anomalies_retry_at:
                     # Nothing is being committed: record the silences found meanwhile.
                     if committing is not None and not committing.result():
                         return
@@ -426,10 +427,12 @@ class IngestService:
         try:
             await self.sink.connect(self.clock())
             await self.sink.write_anomalies(rows)
+            self._set_database(True)
         except Exception as exc:
             if write_failure(exc) is WriteFailure.DATABASE:
                 self._database_failed(exc)
                 self._anomaly_rows[:0] = rows
+                self._anomalies_retry_at = time.monotonic() + self.settings.retry_max_delay_s
             else:
                 log.error("could not record %d anomalies (%s: %s); dropping them", len(rows),
                           type(exc).__name__, exc, exc_info=exc)
