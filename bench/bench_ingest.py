@@ -27,7 +27,11 @@ then, without MQTT, in this process, on messages built like the published ones:
      thread, best of three): the subscriber receiving the same PUBLISH packets from a
      loopback connection into the inbox and acknowledging them, payload validation,
      building rows (classifying minus validating, plus batching), and the database write
-     from (6) (wall time).
+     from (6) (wall time);
+  8. what anomaly detection adds: the detector judging the same messages as the service does
+     after a commit (bounds on both numeric metrics, a z-score on every metric, silence, and
+     the health reports due), CPU time of this thread, best of three, beside the ingest's
+     CPU per message from (3) with no rules: the target is under 10%.
 """
 
 from __future__ import annotations
@@ -54,8 +58,15 @@ sys.path.insert(0, str(REPO))
 
 import asyncpg  # noqa: E402
 
+from kubiot_contract.health import (  # noqa: E402
+    AnomalyRules,
+    BoundsRule,
+    SilenceRule,
+    ZScoreRule,
+)
 from kubiot_contract.telemetry import parse_payload  # noqa: E402
 from kubiot_contract.topics import device_root  # noqa: E402
+from kubiot_ingest.anomaly import AnomalyDetector, judge_stored  # noqa: E402
 from kubiot_ingest.batcher import Batch, Batcher  # noqa: E402
 from kubiot_ingest.config import IngestSettings, load_settings  # noqa: E402
 from kubiot_ingest.migrations import migrate  # noqa: E402
@@ -75,6 +86,12 @@ TENANT = "bench"
 SCHEMA = "tenant_bench"
 METRICS_PER_MESSAGE = 3
 MIN_CPU_WINDOW_S = 1.0
+#: What (8) evaluates: every rule kind, on every numeric metric of the published messages.
+BENCH_RULES = AnomalyRules(
+    bounds=[BoundsRule(metric="temp", min=-40, max=85),
+            BoundsRule(metric="humidity", min=0, max=100)],
+    zscore=[ZScoreRule(metric="*")],
+    silence=SilenceRule())
 
 
 @dataclass
@@ -97,6 +114,9 @@ class Figures:
     #: Seconds per message of each stage of (7), and the database write's own CPU time.
     stages: dict[str, float] = field(default_factory=dict)
     db_client_cpu: float = 0.0
+    #: Seconds per message of (8): classifying and batching, and the detector after them.
+    classify_batch: float = 0.0
+    detector: float = 0.0
     #: While (3) ran: batches committed, messages per batch, seconds per commit.
     batches: tuple[float, float, float] = (0.0, 0.0, 0.0)
     db_batches: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -695,6 +715,14 @@ def database_figures(access: BrokerAccess, dsn: str, publishers: int, total: int
     figures.raw_copy = sum(b.messages for b in raw_batches) / raw_wall
     figures.db_batches = (len(batches), n / len(batches), wall / len(batches))
     figures.db_client_cpu = cpu / n
+    def judge_all() -> None:
+        detector = AnomalyDetector(BENCH_RULES)
+        judge_stored(detector, outcomes)
+        detector.silences(datetime.now(UTC))
+        detector.reports_due(datetime.now(UTC))
+
+    figures.classify_batch = (classifying + batching) / n
+    figures.detector = best_of(3, lambda: thread_seconds(judge_all)) / n
     figures.stages = {
         "MQTT receive + decode + ack (mqtt5, event loop)": receive / n,
         "validation (pydantic, parse_payload)": validation / n,
@@ -721,6 +749,24 @@ def print_breakdown(figures: Figures) -> None:
         print(f"    {name:<46} {seconds * 1e6:7.1f} us {seconds / whole:5.0%}")
     print(f"    {'sum':<46} {whole * 1e6:7.1f} us   -> {1 / whole:.0f} msg/s if done in turn; "
           f"the database write's own CPU: {figures.db_client_cpu * 1e6:.1f} us")
+    print("  anomaly detection (bounds on 2 metrics, z-score on every metric, silence; same "
+          "messages):")
+    print(f"    {'classify + batch, rules off':<46} {figures.classify_batch * 1e6:7.1f} us")
+    print(f"    {'classify + batch + detector, rules on':<46} "
+          f"{(figures.classify_batch + figures.detector) * 1e6:7.1f} us")
+    print(f"    {'the detector alone':<46} {figures.detector * 1e6:7.1f} us")
+
+
+def ingest_cpu_per_message(figures: Figures) -> tuple[float, str]:
+    """The ingest's CPU per message with no rules: measured live in (3) when the run was
+    long enough, else the CPU of the stages of (7) (a lower bound: the detector's share is
+    then overstated)."""
+    live = sum(seconds for name, seconds in figures.cpu.items() if name.startswith("ingest "))
+    if live:
+        return live, "live in (3)"
+    stages = figures.stages
+    return (sum(seconds for name, seconds in stages.items() if "wall" not in name)
+            + figures.db_client_cpu), "stages of (7)"
 
 
 def main() -> int:
@@ -773,6 +819,9 @@ def main() -> int:
     print(f"  ingest / database ceiling   {db_share:6.0%}")
     print(f"  p99 at half rate            {figures.p99_ms:6.0f} ms (target < 250 ms)")
     print(f"  peak RSS                    {figures.rss_mb:6.0f} MB (target < 120 MB)")
+    cpu, source = ingest_cpu_per_message(figures)
+    print(f"  detector / ingest CPU per message {figures.detector / cpu:6.1%} "
+          f"(target < 10%; {figures.detector * 1e6:.1f} of {cpu * 1e6:.1f} us, {source})")
     return 0
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubiot_contract.health import AnomalyRules, parse_rules
 from kubiot_contract.telemetry import DEFAULT_MAX_PAYLOAD_BYTES
 from kubiot_contract.topics import ContractError, ingest_client_id, validate_name
 
@@ -56,6 +57,8 @@ class IngestSettings(BaseSettings):
     influx_token: SecretStr | None = None
     log_format: str = Field("text", pattern=r"^(text|json)$")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    #: The tenant's `spec.anomalies`, as `AnomalyRules.to_json()` writes it.
+    anomaly_rules: Annotated[AnomalyRules | None, NoDecode] = None
 
     @field_validator("tenant")
     @classmethod
@@ -73,6 +76,13 @@ class IngestSettings(BaseSettings):
             return None if value is None else ingest_client_id("x", value)
         except ContractError as exc:
             raise ValueError(str(exc)) from exc
+
+    @field_validator("anomaly_rules", mode="before")
+    @classmethod
+    def _rules_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_rules(value) if value.strip() else None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> IngestSettings:
@@ -96,6 +106,12 @@ class IngestSettings(BaseSettings):
     @property
     def batch_max_delay_s(self) -> float:
         return self.batch_max_delay_ms / 1000.0
+
+    @property
+    def active_anomaly_rules(self) -> AnomalyRules | None:
+        """The anomaly rules to evaluate, or None when there are none (or they are off)."""
+        rules = self.anomaly_rules
+        return rules if rules is not None and rules.active else None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> IngestSettings:

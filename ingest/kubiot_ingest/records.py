@@ -52,6 +52,12 @@ Receipt = tuple[int, int]
 # (time, device, stream, seq, metric, value, text): the column order of the telemetry table.
 TelemetryRow = tuple[datetime, str, str, int, str, float | None, str | None]
 TELEMETRY_COLUMNS = ("time", "device", "stream", "seq", "metric", "value", "text")
+#: What identifies a telemetry row: (device, metric, stream, time, seq), its primary key.
+SampleKey = tuple[str, str, str, datetime, int]
+
+
+def sample_key(row: TelemetryRow) -> SampleKey:
+    return (row[1], row[4], row[2], row[0], row[3])
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,8 @@ class TelemetryRecords:
     device: str
     rows: list[TelemetryRow]
     latest: datetime  # the newest sample's timestamp
+    #: Metrics sent as booleans (stored as 1 and 0): not measurements to judge.
+    booleans: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +144,16 @@ def classify(message: InboundMessage, tenant: str, max_payload_bytes: int,
                      f"payload is {len(message.payload)} bytes, the limit is {max_payload_bytes}")
     try:
         if parsed.channel is Channel.TELEMETRY:
-            rows = telemetry_rows(parsed.name, parsed.stream, message.payload, max_payload_bytes)
+            booleans: set[str] = set()
+            rows = telemetry_rows(parsed.name, parsed.stream, message.payload, max_payload_bytes,
+                                  booleans)
             latest = max(r[0] for r in rows)
             for ts in {min(r[0] for r in rows), latest}:
                 refusal = window.refusal(ts, message.received_at)
                 if refusal is not None:
                     return dead_letter(message, RejectReason.OUTSIDE_WINDOW, refusal)
-            return TelemetryRecords(parsed.kind, parsed.name, rows, latest)
+            return TelemetryRecords(parsed.kind, parsed.name, rows, latest,
+                                    frozenset(booleans))
         if parsed.channel is Channel.PRESENCE:
             return DeviceUpdate(parsed.kind, parsed.name, message.received_at,
                                 online=parse_presence(message.payload))
@@ -156,8 +167,10 @@ def classify(message: InboundMessage, tenant: str, max_payload_bytes: int,
 
 
 def telemetry_rows(device: str, stream: str | None, payload: bytes,
-                   max_payload_bytes: int) -> list[TelemetryRow]:
-    """One row per metric of every sample; booleans are stored as 1 and 0."""
+                   max_payload_bytes: int, booleans: set[str] | None = None,
+                   ) -> list[TelemetryRow]:
+    """One row per metric of every sample; booleans are stored as 1 and 0 (and their
+    metrics added to `booleans`)."""
     stream_name = stream or DEFAULT_STREAM
     rows: list[TelemetryRow] = []
     for sample in parse_payload(payload, max_payload_bytes):
@@ -171,6 +184,8 @@ def telemetry_rows(device: str, stream: str | None, payload: bytes,
             else:
                 rows.append((sample.ts, device, stream_name, sample.seq, metric,
                              float(value), None))
+                if booleans is not None and (value is True or value is False):
+                    booleans.add(metric)
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,14 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import CollectorRegistry
 
 from kubiot_contract.telemetry import RejectReason
-from kubiot_contract.topics import ingest_shared_subscriptions
+from kubiot_contract.topics import (
+    IdentityKind,
+    device_root,
+    gateway_root,
+    health_topic,
+    ingest_shared_subscriptions,
+)
+from kubiot_ingest.anomaly import AnomalyDetector, Finding, judge_stored
 from kubiot_ingest.batcher import Batch, Batcher, single
 from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.metrics import IngestMetrics
@@ -20,13 +28,19 @@ from kubiot_ingest.records import (
     DeadLetter,
     InboundMessage,
     Outcome,
+    SampleKey,
     StoredWindow,
     classify,
     dead_letter,
 )
 from kubiot_ingest.server import MetricsServer, build_app
 from kubiot_ingest.sinks.influx import InfluxSink
-from kubiot_ingest.sinks.postgres import PostgresSink, WriteFailure, write_failure
+from kubiot_ingest.sinks.postgres import (
+    AnomalyRow,
+    PostgresSink,
+    WriteFailure,
+    write_failure,
+)
 from kubiot_ingest.subscriber import Inbox, Subscriber
 
 log = logging.getLogger(__name__)
@@ -39,8 +53,18 @@ LAG_SAMPLES_PER_BATCH = 100
 CLASSIFY_SLICE = 500
 #: How much of a quarantined message's payload goes into the log line.
 LOGGED_PAYLOAD_BYTES = 200
+#: How often silent devices are looked for and due health reports published.
+HEALTH_TICK_S = 0.25
+#: Silences found and reports made at most per tick (the rest wait for the next ones): a
+#: whole fleet falling silent at once, or a restart meeting every device anew, must not hold
+#: the event loop for seconds.
+HEALTH_PER_TICK = 500
+#: Anomalies waiting to be recorded at most (the database away); the oldest go first.
+MAX_PENDING_ANOMALIES = 100_000
 
 Entries = Sequence[tuple[InboundMessage, Outcome]]
+#: A batch (or part of one) written, and which of its samples were new (None: all).
+Written = tuple[Batch, frozenset[SampleKey] | None]
 
 
 def utcnow() -> datetime:
@@ -80,6 +104,11 @@ class IngestService:
         self._committing_messages = 0
         self._database_up = False
         self._broker_up = False
+        rules = settings.active_anomaly_rules
+        self.detector = AnomalyDetector(rules) if rules is not None else None
+        #: Anomalies found and not recorded yet, and when the health tick may next try to.
+        self._anomaly_rows: list[AnomalyRow] = []
+        self._anomalies_retry_at = 0.0
 
     # --- state ---------------------------------------------------------------------------
 
@@ -127,7 +156,7 @@ class IngestService:
             subscriber = Subscriber(
                 self.settings,
                 ingest_shared_subscriptions(self.settings.tenant, self.settings.share_group),
-                inbox, self._set_broker)
+                inbox, self._set_broker, self._report_published)
             connection = asyncio.create_task(subscriber.run(), name="broker connection")
             # Should the connection task fail, the consumer must not sleep through it.
             connection.add_done_callback(lambda _: inbox.wake())
@@ -185,6 +214,7 @@ class IngestService:
         self._batcher = batcher
         committing: asyncio.Task[bool] | None = None
         taking = True
+        next_health = time.monotonic() if self.detector is not None else math.inf
         while True:
             if connection.done():
                 connection.result()  # the connection task only ends by failing: surface it
@@ -196,8 +226,9 @@ class IngestService:
                 if not taking and not batcher.pending_messages:
                     break
                 deadline = batcher.deadline()
-                wake_at = next_maintenance if deadline is None else min(deadline,
-                                                                        next_maintenance)
+                wake_at = min(next_maintenance, next_health)
+                if deadline is not None:
+                    wake_at = min(wake_at, deadline)
                 if taking:
                     await inbox.wait(max(0.0, wake_at - now))
             # Every message adds at least one row (or is merged), so this never overfills.
@@ -219,6 +250,15 @@ class IngestService:
                 self._committing_messages = batch.messages
                 committing = asyncio.create_task(self._commit_and_ack(batch, subscriber))
             self._update_queue_depth()
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + HEALTH_TICK_S
+                self._watch_health(subscriber)
+                if self._anomaly_rows and (committing is None or committing.done()) \
+                        and time.monotonic() >= self._anomalies_retry_at:
+                    # Nothing is being committed: record the silences found meanwhile.
+                    if committing is not None and not committing.result():
+                        return
+                    committing = asyncio.create_task(self._record_anomalies())
             if time.monotonic() >= next_maintenance:
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL_S
                 if committing is not None:
@@ -226,6 +266,8 @@ class IngestService:
                 await self._maintain()
         if committing is not None:
             await committing
+        if self._anomaly_rows and self._database_up:
+            await self._record_anomalies()
 
     async def _commit_and_ack(self, batch: Batch, subscriber: Subscriber) -> bool:
         if not await self._commit(batch):
@@ -233,6 +275,8 @@ class IngestService:
         subscriber.ack(batch.receipts)
         self._committing_messages = 0
         self._update_queue_depth()
+        if self._anomaly_rows:
+            await self._record_anomalies()
         return True
 
     def _update_queue_depth(self) -> None:
@@ -268,9 +312,11 @@ class IngestService:
         delay = FIRST_RETRY_DELAY_S
         while True:
             refused: list[DeadLetter] = []
+            written: list[Written] = []
             try:
                 started = time.perf_counter()
-                inserted = await self._write_isolating(batch.entries, refused, whole=batch)
+                inserted = await self._write_isolating(batch.entries, refused, written,
+                                                       whole=batch)
                 self.metrics.commit_duration("postgres", time.perf_counter() - started)
                 break
             except Exception as exc:
@@ -284,19 +330,23 @@ class IngestService:
                 delay = min(delay * 2, self.settings.retry_max_delay_s)
         self._set_database(True)
         self._record(batch, inserted, refused)
+        if self.detector is not None:
+            self._evaluate(self.detector, written)
         if self.influx is not None and batch.telemetry:
             await self._write_influx(batch)
         return True
 
     async def _write_isolating(self, entries: Entries, refused: list[DeadLetter],
-                               whole: Batch | None = None) -> int:
+                               written: list[Written], whole: Batch | None = None) -> int:
         """Write `entries`, halving them around the messages the write fails on; those become
-        dead letters (added to `refused`). Returns the telemetry rows inserted; raises only on
-        a database failure."""
+        dead letters (added to `refused`), what was stored is added to `written`. Returns the
+        telemetry rows inserted; raises only on a database failure."""
         batch = whole if whole is not None else _batch_of(entries)
         await self.sink.connect(self.clock())
         try:
-            return (await self.sink.write(batch, self.clock())).telemetry_rows
+            result = await self.sink.write(batch, self.clock())
+            written.append((batch, result.fresh))
+            return result.telemetry_rows
         except Exception as exc:
             failure = write_failure(exc)
             if failure is WriteFailure.DATABASE:
@@ -306,8 +356,8 @@ class IngestService:
             log.warning("the write of %d messages failed (%s: %s); splitting them",
                         len(entries), type(problem).__name__, problem)
             half = len(entries) // 2
-            return (await self._write_isolating(entries[:half], refused)
-                    + await self._write_isolating(entries[half:], refused))
+            return (await self._write_isolating(entries[:half], refused, written)
+                    + await self._write_isolating(entries[half:], refused, written))
         message, _ = entries[0]
         if failure is WriteFailure.DATA:
             letter = dead_letter(message, RejectReason.BAD_SCHEMA,
@@ -345,6 +395,75 @@ class IngestService:
         for sampled_at in times[::step]:
             m.lag.observe(max(0.0, (committed_at - sampled_at).total_seconds()))
 
+    # --- anomalies and health reports --------------------------------------------------------
+
+    def _evaluate(self, detector: AnomalyDetector, written: list[Written]) -> None:
+        """Judge the samples the commit stored (a redelivered one was judged when it was new)."""
+        found: list[Finding] = []
+        for batch, fresh in written:
+            found += judge_stored(detector, batch.entries, fresh)
+        if found:
+            self._found(found)
+
+    def _found(self, found: list[Finding]) -> None:
+        detected_at = self.clock()
+        rows = self._anomaly_rows
+        for finding in found:
+            a = finding.anomaly
+            self.metrics.anomalies(a.rule.value)
+            rows.append((finding.device, a.metric or "", a.time, a.rule.value, a.value, a.low,
+                         a.high, detected_at))
+            log.debug("anomaly: %s %s %s: %s (expected %s to %s)", a.rule.value,
+                      finding.device, a.metric or "-", a.value, a.low, a.high)
+        if len(rows) > MAX_PENDING_ANOMALIES:
+            dropped = len(rows) - MAX_PENDING_ANOMALIES
+            del rows[:dropped]
+            log.warning("%d anomalies were not recorded: the database is away", dropped)
+
+    async def _record_anomalies(self) -> bool:
+        """Write the anomalies found so far; on a database failure they wait for the next
+        commit. Always True: it never holds back acknowledgements."""
+        rows, self._anomaly_rows = self._anomaly_rows, []
+        try:
+            await self.sink.connect(self.clock())
+            await self.sink.write_anomalies(rows)
+            self._set_database(True)
+        except Exception as exc:
+            if write_failure(exc) is WriteFailure.DATABASE:
+                self._database_failed(exc)
+                self._anomaly_rows[:0] = rows
+                self._anomalies_retry_at = time.monotonic() + self.settings.retry_max_delay_s
+            else:
+                log.error("could not record %d anomalies (%s: %s); dropping them", len(rows),
+                          type(exc).__name__, exc, exc_info=exc)
+        return True
+
+    def _watch_health(self, subscriber: Subscriber) -> None:
+        """Find the devices that fell silent, and publish the health reports that are due."""
+        detector = self.detector
+        assert detector is not None
+        now = self.clock()
+        silent = detector.silences(now, HEALTH_PER_TICK)
+        if silent:
+            self._found(silent)
+            for finding in silent:
+                log.info("device %s is silent (last heard from at %s)", finding.device,
+                         finding.anomaly.time.isoformat())
+        tenant = self.settings.tenant
+        for (kind, name), report in detector.reports_due(now, HEALTH_PER_TICK):
+            root = (device_root(tenant, name) if kind is IdentityKind.DEVICE
+                    else gateway_root(tenant, name))
+            subscriber.publish(health_topic(root), report.encode())
+        subscriber.send_publishes()
+        self.metrics.silent_devices.set(detector.silent_devices)
+        self.metrics.anomaly_devices.set(detector.devices)
+
+    def _report_published(self, delivered: bool, count: int) -> None:
+        if delivered:
+            self.metrics.health_reports.inc(count)
+        else:
+            self.metrics.health_reports_lost.inc(count)
+
     async def _write_influx(self, batch: Batch) -> None:
         # PostgreSQL is the record: InfluxDB gets a few attempts and never holds back acks.
         assert self.influx is not None
@@ -364,6 +483,7 @@ class IngestService:
     async def _maintain(self) -> None:
         try:
             dropped = await self.sink.maintain(self.clock())
+            await self.sink.forget_anomalies(self.clock())
         except Exception as exc:
             self._database_failed(exc)
             return

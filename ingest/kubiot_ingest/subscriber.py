@@ -8,6 +8,12 @@ belong to a connection, and after a reconnect the broker may give the same id to
 message. What a lost connection leaves unacknowledged the broker delivers again, and the write
 path stores it once.
 
+The same connection publishes the service's health reports about devices (retained, QoS 1),
+with packet ids of their own: they are sent as the broker's receive maximum allows, and one the
+broker had not acknowledged when the connection ended is counted as lost, not sent again (the
+next report of the device supersedes it). Publishing never waits: it queues (a bounded number,
+the oldest dropped and counted as lost beyond it) and writes bytes on the connection.
+
 Flow control is the broker's: the CONNECT asks for at most `queue_max` unacknowledged
 messages (MQTT 5 receive maximum), which bounds what the service holds. Should a broker send
 more, reading pauses until the inbox has room.
@@ -41,6 +47,15 @@ RECONNECT_MAX_DELAY_S = 1.0
 #: Longest wait for TCP and TLS to connect, and then for the broker's CONNACK.
 CONNECT_TIMEOUT_S = 10.0
 SUBSCRIBE_PACKET_ID = 1
+#: Packet ids of what the service publishes: all but the subscription's.
+FIRST_PUBLISH_ID = 2
+LAST_PUBLISH_ID = 65535
+#: Publishes in flight (sent, not acknowledged) at most, whatever the broker allows.
+MAX_PUBLISHES_IN_FLIGHT = 1000
+#: Bytes the connection may hold unsent before publishes wait for it to drain.
+MAX_SEND_BUFFER = 1024 * 1024
+#: Publishes waiting to be sent at most (while disconnected, or the broker is slow).
+MAX_PUBLISHES_WAITING = 10_000
 #: Reason codes from 0x80 up say a request failed (MQTT 5, 2.4).
 FAILURE = 0x80
 
@@ -98,11 +113,20 @@ class Subscriber:
     """
 
     def __init__(self, settings: IngestSettings, topic_filters: list[str], inbox: Inbox,
-                 on_connection: Callable[[bool], object]) -> None:
+                 on_connection: Callable[[bool], object],
+                 on_published: Callable[[bool, int], object] | None = None) -> None:
         self.settings = settings
         self.topic_filters = topic_filters
         self.inbox = inbox
         self._on_connection = on_connection
+        #: Told (delivered, count) as publishes are acknowledged or lost.
+        self._on_published = on_published
+        #: Publishes waiting for room in flight: (topic, payload), oldest first.
+        self._outgoing: deque[tuple[str, bytes]] = deque()
+        #: Packet ids sent on the live connection and not acknowledged yet.
+        self._in_flight: set[int] = set()
+        self._publish_window = 0
+        self._next_id = FIRST_PUBLISH_ID
         self._taking = True
         self._stopping = False
         #: Counts connections; messages carry the one they arrived on.
@@ -163,6 +187,7 @@ class Subscriber:
             connection.close()
             return
         self._live = connection
+        self._publish_window = min(MAX_PUBLISHES_IN_FLIGHT, answer.receive_max)
         log.info("connected to %s:%s as %s (session present: %s)", self.settings.broker_host,
                  self.settings.broker_port, self.settings.mqtt_client_id,
                  answer.session_present)
@@ -171,6 +196,7 @@ class Subscriber:
         filters = [mqtt5.TopicFilter(f, max_qos=QOS, retain_as_published=False)
                    for f in self.topic_filters]
         connection.send(mqtt5.SubscribePacket(SUBSCRIBE_PACKET_ID, filters).write())
+        self.send_publishes()
 
     def subscription_answered(self, connection: _BrokerConnection,
                               answer: mqtt5.SubAckPacket) -> None:
@@ -193,6 +219,9 @@ class Subscriber:
             log.warning("disconnected from the broker: %s", reason)
         self._live = None
         was_up, self._subscribed = self._subscribed, False
+        if self._in_flight:
+            lost, self._in_flight = len(self._in_flight), set()
+            self._published(False, lost)
         if was_up:
             self._on_connection(False)
 
@@ -214,6 +243,55 @@ class Subscriber:
     def _resume_reading(self) -> None:
         if self._live is not None:
             self._live.resume_reading()
+
+    # --- publishing --------------------------------------------------------------------
+
+    @property
+    def publishes_waiting(self) -> int:
+        return len(self._outgoing)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish a retained QoS 1 message as soon as the broker has room for it."""
+        if len(self._outgoing) >= MAX_PUBLISHES_WAITING:
+            self._outgoing.popleft()
+            self._published(False, 1)
+        self._outgoing.append((topic, payload))
+        self.send_publishes()
+
+    def send_publishes(self) -> None:
+        """Send what waits, as far as the broker's window and the connection allow."""
+        live = self._live
+        if live is None:
+            return
+        outgoing, in_flight = self._outgoing, self._in_flight
+        packets = []
+        while outgoing and len(in_flight) < self._publish_window \
+                and live.buffered() < MAX_SEND_BUFFER:
+            topic, payload = outgoing.popleft()
+            packet_id = self._next_id
+            while packet_id in in_flight:
+                packet_id = _following(packet_id)
+            self._next_id = _following(packet_id)
+            in_flight.add(packet_id)
+            packets.append(mqtt5.PublishPacket(topic, payload, qos=QOS, retain=True,
+                                               packet_id=packet_id).write())
+        if packets:
+            live.send(b"".join(packets))
+
+    def publish_answered(self, connection: _BrokerConnection,
+                         answer: mqtt5.PubAckPacket) -> None:
+        if connection is not self._live or answer.packet_id not in self._in_flight:
+            return
+        self._in_flight.discard(answer.packet_id)
+        delivered = int(answer.reason_code) < FAILURE
+        if not delivered:
+            log.warning("the broker refused a publish: %s", answer.reason_code.name)
+        self._published(delivered, 1)
+        self.send_publishes()
+
+    def _published(self, delivered: bool, count: int) -> None:
+        if self._on_published is not None:
+            self._on_published(delivered, count)
 
     def stop_taking(self) -> None:
         """Stop accepting new messages; those already in the inbox are still processed."""
@@ -276,6 +354,10 @@ class _BrokerConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def buffered(self) -> int:
+        """Bytes written and not yet handed to the network."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -314,6 +396,8 @@ class _BrokerConnection(asyncio.Protocol):
                 subscriber.connection_accepted(self, packet)
             elif isinstance(packet, mqtt5.SubAckPacket):
                 subscriber.subscription_answered(self, packet)
+            elif isinstance(packet, mqtt5.PubAckPacket):
+                subscriber.publish_answered(self, packet)
             elif isinstance(packet, mqtt5.PingRespPacket):
                 self._ping_sent_at = None
             elif isinstance(packet, mqtt5.DisconnectPacket):
@@ -352,6 +436,10 @@ class _BrokerConnection(asyncio.Protocol):
                 continue
             self._ping_sent_at = now
             self.send(mqtt5.PingReqPacket().write())
+
+
+def _following(packet_id: int) -> int:
+    return FIRST_PUBLISH_ID if packet_id >= LAST_PUBLISH_ID else packet_id + 1
 
 
 def _tls_context(settings: IngestSettings) -> ssl.SSLContext | None:

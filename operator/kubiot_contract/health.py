@@ -70,6 +70,11 @@ class BoundsRule(_Model):
         return self
 
 
+#: A metric name, or `*`: every numeric metric (a rule naming the metric takes precedence).
+ScoredMetric = Annotated[str, StringConstraints(
+    pattern=r"^(\*|[A-Za-z_][A-Za-z0-9_.\-]{0,63})$")]
+
+
 class ZScoreRule(_Model):
     """A statistical detector per device and metric: an exponentially weighted mean and
     variance, and a value more than `threshold` standard deviations from the mean is an
@@ -77,7 +82,7 @@ class ZScoreRule(_Model):
     An anomalous value does not move the mean, so a spike does not teach the detector; a
     lasting shift is learnt after `halfLifeSamples` or so and stops being flagged."""
 
-    metric: MetricName = Field(description="The metric, or `*` for every numeric metric.")
+    metric: ScoredMetric = Field(description="The metric, or `*` for every numeric metric.")
     threshold: float = Field(4.0, ge=1.0, le=100.0, allow_inf_nan=False,
                              description="Standard deviations from the mean that are anomalous.")
     half_life_samples: int = Field(
@@ -139,7 +144,8 @@ def parse_rules(text: str) -> AnomalyRules:
         return AnomalyRules.model_validate_json(text)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'rules'}: {e['msg']}" for e in exc.errors())
+            f"{'.'.join(str(p) for p in e['loc']) or 'rules'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise ValueError(f"invalid anomaly rules: {problems}") from None
 
 

@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import math
 import tracemalloc
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kubiot_contract.device_json import MAX_DOCUMENT_DEPTH, document_problem, parse_device_json
+from kubiot_contract.health import (
+    AnomalyRules,
+    BoundsRule,
+    HealthRejected,
+    HealthReport,
+    SilenceRule,
+    ZScoreRule,
+    parse_health,
+)
 from kubiot_contract.telemetry import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     RejectReason,
@@ -21,11 +30,13 @@ from kubiot_contract.telemetry import (
     parse_payload,
 )
 from kubiot_contract.topics import NAME_MAX_LENGTH, ContractError, ParsedTopic, parse_topic
+from kubiot_ingest.anomaly import AnomalyDetector, judge_stored
 from kubiot_ingest.batcher import Batch
 from kubiot_ingest.records import (
     DeadLetter,
     DeviceUpdate,
     InboundMessage,
+    Outcome,
     StoredWindow,
     TelemetryRecords,
     classify,
@@ -221,3 +232,42 @@ def test_the_worst_payloads_are_bounded_in_time_and_memory(case: str) -> None:
         tracemalloc.stop()
     # Measured at 6 MB at most: a parser that copies or expands per byte would pass 32.
     assert peak < 32 * 1024 * 1024, f"{case}: peak {peak / 1e6:.1f} MB"
+
+
+_JUDGING_RULES = AnomalyRules(
+    bounds=[BoundsRule(metric=name, min=-1.0, max=1.0) for name in ("a", "b", "x", "value")],
+    zscore=[ZScoreRule(metric="*", warmup_samples=2, half_life_samples=2)],
+    silence=SilenceRule(interval_seconds=0.1, min_silence_seconds=0))
+
+
+@FUZZ
+@given(payloads=st.lists(telemetry_texts.map(str.encode), min_size=1, max_size=6))
+def test_whatever_telemetry_is_stored_the_detector_judges_it_and_reports_readably(
+        payloads: list[bytes]) -> None:
+    detector = AnomalyDetector(_JUDGING_RULES)
+    entries: list[tuple[InboundMessage, Outcome]] = []
+    for mid, payload in enumerate(payloads):
+        message = InboundMessage(mid, f"{TENANT}/devices/pump-1/telemetry", payload,
+                                 ARRIVAL + timedelta(seconds=mid))
+        entries.append((message, classify(message, TENANT, DEFAULT_MAX_PAYLOAD_BYTES, WINDOW)))
+    with within():
+        found = judge_stored(detector, entries) + judge_stored(detector, entries)
+        found += detector.silences(ARRIVAL + timedelta(hours=1))
+        reports = detector.reports_due(ARRIVAL + timedelta(hours=1))
+    for finding in found:
+        for number in (finding.anomaly.value, finding.anomaly.low, finding.anomaly.high):
+            assert number is None or math.isfinite(number)
+    for _, report in reports:
+        assert parse_health(report.encode()) == report
+
+
+@FUZZ
+@given(payload=st.one_of(device_payloads, telemetry_texts.map(str.encode)))
+@example(payload=b'{"v": 1, "time": "2026-11-25T12:00:00Z", "anomalies": {"silent": -1}}')
+@example(payload=b'{"v": 1, "time": "2026-11-25T12:00:00Z", "metrics": {"a": 1e400}}')
+def test_a_health_report_from_anyone_parses_or_is_refused(payload: bytes) -> None:
+    report = attempt(lambda: parse_health(payload), HealthRejected)
+    if isinstance(report, HealthReport):
+        assert report.time.tzinfo is not None
+        assert report.anomaly_count >= 0
+        assert all(math.isfinite(value) for value in report.metrics.values())

@@ -36,3 +36,5 @@ def test_the_ingest_benchmark_runs_and_reports_its_figures() -> None:
     assert re.search(r"ingest / database ceiling\s+\d+%", out), out
     assert re.search(r"sink / raw COPY\s+\d+%", out), out
     assert re.search(r"ingest / baseline\s+[\d.]+x", out), out
+    assert figure("the detector alone") > 0
+    assert re.search(r"detector / ingest CPU per message\s+[\d.]+% \(target < 10%", out), out

@@ -23,6 +23,7 @@ from tests.support.ingest import (
     Publisher,
     broker_for_tenant,
     ingest_environment,
+    process_ready,
     sample,
 )
 from tests.support.waiting import async_wait_until
@@ -115,18 +116,6 @@ async def metric(process: IngestProcess, name: str) -> float:
                if line.startswith(name + "{"))
 
 
-async def ready(process: IngestProcess) -> bool:
-    assert process.process is not None
-    if process.process.poll() is not None:
-        raise AssertionError(f"kubiot-ingest exited:\n{process.log()}")
-    try:
-        async with aiohttp.ClientSession() as session, \
-                session.get(f"{process.metrics_url}/readyz") as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
 async def test_hostile_messages_mixed_into_traffic(postgres: PostgresServer,
                                                    tmp_path: Path) -> None:
     now = datetime.now(UTC)
@@ -137,7 +126,8 @@ async def test_hostile_messages_mixed_into_traffic(postgres: PostgresServer,
         process = IngestProcess(ingest_environment(TENANT, access, postgres.dsn),
                                 tmp_path / "ingest.log").start()
         try:
-            await async_wait_until(lambda: ready(process), timeout=20, message="ingest ready")
+            await async_wait_until(lambda: process_ready(process), timeout=20,
+                                   message="ingest ready")
             assert process.process is not None
             pid = process.process.pid
             with Publisher(access) as publisher:

@@ -19,6 +19,7 @@ from tests.support.ingest import (
     Stream,
     broker_for_tenant,
     ingest_environment,
+    metrics_text,
     sample,
     tally_telemetry,
 )
@@ -37,12 +38,6 @@ async def rows(dsn: str, sql: str) -> int:
         return int(await conn.fetchval(sql))
     finally:
         await conn.close()
-
-
-async def metrics_text(process: IngestProcess) -> str:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"{process.metrics_url}/metrics") as response:
-        return await response.text()
 
 
 async def http_status(process: IngestProcess, path: str) -> int:

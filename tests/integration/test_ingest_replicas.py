@@ -15,6 +15,7 @@ from tests.support.ingest import (
     Stream,
     broker_for_tenant,
     ingest_environment,
+    process_ready,
     tally_telemetry,
 )
 from tests.support.waiting import async_wait_until
@@ -49,18 +50,6 @@ async def stored(dsn: str) -> int:
         await conn.close()
 
 
-async def ready(process: IngestProcess) -> bool:
-    assert process.process is not None
-    if process.process.poll() is not None:
-        raise AssertionError(f"kubiot-ingest exited early:\n{process.log()}")
-    try:
-        async with aiohttp.ClientSession() as session, \
-                session.get(f"{process.metrics_url}/readyz") as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
 async def test_replicas_split_the_stream_and_a_sigkill_of_one_loses_nothing(
         postgres: PostgresServer, tmp_path: Path) -> None:
     with broker_for_tenant(TENANT) as (_, access):
@@ -84,7 +73,7 @@ async def test_replicas_split_the_stream_and_a_sigkill_of_one_loses_nothing(
                                        message="the other replica carries on")
                 # A's pod comes back under its name and takes what its session kept.
                 a_again.start()
-                await async_wait_until(lambda: ready(a_again), timeout=20,
+                await async_wait_until(lambda: process_ready(a_again), timeout=20,
                                        message="killed replica back")
                 await async_wait_until(lambda: _more(a_again, 1), timeout=20,
                                        message="the restarted replica receives again")
@@ -103,7 +92,7 @@ async def test_replicas_split_the_stream_and_a_sigkill_of_one_loses_nothing(
 
 
 async def _both_ready(a: IngestProcess, b: IngestProcess) -> bool:
-    return await ready(a) and await ready(b)
+    return await process_ready(a) and await process_ready(b)
 
 
 async def _both_received(a: IngestProcess, b: IngestProcess, each: float) -> bool:

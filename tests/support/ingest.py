@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -242,3 +243,23 @@ class IngestProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def metrics_text(process: IngestProcess) -> str:
+    """What the process's /metrics serves."""
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{process.metrics_url}/metrics") as response:
+        return await response.text()
+
+
+async def process_ready(process: IngestProcess) -> bool:
+    """Whether /readyz says ready; raises when the process has exited."""
+    assert process.process is not None
+    if process.process.poll() is not None:
+        raise AssertionError(f"kubiot-ingest exited early:\n{process.log()}")
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{process.metrics_url}/readyz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False

@@ -2,7 +2,8 @@
 
 Stands in for an MQTT 5 broker (Mosquitto 2.0) where a test must choose packet ids and drop
 connections itself: it answers CONNECT with CONNACK, SUBSCRIBE with SUBACK (granting QoS 1),
-PINGREQ with PINGRESP, records each PUBACK with the connection it came on, and sends the
+PINGREQ with PINGRESP, records each PUBACK with the connection it came on, records the
+PUBLISH packets the client sends (and acknowledges them, unless told not to), and sends the
 PUBLISH packets it is given. It does not imitate authentication, sessions, redelivery,
 receive-maximum accounting, retained messages or any validation of what a client sends.
 """
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 
 def remaining_length(value: int) -> bytes:
@@ -32,12 +34,37 @@ def publish_packet(mid: int, topic: str, payload: bytes, qos: int = 1) -> bytes:
     return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
 
 
+def _variable_length(data: bytes, pos: int) -> tuple[int, int]:
+    """A variable byte integer at `pos`: (value, position after it)."""
+    value, shift = 0, 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+@dataclass(frozen=True)
+class ClientPublish:
+    connection: int
+    packet_id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
 class WireBroker:
-    """`acks` holds (connection number, packet id) in the order PUBACKs arrived."""
+    """`acks` holds (connection number, packet id) in the order PUBACKs arrived; `published`
+    what the client published, in order. `ack_publishes` False leaves them unacknowledged."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
         self.acks: list[tuple[int, int]] = []
+        self.published: list[ClientPublish] = []
+        self.ack_publishes = True
         self.connections = 0
         self.subscribed = 0
         self.port = 0
@@ -71,9 +98,11 @@ class WireBroker:
             self._writer = None
 
     async def wait_for(self, what: str, value: int, within: float = 10.0) -> None:
-        """Until `connections`, `subscribed` or `len(acks)` reaches `value`."""
+        """Until `connections`, `subscribed`, `len(acks)` or `len(published)` reaches
+        `value`."""
         def reached() -> bool:
-            current = len(self.acks) if what == "acks" else getattr(self, what)
+            current = (len(self.acks) if what == "acks" else len(self.published)
+                       if what == "published" else getattr(self, what))
             return bool(current >= value)
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(reached), within)
@@ -101,15 +130,8 @@ class WireBroker:
                 if kind == 0x10:  # CONNECT
                     writer.write(b"\x20\x03\x00\x00\x00")
                 elif kind == 0x80:  # SUBSCRIBE: one QoS 1 grant per filter
-                    filters, pos = 0, 2
-                    props, shift = 0, 0
-                    while True:
-                        byte = body[pos]
-                        pos += 1
-                        props |= (byte & 0x7F) << shift
-                        shift += 7
-                        if not byte & 0x80:
-                            break
+                    filters = 0
+                    props, pos = _variable_length(body, 2)
                     pos += props
                     while pos < len(body):
                         pos += 2 + int.from_bytes(body[pos:pos + 2], "big") + 1
@@ -117,6 +139,18 @@ class WireBroker:
                     suback = body[:2] + b"\x00" + b"\x01" * filters
                     writer.write(b"\x90" + remaining_length(len(suback)) + suback)
                     self.subscribed += 1
+                elif kind == 0x30:  # PUBLISH from the client
+                    qos = (head[0] >> 1) & 3
+                    pos = 2 + int.from_bytes(body[:2], "big")
+                    topic = body[2:pos].decode()
+                    packet_id = int.from_bytes(body[pos:pos + 2], "big") if qos else 0
+                    pos += 2 if qos else 0
+                    props, pos = _variable_length(body, pos)
+                    self.published.append(ClientPublish(number, packet_id, topic,
+                                                        body[pos + props:], qos,
+                                                        bool(head[0] & 1)))
+                    if qos and self.ack_publishes:
+                        writer.write(b"\x40\x02" + packet_id.to_bytes(2, "big"))
                 elif kind == 0x40:  # PUBACK
                     self.acks.append((number, int.from_bytes(body[:2], "big")))
                 elif kind == 0xC0:  # PINGREQ

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kubiot_contract import topics as contract
+from kubiot_contract.health import ZScoreRule, parse_rules
 from kubiot_contract.topics import (
     AccessRules,
     Channel,
@@ -373,3 +374,20 @@ def test_health_is_written_by_the_ingest_and_read_by_the_operator_never_by_devic
     assert operator_access("acme").may_subscribe("acme/devices/+/health")
     assert "+/devices/+/health" in contract.report_filters()
     assert not ingest_access("acme").may_subscribe("acme/devices/+/health")
+
+
+@pytest.mark.parametrize("metric", ["*", "temp", "motor.rpm", "_x-1"])
+def test_a_zscore_rule_names_a_metric_or_every_one(metric: str) -> None:
+    assert ZScoreRule(metric=metric).metric == metric
+
+
+@pytest.mark.parametrize("metric", ["", "**", "t*", "1temp", "a b"])
+def test_a_zscore_rule_refuses_what_is_neither_a_metric_nor_the_wildcard(metric: str) -> None:
+    with pytest.raises(ValueError, match="metric"):
+        ZScoreRule(metric=metric)
+
+
+def test_invalid_rules_are_described_in_plain_words() -> None:
+    with pytest.raises(ValueError,
+                       match=r"^invalid anomaly rules: bounds\.0: set min, max or both$"):
+        parse_rules('{"bounds": [{"metric": "temp"}]}')

@@ -57,6 +57,10 @@ def test_defaults_fill_in_what_is_optional() -> None:
     ({"KUBIOT_INGEST_DATABASE_SCHEMA": "Robert'); DROP"}, "KUBIOT_INGEST_DATABASE_SCHEMA"),
     ({"KUBIOT_INGEST_DATABASE_DSN": None}, "KUBIOT_INGEST_DATABASE_DSN"),
     ({"KUBIOT_INGEST_INFLUX_URL": "http://influx:8086"}, "INFLUX_ORG"),
+    ({"KUBIOT_INGEST_ANOMALY_RULES": '{"bounds": [{"metric": "temp"}]}'},
+     "KUBIOT_INGEST_ANOMALY_RULES: invalid anomaly rules: bounds.0: set min, max or both"),
+    ({"KUBIOT_INGEST_ANOMALY_RULES": '{"zscore": [{"metric": "*"}'},
+     "KUBIOT_INGEST_ANOMALY_RULES: invalid anomaly rules"),
 ])
 def test_invalid_configuration_is_refused_clearly(change: dict[str, str | None],
                                                   complaint: str) -> None:
@@ -91,3 +95,20 @@ def test_the_process_collects_garbage_less_often_and_never_its_start_up_objects(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_anomaly_rules_are_read_from_their_json_and_count_only_when_active(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = '{"zscore": [{"metric": "*", "threshold": 6}], "reportSeconds": 30}'
+    settings = load_settings({**OPERATOR_ENV, "KUBIOT_INGEST_ANOMALY_RULES": rules})
+    assert settings.active_anomaly_rules is not None
+    assert settings.active_anomaly_rules.zscore[0].threshold == 6
+    off = load_settings({**OPERATOR_ENV, "KUBIOT_INGEST_ANOMALY_RULES":
+                         '{"enabled": false, "zscore": [{"metric": "*"}]}'})
+    assert off.anomaly_rules is not None and off.active_anomaly_rules is None
+    assert load_settings(OPERATOR_ENV).active_anomaly_rules is None
+    # From the process environment too, as the Deployment sets it.
+    for key, value in OPERATOR_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBIOT_INGEST_ANOMALY_RULES", rules)
+    assert load_settings().active_anomaly_rules == settings.active_anomaly_rules

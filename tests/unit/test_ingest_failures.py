@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from kubiot_contract.health import AnomalyRules, BoundsRule
 from kubiot_contract.telemetry import RejectReason
 from kubiot_ingest.batcher import Batch, Batcher
 from kubiot_ingest.config import load_settings
@@ -82,8 +83,8 @@ class ScriptedSink:
         return result
 
 
-def service_with(sink: ScriptedSink) -> IngestService:
-    service = IngestService(load_settings(ENV))
+def service_with(sink: ScriptedSink, **env: str) -> IngestService:
+    service = IngestService(load_settings({**ENV, **env}))
     service.sink = sink  # type: ignore[assignment]
     return service
 
@@ -165,3 +166,36 @@ def test_the_window_follows_the_settings() -> None:
                                            "KUBIOT_INGEST_MAX_FUTURE_SKEW_S": "60"}))
     assert service.window.retention.days == 7
     assert service.window.max_future_skew.total_seconds() == 60
+
+
+class AnomalyRecordingSink(ScriptedSink):
+    """A ScriptedSink that also records anomalies, failing `anomaly_outages` times first."""
+
+    def __init__(self, refuse: dict[bytes, BaseException], anomaly_outages: int = 0) -> None:
+        super().__init__(refuse)
+        self.anomaly_outages = anomaly_outages
+        self.anomalies: list[tuple[object, ...]] = []
+
+    async def write_anomalies(self, rows: list[tuple[object, ...]]) -> int:
+        if self.anomaly_outages:
+            self.anomaly_outages -= 1
+            raise ConnectionResetError("connection reset by peer")
+        self.anomalies += rows
+        return len(rows)
+
+
+async def test_only_stored_telemetry_is_judged_and_anomalies_outlast_a_database_failure() -> None:
+    rules = AnomalyRules(bounds=[BoundsRule(metric="flow", max=0.5)])
+    sink = AnomalyRecordingSink({sample_payload(3): asyncpg.UntranslatableCharacterError("bad")},
+                                anomaly_outages=1)
+    service = service_with(sink, KUBIOT_INGEST_ANOMALY_RULES=rules.to_json())
+    assert await service._commit(batch_of(service, 10))
+    # Every stored sample's flow of 1 is out of bounds; the dead-lettered one is not judged.
+    assert metric(service, "kubiot_ingest_anomalies_total", rule="bounds") == 9
+    await service._record_anomalies()  # the database is away: they wait
+    assert sink.anomalies == []
+    await service._record_anomalies()
+    assert len(sink.anomalies) == 9
+    assert {row[:2] for row in sink.anomalies} == {("pump-0", "flow"), ("pump-1", "flow"),
+                                                   ("pump-2", "flow")}
+    assert metric(service, "kubiot_ingest_database_errors_total") == 1

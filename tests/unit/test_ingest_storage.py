@@ -67,7 +67,7 @@ def test_partitions_expire_once_all_their_rows_are_past_retention() -> None:
 def test_migrations_are_versioned_per_layout() -> None:
     native = load_migrations(Layout.NATIVE)
     timescale = load_migrations(Layout.TIMESCALE)
-    assert [m.version for m in native] == [m.version for m in timescale] == [1, 2]
+    assert [m.version for m in native] == [m.version for m in timescale] == [1, 2, 3]
     assert "PARTITION BY RANGE" in native[1].sql
     assert "create_hypertable" in timescale[1].sql
     assert native[0] == timescale[0]

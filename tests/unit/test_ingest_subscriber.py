@@ -62,19 +62,26 @@ def settings(port: int, **extra: Any) -> IngestSettings:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(broker: WireBroker, inbox: Inbox, states: list[bool],
-                     **extra: Any) -> AsyncIterator[Subscriber]:
-    subscriber = Subscriber(settings(broker.port, **extra), FILTERS, inbox, states.append)
-    running = asyncio.create_task(subscriber.run())
+async def running(subscriber: Subscriber) -> AsyncIterator[Subscriber]:
+    """The subscriber's connection running, then disconnected."""
+    task = asyncio.create_task(subscriber.run())
     try:
-        await broker.wait_for("subscribed", 1)
-        await async_wait_until(_true(lambda: subscriber.connected), message="subscribed")
         yield subscriber
     finally:
         await subscriber.disconnect()
-        running.cancel()
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await running
+            await task
+
+
+@contextlib.asynccontextmanager
+async def subscribed(broker: WireBroker, inbox: Inbox, states: list[bool],
+                     **extra: Any) -> AsyncIterator[Subscriber]:
+    subscriber = Subscriber(settings(broker.port, **extra), FILTERS, inbox, states.append)
+    async with running(subscriber):
+        await broker.wait_for("subscribed", 1)
+        await async_wait_until(_true(lambda: subscriber.connected), message="subscribed")
+        yield subscriber
 
 
 def _true(condition: Any) -> Any:
@@ -194,3 +201,49 @@ async def test_the_connection_runs_over_tls_checking_the_brokers_certificate(
         assert subscriber.ack([message.receipt]) == 1
         await broker.wait_for("acks", 1)
         assert broker.acks == [(1, 3)]
+
+
+# --- publishing health reports ---------------------------------------------------------------
+
+HEALTH = "acme/devices/pump-1/health"
+
+
+async def test_a_publish_is_retained_qos_1_with_its_own_packet_ids_and_acknowledged() -> None:
+    inbox, outcomes = Inbox(10), []
+    async with wire_broker() as broker:
+        subscriber = Subscriber(settings(broker.port), FILTERS, inbox, lambda _: None,
+                                lambda delivered, count: outcomes.append((delivered, count)))
+        async with running(subscriber):
+            await broker.wait_for("subscribed", 1)
+            for i in range(3):
+                subscriber.publish(HEALTH, b'{"v":1,"n":%d}' % i)
+            await broker.wait_for("published", 3)
+            await async_wait_until(_true(lambda: len(outcomes) == 3), message="acknowledged")
+    assert [(p.topic, p.payload, p.qos, p.retain) for p in broker.published] == [
+        (HEALTH, b'{"v":1,"n":%d}' % i, 1, True) for i in range(3)]
+    ids = [p.packet_id for p in broker.published]
+    assert len(set(ids)) == 3 and 1 not in ids  # 1 is the subscription's
+    assert outcomes == [(True, 1)] * 3
+
+
+async def test_publishes_wait_while_disconnected_and_those_in_flight_are_lost_not_resent() -> None:
+    inbox, outcomes = Inbox(10), []
+    async with wire_broker() as broker:
+        broker.ack_publishes = False
+        subscriber = Subscriber(settings(broker.port), FILTERS, inbox, lambda _: None,
+                                lambda delivered, count: outcomes.append((delivered, count)))
+        subscriber.publish(HEALTH, b"before")  # not connected yet: waits
+        assert subscriber.publishes_waiting == 1
+        async with running(subscriber):
+            await broker.wait_for("published", 1)
+            subscriber.publish(HEALTH, b"second")
+            await broker.wait_for("published", 2)
+            broker.drop()
+            await async_wait_until(_true(lambda: outcomes), message="counted as lost")
+            await broker.wait_for("subscribed", 2)
+            broker.ack_publishes = True
+            subscriber.publish(HEALTH, b"after")
+            await broker.wait_for("published", 3)
+            await async_wait_until(_true(lambda: len(outcomes) == 2), message="acknowledged")
+    assert [p.payload for p in broker.published] == [b"before", b"second", b"after"]
+    assert outcomes == [(False, 2), (True, 1)]

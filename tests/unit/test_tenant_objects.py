@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubiot_contract.health import parse_rules
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.reconcile.tenant import (
     IngestEnvironment,
@@ -140,3 +141,15 @@ def test_ingest_availability_reads_the_deployment_status() -> None:
     assert ingest_availability(deployment(1, 0, observedGeneration=1)).available
     ready = ingest_availability(deployment(1, 2, observedGeneration=1, availableReplicas=1))
     assert ready.available and "1 of 2" in ready.message
+
+
+def test_anomaly_rules_reach_the_ingest_as_the_json_it_parses() -> None:
+    spec = TenantSpec.model_validate({"anomalies": {
+        "bounds": [{"metric": "pressure_bar", "min": 0.5, "max": 12}],
+        "zscore": [{"metric": "*", "threshold": 6}],
+        "silence": {"intervals": 4}}})
+    deployment = _by_kind(ingest_objects("acme", spec, ENV, monitor="ServiceMonitor"))["Deployment"]
+    rules = _env(deployment)["KUBIOT_INGEST_ANOMALY_RULES"]
+    assert parse_rules(rules) == spec.anomalies
+    plain = _by_kind(ingest_objects("acme", TenantSpec(), ENV, monitor="ServiceMonitor"))
+    assert "KUBIOT_INGEST_ANOMALY_RULES" not in _env(plain["Deployment"])

@@ -5,14 +5,16 @@ PUBACK, a restart) can hold a sample that is already stored; then the copy fails
 primary key, the transaction is rolled back, and that batch is written again through a
 temporary staging table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so a redelivered
 sample never becomes a second row. Conflict handling costs a batch something only when it
-needs it.
+needs it. The staging path also says which samples were new, so that only those are judged
+for anomalies.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -21,12 +23,14 @@ import asyncpg
 from kubiot_ingest.batcher import Batch, LastSeenMemo
 from kubiot_ingest.migrations import Layout, migrate, quote_ident
 from kubiot_ingest.partitions import PartitionKeeper
-from kubiot_ingest.records import TELEMETRY_COLUMNS, DeviceUpdate
+from kubiot_ingest.records import TELEMETRY_COLUMNS, DeviceUpdate, SampleKey
 
 log = logging.getLogger(__name__)
 
 STAGING_TABLE = "kubiot_telemetry_staging"
 DEAD_LETTER_COLUMNS = ("received_at", "topic", "payload", "reason", "detail")
+#: (device, metric, time, rule, value, low, high, detected_at): a row of the anomalies table.
+AnomalyRow = tuple[str, str, datetime, str, float | None, float | None, float | None, datetime]
 
 #: Errors after which a later attempt can succeed: the server or the network went away.
 RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -79,6 +83,9 @@ class WriteResult:
     telemetry_rows: int
     dead_letters: int
     devices: int
+    #: The telemetry rows this write inserted, when not all of the batch's were (a
+    #: redelivery); None when every row of the batch is new.
+    fresh: frozenset[SampleKey] | None = None
 
 
 class PostgresSink:
@@ -141,6 +148,7 @@ class PostgresSink:
         if conn is None or keeper is None or conn.is_closed():
             raise asyncpg.InterfaceError("not connected to the database")
         updates = self._last_seen.due(batch.device_updates())
+        fresh: set[SampleKey] | None = None
         try:
             if batch.telemetry:
                 await keeper.ensure_for(conn, [row[0] for row in batch.telemetry], now)
@@ -150,7 +158,9 @@ class PostgresSink:
                 # Some sample is stored already: a redelivery. Nothing of this attempt was
                 # kept, so the batch is written again, skipping what is there.
                 self.redelivered_batches += 1
-                inserted = await self._transaction(conn, batch, updates, direct=False)
+                fresh = set()
+                inserted = await self._transaction(conn, batch, updates, direct=False,
+                                                   fresh=fresh)
         except Exception as exc:
             # After a data error the transaction is rolled back and the connection is fine;
             # after anything else its state is unknown, so the next write starts afresh.
@@ -158,17 +168,18 @@ class PostgresSink:
                 await self.close()
             raise
         self._last_seen.written(updates)
-        return WriteResult(inserted, len(batch.dead_letters), len(updates))
+        return WriteResult(inserted, len(batch.dead_letters), len(updates),
+                           None if fresh is None else frozenset(fresh))
 
     async def _transaction(self, conn: Any, batch: Batch, updates: list[DeviceUpdate], *,
-                           direct: bool) -> int:
+                           direct: bool, fresh: set[SampleKey] | None = None) -> int:
         if direct and not updates and not batch.dead_letters:
             # Telemetry alone (the common batch): one COPY is one statement, committed whole
             # or not at all, without the round trips of BEGIN and COMMIT.
             return await self._write_telemetry(conn, batch, direct=True)
         async with conn.transaction():
             # Telemetry first: when the direct copy fails on the key, nothing else was sent.
-            inserted = await self._write_telemetry(conn, batch, direct=direct)
+            inserted = await self._write_telemetry(conn, batch, direct=direct, fresh=fresh)
             await self._write_devices(conn, updates)
             if batch.dead_letters:
                 await conn.copy_records_to_table(
@@ -177,7 +188,8 @@ class PostgresSink:
                              for d in batch.dead_letters])
         return inserted
 
-    async def _write_telemetry(self, conn: Any, batch: Batch, *, direct: bool) -> int:
+    async def _write_telemetry(self, conn: Any, batch: Batch, *, direct: bool,
+                               fresh: set[SampleKey] | None = None) -> int:
         if not batch.telemetry:
             return 0
         if direct:
@@ -186,10 +198,12 @@ class PostgresSink:
             return len(batch.telemetry)
         await conn.copy_records_to_table(STAGING_TABLE, records=batch.telemetry,
                                          columns=TELEMETRY_COLUMNS)
-        status = await conn.execute(
+        inserted = await conn.fetch(
             f"INSERT INTO {self._ident}.telemetry SELECT * FROM {STAGING_TABLE} "
-            "ON CONFLICT DO NOTHING")
-        return int(status.rsplit(" ", 1)[-1])
+            "ON CONFLICT DO NOTHING RETURNING device, metric, stream, time, seq")
+        if fresh is not None:
+            fresh.update((r[0], r[1], r[2], r[3], r[4]) for r in inserted)
+        return len(inserted)
 
     async def _write_devices(self, conn: Any, updates: list[DeviceUpdate]) -> None:
         if not updates:
@@ -206,6 +220,36 @@ class PostgresSink:
             " updated_at = CASE WHEN EXCLUDED.online IS NULL AND EXCLUDED.reported IS NULL"
             "  THEN d.updated_at ELSE now() END",
             [(u.device, u.kind.value, u.online, u.seen_at, u.reported) for u in updates])
+
+    async def write_anomalies(self, rows: Sequence[AnomalyRow]) -> int:
+        """Record anomalies; one already recorded is skipped. Returns how many were new."""
+        if not rows:
+            return 0
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            raise asyncpg.InterfaceError("not connected to the database")
+        columns = list(zip(*rows, strict=True))
+        try:
+            status = await conn.execute(
+                f"INSERT INTO {self._ident}.anomalies "
+                "(device, metric, time, rule, value, low, high, detected_at) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], "
+                "$5::float8[], $6::float8[], $7::float8[], $8::timestamptz[]) "
+                "ON CONFLICT DO NOTHING", *columns)
+        except Exception as exc:
+            if write_failure(exc) is not WriteFailure.DATA:
+                await self.close()
+            raise
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def forget_anomalies(self, now: datetime) -> int:
+        """Delete the anomalies older than the retention; returns how many."""
+        if not self.connected:
+            return 0
+        status = await self._conn.execute(
+            f"DELETE FROM {self._ident}.anomalies WHERE time < $1",
+            now - timedelta(days=self.retention_days))
+        return int(status.rsplit(" ", 1)[-1])
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -209,6 +209,10 @@ def _deployment(tenant: str, spec: TenantSpec, env: IngestEnvironment,
         {"name": "KUBIOT_INGEST_CLIENT_ID", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.name"}}},
     ]
+    if spec.anomalies is not None:
+        # Rules that are off still travel: the ingest sees them and evaluates nothing.
+        variables.append({"name": "KUBIOT_INGEST_ANOMALY_RULES",
+                          "value": spec.anomalies.to_json()})
     if ingest.influx is not None:
         variables += [
             {"name": "KUBIOT_INGEST_INFLUX_URL", "value": ingest.influx.url},
