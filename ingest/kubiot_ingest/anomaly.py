@@ -30,6 +30,7 @@ from kubiot_contract.health import (
 )
 from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.records import (
+    DeviceUpdate,
     InboundMessage,
     Outcome,
     SampleKey,
@@ -124,6 +125,7 @@ class _Device:
         "latest",
         "metrics",
         "name",
+        "offline",
         "received",
         "silent",
     )
@@ -137,6 +139,8 @@ class _Device:
         self.interval = 0.0
         self.gaps = 0
         self.silent = False
+        #: It said `offline` on its presence topic (or its last will did): not expected to send.
+        self.offline = False
         self.metrics: dict[str, _Metric] = {}
         self.counts: dict[AnomalyRule, int] = {}
         self.latest: Anomaly | None = None
@@ -199,13 +203,10 @@ class AnomalyDetector:
             self._devices.move_to_end(key)
         found: list[Finding] | None = None
         received = state.received
-        if state.silent:
-            # Back from silence: the gap says nothing about the device's usual interval.
-            state.silent = False
-            self._silent -= 1
-            self._due[key] = None
-            self._check(state, now + self._silence.min_silence_seconds
-                        if self._silence is not None else now)
+        if state.silent or state.offline:
+            # Back from silence, or from being offline: the gap says nothing about the device's
+            # usual interval.
+            self._resume(key, state, now)
         elif now > received > _NEVER:
             gaps = state.gaps = state.gaps + 1
             state.interval = now - received if gaps == 1 else (
@@ -283,8 +284,10 @@ class AnomalyDetector:
         # check per device per silence period, not one per device per call.
         while schedule and schedule[0][0] <= at and (limit is None or len(found) < limit):
             _, _, state = heapq.heappop(schedule)
-            if devices.get((state.kind, state.name)) is not state or state.silent:
-                continue  # forgotten meanwhile, or silent already (its return reschedules it)
+            if devices.get((state.kind, state.name)) is not state or state.silent \
+                    or state.offline:
+                continue  # forgotten meanwhile, silent already or offline (its return
+                # reschedules it)
             allowed = self._allowed(state)
             if allowed is None:
                 self._check(state, at + max(silence.min_silence_seconds, 1.0))
@@ -301,6 +304,29 @@ class AnomalyDetector:
             self._found(state, [anomaly])
             found.append(Finding(state.kind, state.name, anomaly))
         return found
+
+    def presence(self, kind: IdentityKind, device: str, online: bool,
+                 received_at: datetime) -> None:
+        """What the device's presence says. A device offline is not expected to send, so it is
+        not silent (its Device status and KubiotDevicesOffline say it is offline), and a silence
+        it was in ends; once online again, its silence is counted from then. A device deleted
+        says offline last, so the detector stops expecting it."""
+        key = (kind, device)
+        state = self._devices.get(key)
+        if state is None:
+            return
+        now = received_at.timestamp()
+        if online:
+            if state.offline:
+                self._resume(key, state, now)
+                state.received = max(state.received, now)
+            return
+        if not state.offline:
+            state.offline = True
+            if state.silent:
+                state.silent = False
+                self._silent -= 1
+                self._due[key] = None
 
     def reports_due(self, now: datetime,
                     limit: int | None = None) -> list[tuple[DeviceKey, HealthReport]]:
@@ -341,6 +367,16 @@ class AnomalyDetector:
         if self._silence is not None:
             self._check(state, now + self._silence.min_silence_seconds)
         return state
+
+    def _resume(self, key: DeviceKey, state: _Device, now: float) -> None:
+        """The device sends (or is online) again after a silence or being offline."""
+        if state.silent:
+            state.silent = False
+            self._silent -= 1
+            self._due[key] = None
+        state.offline = False
+        self._check(state, now + self._silence.min_silence_seconds
+                    if self._silence is not None else now)
 
     def _check(self, state: _Device, at: float) -> None:
         """Look at whether the device is silent at `at` (it has one check scheduled at most)."""
@@ -403,6 +439,9 @@ def judge_stored(detector: AnomalyDetector, entries: Sequence[tuple[InboundMessa
     observe = detector.observe
     for message, outcome in entries:
         if type(outcome) is not TelemetryRecords:
+            if type(outcome) is DeviceUpdate and outcome.online is not None:
+                detector.presence(outcome.kind, outcome.device, outcome.online,
+                                  message.received_at)
             continue
         if fresh is None:
             hit = observe(outcome.kind, outcome.device, outcome.rows, message.received_at,

@@ -20,7 +20,13 @@ from kubiot_contract.health import (
 )
 from kubiot_contract.topics import IdentityKind
 from kubiot_ingest.anomaly import AnomalyDetector, Finding, judge_stored
-from kubiot_ingest.records import InboundMessage, TelemetryRecords, TelemetryRow, sample_key
+from kubiot_ingest.records import (
+    DeviceUpdate,
+    InboundMessage,
+    TelemetryRecords,
+    TelemetryRow,
+    sample_key,
+)
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 DEVICE = IdentityKind.DEVICE
@@ -152,6 +158,40 @@ def test_a_device_is_silent_after_missing_its_learnt_intervals_once_and_back_aga
     after = back + timedelta(seconds=10)
     detector.observe(DEVICE, "pump-1", rows(after, temp=1.0), after)
     assert detector.silences(after + timedelta(seconds=31))
+
+
+def test_an_offline_device_is_not_silent_and_is_expected_again_once_online() -> None:
+    detector = AnomalyDetector(AnomalyRules(silence=SilenceRule(intervals=3,
+                                                                min_silence_seconds=5)))
+    times = every(10, 6)
+    for at in times:
+        detector.observe(DEVICE, "pump-1", rows(at, temp=1.0), at)
+    last = times[-1]
+    # Offline (its last will, or deleted): never silent, however long.
+    detector.presence(DEVICE, "pump-1", False, last + timedelta(seconds=5))
+    assert detector.silences(last + timedelta(hours=2)) == []
+    # Online again but sending nothing: silent once its intervals have passed since then.
+    online = last + timedelta(hours=3)
+    detector.presence(DEVICE, "pump-1", True, online)
+    assert detector.silences(online + timedelta(seconds=29)) == []
+    assert [f.device for f in detector.silences(online + timedelta(seconds=31))] == ["pump-1"]
+    # Going offline ends the silence, at once in its report.
+    detector.presence(DEVICE, "pump-1", False, online + timedelta(seconds=40))
+    assert detector.silent_devices == 0
+    reports = detector.reports_due(online + timedelta(seconds=40))
+    assert [report.silent for _, report in reports] == [False]
+
+
+def test_presence_is_read_from_the_messages_judged() -> None:
+    detector = AnomalyDetector(AnomalyRules(silence=SilenceRule(intervals=3,
+                                                                min_silence_seconds=5)))
+    times = every(10, 6)
+    for at in times:
+        detector.observe(DEVICE, "pump-1", rows(at, temp=1.0), at)
+    offline = times[-1] + timedelta(seconds=1)
+    message = InboundMessage(1, "acme/devices/pump-1/presence", b"offline", offline)
+    judge_stored(detector, [(message, DeviceUpdate(DEVICE, "pump-1", offline, online=False))])
+    assert detector.silences(offline + timedelta(hours=1)) == []
 
 
 def test_silence_waits_for_the_interval_to_be_learnt_and_never_comes_before_the_minimum() -> None:
