@@ -231,12 +231,13 @@ class Subscriber:
 
     # --- messages ------------------------------------------------------------------------
 
-    def deliver(self, connection: _BrokerConnection, message: mqtt5.PublishPacket) -> None:
+    def deliver(self, connection: _BrokerConnection, message: mqtt5.PublishPacket,
+                received_at: datetime) -> None:
         if not self._taking or connection is not self._live:
             return  # left unacknowledged: the broker delivers it again to this session
         # A QoS 0 message needs no acknowledgement: packet id 0 is never acknowledged.
         self.inbox.put(InboundMessage(message.packet_id or 0, message.topic, message.payload,
-                                      datetime.now(UTC), connection.number))
+                                      received_at, connection.number))
         if self.inbox.full:
             connection.pause_reading()
 
@@ -389,9 +390,10 @@ class _BrokerConnection(asyncio.Protocol):
                 used += size
         del buffer[:used]
         subscriber = self.subscriber
+        received_at = datetime.now(UTC)  # one read, one arrival time for all it held
         for packet in packets:
             if isinstance(packet, mqtt5.PublishPacket):
-                subscriber.deliver(self, packet)
+                subscriber.deliver(self, packet, received_at)
             elif isinstance(packet, mqtt5.ConnAckPacket):
                 subscriber.connection_accepted(self, packet)
             elif isinstance(packet, mqtt5.SubAckPacket):
