@@ -45,6 +45,7 @@ class HealthReporter:
     high: float = 60.0  # the bounds rule: `metric` above this is an anomaly
     silent_after: float = 2.0  # seconds without telemetry
     tick: float = 0.5  # how often silence and heartbeats are looked at
+    instance: str | None = None  # the replica's own client id, as `ingest_client_id` takes it
     devices: dict[str, _Device] = field(default_factory=dict)
     published: int = 0
 
@@ -52,7 +53,7 @@ class HealthReporter:
     async def running(self) -> AsyncIterator[HealthReporter]:
         async with aiomqtt.Client(self.host, self.port, username=ingest_username(self.tenant),
                                   password=self.password,
-                                  identifier=ingest_client_id(self.tenant),
+                                  identifier=ingest_client_id(self.tenant, self.instance),
                                   protocol=aiomqtt.ProtocolVersion.V5) as client:
             await client.subscribe(f"{self.tenant}/devices/+/telemetry", qos=1)
             tasks = [asyncio.create_task(self._read(client)),

@@ -175,7 +175,9 @@ class _DeviceHealth:
         if report is not None and report.anomaly_count:
             latest = f"; latest {describe_anomaly(self.latest)}" if self.latest else ""
             return ConditionUpdate(TELEMETRY_HEALTHY, False, "AnomalyDetected",
-                                   f"{report.anomaly_count} new anomalies{latest}")
+                                   f"{report.anomaly_count} new "
+                                   f"{'anomaly' if report.anomaly_count == 1 else 'anomalies'}"
+                                   f"{latest}")
         return ConditionUpdate(TELEMETRY_HEALTHY, True, "Healthy",
                                "telemetry arriving, no new anomaly")
 
