@@ -339,6 +339,8 @@ def test_the_tracker_folds_presence_and_reports_into_what_the_gate_reads() -> No
     assert health.anomalies_since(at(9)) == 2
     assert health.metrics == {"temperature": 70.0}
     assert tracker.get("acme", "d02") is None
+    tracker.forget("acme", "d01")  # the Device was deleted
+    assert tracker.get("acme", "d01") is None
 
 
 def test_the_tracker_forgets_the_least_recently_heard_of_beyond_its_bound() -> None:
