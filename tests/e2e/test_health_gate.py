@@ -117,7 +117,9 @@ async def test_a_healthy_release_soaks_and_completes(gated: Gated) -> None:
     assert status["healthGate"]["state"] == "Passed"
     assert status["healthGate"]["checked"] == len(NAMES)
     assert condition({"status": status}, "HealthGate")["status"] == "True"
-    assert gated.events("pump-1.1.0").count("HealthGatePassed") == 2  # canary, then the rest
+    # Events are posted after the status is written: the canary's soak, then the rest's.
+    await async_wait_until(lambda: _async(gated.events("pump-1.1.0").count(
+        "HealthGatePassed") == 2), message="two HealthGatePassed events")
     assert {gated.fleet[n].firmware for n in NAMES} == {"1.1.0"}
     device = await gated.device(NAMES[0])
     health = device["status"]["health"]
@@ -182,6 +184,10 @@ async def test_a_canary_that_sends_anomalous_values_aborts_at_the_anomaly_gate(
     assert device["status"]["health"]["latestAnomaly"]["value"] == 95.0
     for name in bad:
         await async_wait_until(lambda n=name: _runs(gated, n, "1.1.0", "pump-1.1.0"), timeout=30)
+
+
+async def _async(value: bool) -> bool:
+    return value
 
 
 async def _posted(gated: Gated, name: str, reason: str) -> bool:
