@@ -144,11 +144,12 @@ def test_a_silent_canary_aborts_and_every_updated_device_is_rolled_back() -> Non
 def test_an_offline_device_fails_the_online_gate() -> None:
     rollout = Rollout(release())
     rollout.update(rollout.plan.send_job)
-    rollout.sick(rollout.plan.send_job[0], healthy(online=False))
+    rollout.sick(rollout.plan.send_job[0], healthy(online=False, presence_changed=at(8)))
 
     aborted = rollout.step(10)
 
     assert aborted.gate is not None and aborted.gate.failed_gate is GateName.ONLINE
+    assert "(Online: offline since 2026-11-30T12:00:08Z)" in aborted.message
 
 
 def test_offline_is_not_judged_when_the_gate_does_not_require_it() -> None:

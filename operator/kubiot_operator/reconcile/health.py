@@ -146,7 +146,7 @@ def judge_device(gate: HealthGate, name: str, health: TelemetryHealth | None, *,
     """
     health = health or TelemetryHealth()
     if gate.require_online and health.online is False:
-        return Unhealthy(name, GateName.ONLINE, "offline")
+        return Unhealthy(name, GateName.ONLINE, f"offline since {_when(health.presence_changed)}")
     if gate.require_telemetry:
         if health.silent:
             last = _when(health.received_at)
