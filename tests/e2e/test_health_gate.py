@@ -198,3 +198,21 @@ async def _runs(gated: Gated, name: str, version: str, release_name: str) -> boo
     firmware = ((await gated.device(name)).get("status") or {}).get("firmware") or {}
     return gated.fleet[name].firmware == version and firmware.get("release") == release_name \
         and firmware.get("current") == version
+
+
+async def test_a_canary_that_goes_offline_aborts_at_the_online_gate(gated: Gated) -> None:
+    gated.faults("offline@4.0.0")
+    await gated.env.apply(release("pump-4.0.0", "4.0.0"))
+
+    status = await gated.wait_phase("pump-4.0.0", "Aborted")
+
+    gate = status["healthGate"]
+    assert gate["failedGate"] == "Online"
+    offline = [d["name"] for d in gate["devices"]]
+    assert offline and all("offline since" in d["message"] for d in gate["devices"])
+    assert all(not gated.fleet[n].connected.is_set() for n in offline)
+    # The previous release's job waits for them, retained: once the fault is gone they come
+    # back, take it, and run 1.1.0 again.
+    gated.faults("")
+    for name in offline:
+        await async_wait_until(lambda n=name: _runs(gated, n, "1.1.0", "pump-1.1.0"), timeout=30)
