@@ -85,6 +85,11 @@ class OperatorMetrics:
         self.rollouts_aborted = Counter(
             "kubiot_rollouts_aborted_total", "Firmware rollouts aborted by their failure budget.",
             ["tenant", "release"], registry=r)
+        self.rollout_gate_failures = Counter(
+            "kubiot_rollout_health_gate_failures_total",
+            "Firmware rollouts aborted by their health gate, by the gate most unhealthy devices "
+            "failed (Online, Telemetry, Anomalies, Metrics).",
+            ["tenant", "release", "gate"], registry=r)
         # Device -> (tenant, phase), as its last reconcile concluded: kubiot_devices is counted
         # from it, one device at a time, never by listing the fleet.
         self._device_phases: dict[tuple[str, str], tuple[str, str]] = {}

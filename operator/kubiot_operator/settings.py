@@ -62,6 +62,9 @@ class OperatorSettings(BaseSettings):
                                         "batched this long.")
     status_patches_per_second: float = Field(50.0, ge=1, description="Rate limit for "
                                              "presence/state status patches.")
+    status_health_seconds: float = Field(30.0, ge=0, description="A device's telemetry health "
+                                         "(status.health, TelemetryHealthy) is patched at most "
+                                         "once per this many seconds.")
     renewal_check_seconds: float = Field(3600.0, ge=10, description="How often each "
                                          "identity's certificate expiry is checked.")
     broker_admin_tls: bool = Field(False, description="Use TLS (system trust, or "

@@ -15,9 +15,12 @@ from cryptography.x509.oid import NameOID
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
+from kubiot_contract.health import HealthReport
 from kubiot_operator.controllers.firmware import signed_job
+from kubiot_operator.models.device import DeviceStatus
 from kubiot_operator.pki import CSRRejected, generate_signing_key, public_key_pem, verify_csr
-from kubiot_operator.reconcile.reports import Ignored, ReportBuffer
+from kubiot_operator.reconcile.health import HealthTracker
+from kubiot_operator.reconcile.reports import Ignored, ReportBuffer, admissible_status
 from kubiot_operator.simulator import FirmwareJob, JobRefused, parse_job
 from tests.fuzz.hostile import (
     ARRIVAL,
@@ -63,6 +66,29 @@ def test_reports_fold_into_patches_the_api_server_accepts(
         body = json.dumps({"status": report.status_patch()}, allow_nan=False,
                           ensure_ascii=False).encode("utf-8")
         json.loads(body, parse_constant=_refuse_constant)
+
+
+GOOD_HEALTH = HealthReport(time=ARRIVAL, received_at=ARRIVAL, anomalies={"bounds": 2},
+                           metrics={"temperature": 95.0}).encode()
+
+
+@FUZZ
+@given(payloads=st.lists(st.one_of(device_payloads, mutated(st.just(GOOD_HEALTH))),
+                         min_size=1, max_size=4))
+@example(payloads=[GOOD_HEALTH])
+@example(payloads=[GOOD_HEALTH.replace(b"95.0", b"1e400")])
+def test_health_reports_fold_into_a_status_the_device_schema_admits(
+        payloads: list[bytes]) -> None:
+    buffer = ReportBuffer(HealthTracker(ARRIVAL))
+    for payload in payloads:
+        with within():
+            ignored = buffer.add(f"{TENANT}/devices/pump-1/health", payload, ARRIVAL)
+        assert ignored is None or (isinstance(ignored, Ignored) and ignored.reason)
+    for _, report in buffer.drain(1, ARRIVAL):
+        patch = report.status_patch()
+        json.loads(json.dumps({"status": patch}, allow_nan=False), parse_constant=_refuse_constant)
+        assert admissible_status(patch, DeviceStatus).rejected == ()
+        assert report.health_condition is not None and report.health_condition.message
 
 
 @FUZZ

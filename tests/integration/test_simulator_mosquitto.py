@@ -34,6 +34,7 @@ from kubiot_operator.simulator import (
     Scenario,
     SimulatedDevice,
     UrlArtifacts,
+    parse_faults,
 )
 from kubiot_operator.simulator.artifacts import synthetic_image
 from kubiot_operator.simulator.outbox import NO_MATCHING_SUBSCRIBERS, RetryPolicy
@@ -184,6 +185,45 @@ async def test_a_signed_job_is_downloaded_checked_and_installed(
         assert fleet["sim-http"].firmware == "2.0.0"
         reported = json.loads(cloud.last("sim-http", "state/reported") or b"{}")
         assert reported["firmware"] == "2.0.0"
+
+
+async def test_faults_show_only_after_the_faulty_version_is_installed_and_acknowledged(
+        mosquitto_tls: TlsMosquitto, dynsec: MosquittoDynsecBackend, cloud: Cloud) -> None:
+    names = ["sim-silent", "sim-anomalous", "sim-offline", "sim-fine"]
+    bundles = await provision(mosquitto_tls, dynsec, names)
+    async with Fleet.from_bundles(bundles, telemetry_seconds=0.1) as fleet:
+        for name in names[:3]:
+            fleet[name].faults = parse_faults(f"{name.removeprefix('sim-')}@2.0.0")
+        await fleet.wait_connected(10)
+        await async_wait_until(lambda: _async(all(len(telemetry(cloud, n)) >= 3 for n in names)))
+        assert all(t["values"]["temperature"] < 30 for n in names for t in telemetry(cloud, n))
+
+        for name in names:
+            await cloud.job(name, synthetic("2.0.0"))
+        await async_wait_until(lambda: _async(all(
+            cloud.states(n)[-1:] == ["succeeded"] for n in names)))
+        sent = {n: len(telemetry(cloud, n)) for n in names}
+        await async_wait_until(lambda: _async(len(telemetry(cloud, "sim-fine")) >=
+                                              sent["sim-fine"] + 10))
+
+        assert len(telemetry(cloud, "sim-silent")) <= sent["sim-silent"] + 1  # one in flight
+        assert cloud.last("sim-silent", "presence") == b"online"
+        after = telemetry(cloud, "sim-anomalous")[sent["sim-anomalous"] + 1:]
+        assert after and all(t["values"]["temperature"] == 95.0 for t in after)
+        assert cloud.last("sim-offline", "presence") == b"offline"
+        assert not fleet["sim-offline"].connected.is_set()
+        assert all(t["values"]["temperature"] < 30 for t in telemetry(cloud, "sim-fine"))
+        assert {fleet[n].firmware for n in names} == {"2.0.0"}
+
+        # Faults follow the version: another version, or none asked for, and it behaves again.
+        fleet["sim-silent"].faults = parse_faults("")
+        before = len(telemetry(cloud, "sim-silent"))
+        await async_wait_until(lambda: _async(len(telemetry(cloud, "sim-silent")) > before + 2))
+
+
+def telemetry(cloud: Cloud, device: str) -> list[dict[str, Any]]:
+    topic = f"{device_root(TENANT, device)}/telemetry"
+    return [json.loads(p) for t, p in cloud.messages if t == topic]
 
 
 async def test_tampered_jobs_and_images_are_refused_and_reported_failed(

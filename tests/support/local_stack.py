@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,12 +90,17 @@ class Stack:
 
 
 @contextmanager
-def running_stack(*extra_args: str) -> Iterator[Stack]:
-    """A started stack, killed with everything it started (and its files removed) at the end."""
+def running_stack(*extra_args: str, prepare: Callable[[Stack], None] | None = None
+                  ) -> Iterator[Stack]:
+    """A started stack, killed with everything it started (and its files removed) at the end.
+
+    `prepare` may change the copied manifests before the stack starts."""
     # Not pytest's tmp_path: PostgreSQL runs as an unprivileged user and must reach its folder.
     tmp = Path(tempfile.mkdtemp(prefix="kubiot-stack-"))
     tmp.chmod(0o755)
     stack = Stack(tmp, *extra_args)
+    if prepare is not None:
+        prepare(stack)
     stack.start()
     try:
         yield stack

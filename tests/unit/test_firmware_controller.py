@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from kubiot_contract.health import HealthReport
 from kubiot_operator.controllers.firmware import delete_release, reconcile_release
 from kubiot_operator.controllers.platform import Outcome, Platform
 from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES
 from kubiot_operator.models.firmware import FirmwareReleaseSpec, ReleasePhase
 from kubiot_operator.pki import PKIError, public_key_pem, verify_manifest
+from kubiot_operator.reconcile.health import HealthTracker
 from kubiot_operator.reconcile.release import DeviceView, ReleaseView, may_send
 from kubiot_operator.reconcile.reports import ReportBuffer
 from tests.support.firmware_env import (
@@ -461,3 +463,99 @@ def test_an_ota_status_report_carries_its_job_version_and_reason_into_status() -
     [(_, succeeded)] = buffer.drain(1)
     assert succeeded.status_patch()["firmware"] == {"state": "succeeded",
                                                     "stateVersion": "2.0.0", "reason": None}
+
+
+GATED: dict[str, Any] = {"canary": {"count": 2}, "waves": [100], "pauseBetweenWavesSeconds": 0,
+                         "progressDeadlineSeconds": 60,
+                         "healthGate": {"soakSeconds": 30, "unhealthyBudget": {"count": 0}}}
+
+
+def gated_fleet() -> Fleet:
+    fleet = Fleet(devices=6)
+    fleet.platform.health = HealthTracker(fleet.clock())
+    for name in fleet.names:
+        fleet.platform.health.presence("acme", name, True, fleet.clock())
+    return fleet
+
+
+def telemetry(fleet: Fleet, names: list[str], **fields: Any) -> None:
+    """The ingest reports each device's telemetry as of now."""
+    for name in names:
+        fleet.platform.health.health("acme", name, HealthReport(
+            time=fleet.clock(), received_at=fleet.clock(), **fields))
+
+
+async def test_a_gated_release_soaks_each_wave_and_succeeds_when_healthy() -> None:
+    fleet = gated_fleet()
+    fleet.add_release("fw-1", "1.0.0", **GATED)
+    await fleet.reconcile("fw-1")
+    fleet.answer_jobs({})
+    fleet.clock.advance(1)
+    outcome = await fleet.reconcile("fw-1")
+
+    status = fleet.status("fw-1")
+    assert (status["phase"], status["healthGate"]["state"]) == ("Progressing", "Soaking")
+    assert condition(status, "Progressing")["reason"] == "SoakingWave"
+    assert outcome.retry_after == pytest.approx(2.0)
+    fleet.clock.advance(10)
+    telemetry(fleet, fleet.names)
+    fleet.clock.advance(21)
+    outcome = await fleet.reconcile("fw-1")
+    assert events(outcome) == ["HealthGatePassed", "WaveStarted"]
+    assert fleet.status("fw-1")["currentWave"] == 1
+
+    status = await fleet.until_settled("fw-1")
+    assert status["phase"] == "Progressing"  # the last wave soaks too
+    fleet.clock.advance(5)
+    telemetry(fleet, fleet.names)
+    fleet.clock.advance(30)
+    await fleet.reconcile("fw-1")
+    status = fleet.status("fw-1")
+    assert status["phase"] == "Succeeded"
+    assert status["healthGate"]["state"] == "Passed"
+    assert condition(status, "HealthGate")["status"] == "True"
+
+
+async def test_a_gate_failure_aborts_names_the_gate_and_rolls_every_updated_device_back(
+        ) -> None:
+    fleet = gated_fleet()
+    fleet.add_release("fw-1", "1.0.0", canary={"count": 1}, waves=[100],
+                      pauseBetweenWavesSeconds=0)
+    assert (await fleet.until_settled("fw-1"))["phase"] == "Succeeded"
+    fleet.add_release("fw-2", "2.0.0", **GATED)
+    await fleet.reconcile("fw-2")
+    canary = [name for name, job in fleet.jobs().items() if job["version"] == "2.0.0"]
+    fleet.answer_jobs({})
+    fleet.clock.advance(1)
+    await fleet.reconcile("fw-2")
+    fleet.clock.advance(5)
+    telemetry(fleet, canary[:1])
+    telemetry(fleet, canary[1:], silent=True)
+
+    outcome = await fleet.reconcile("fw-2")
+
+    status = fleet.status("fw-2")
+    assert status["phase"] == "Aborted"
+    assert events(outcome) == ["RolloutAborted", "HealthGateFailed"]
+    gate = status["healthGate"]
+    assert (gate["state"], gate["failedGate"], gate["unhealthy"], gate["checked"]) == (
+        "Failed", "Telemetry", 1, 2)
+    assert [d["name"] for d in gate["devices"]] == canary[1:]
+    ready = condition(status, "Ready")
+    assert ready["reason"] == "HealthGateFailed" and canary[1] in ready["message"]
+    assert condition(status, "HealthGate")["status"] == "False"
+    for name in canary:  # the healthy one as well: it runs 2.0.0
+        assert fleet.jobs()[name]["release"] == "fw-1"
+    assert status["counts"]["rolledBack"] == 2
+    metrics = fleet.platform.metrics
+    assert metrics.rollout_gate_failures.labels("acme", "fw-2", "Telemetry")._value.get() == 1
+    assert metrics.rollouts_aborted.labels("acme", "fw-2")._value.get() == 1
+
+    # The rollback is answered and the devices look healthy on 1.0.0: the abort and its
+    # verdict stand, and nothing is announced or counted again.
+    fleet.answer_jobs({})
+    telemetry(fleet, canary)
+    again = await fleet.reconcile("fw-2")
+    assert events(again) == []
+    assert fleet.status("fw-2")["healthGate"]["failedGate"] == "Telemetry"
+    assert condition(fleet.status("fw-2"), "Ready")["reason"] == "HealthGateFailed"

@@ -130,6 +130,7 @@ async def delete_device(platform: Platform, body: dict[str, Any]) -> Outcome:
     if subject is not None:
         await platform.messenger.publish(state_desired_topic(subject.topic_root), b"",
                                          retain=True)
+        platform.health.forget(subject.tenant, subject.name)
         platform.gateway_refresh(subject.namespace)
     return outcome
 

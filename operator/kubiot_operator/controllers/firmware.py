@@ -24,6 +24,8 @@ from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, NotFound
 from kubiot_operator.models import DEVICE, FIRMWARE_RELEASE
 from kubiot_operator.models.firmware import (
     FirmwareReleaseSpec,
+    GateName,
+    GateState,
     ReleasePhase,
     RolloutCounts,
 )
@@ -33,6 +35,8 @@ from kubiot_operator.reconcile.release import (
     DeviceView,
     ReleaseView,
     counts_wire,
+    gate_verdict,
+    gate_wire,
     manifest_digest,
     may_send,
     previous_release,
@@ -44,6 +48,7 @@ from kubiot_operator.reconcile.release import (
     wire_time,
 )
 from kubiot_operator.reconcile.rollout import (
+    HEALTH_GATE_FAILED,
     DeviceOutcome,
     RolloutPlan,
     RolloutState,
@@ -64,6 +69,7 @@ from .platform import Outcome, Platform
 TENANT_RETRY_SECONDS = 10.0
 PROGRESSING = "Progressing"
 ROLLED_BACK = "RolledBack"
+HEALTH_GATE = "HealthGate"
 COUNT_STATES = ("pending", "downloading", "installing", "succeeded", "failed", "timed_out",
                 "rolled_back")
 
@@ -153,8 +159,11 @@ async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
         if superseded_by is not None:
             state = replace(state, phase=ReleasePhase.SUPERSEDED)
 
-    plan = plan_rollout(spec, str(meta.get("uid") or name), [d.as_rollout_input()
-                                                             for d in targeted], state, now)
+    gated = spec.strategy.health_gate is not None
+    plan = plan_rollout(spec, str(meta.get("uid") or name),
+                        [d.as_rollout_input(platform.health.get(tenant, d.name) if gated else None)
+                         for d in targeted], state, now,
+                        health_observed_since=platform.health.observed_since)
     key = await platform.authority.signing_key(tenant)
     by_name = {d.name: d for d in targeted}
     ages = {o.name: o.age_key for o in others}
@@ -171,7 +180,7 @@ async def _reconcile(platform: Platform, body: dict[str, Any]) -> Outcome:
         counts=counts_wire(counts), progress=plan.progress, manifestSha256=digest,
         waveStartTimes=[wire_time(t) for t in plan.wave_starts],
         waveCompletedAt=wire_time(plan.wave_completed_at) if plan.wave_completed_at else None,
-        supersededBy=superseded_by)
+        supersededBy=superseded_by, healthGate=_gate_status(plan, before, previous_status))
     retry = retry_after(plan, spec, now)
     if plan.phase is ReleasePhase.ABORTED and state.phase is not ReleasePhase.ABORTED:
         retry = RECHECK_SECONDS  # the devices still working when it aborted are rolled back next
@@ -194,6 +203,9 @@ async def delete_release(platform: Platform, body: dict[str, Any]) -> Outcome:
                 platform.metrics.rollout_devices.remove(tenant, name, state)
         with contextlib.suppress(KeyError):
             platform.metrics.rollouts_aborted.remove(tenant, name)
+        for gate in GateName:
+            with contextlib.suppress(KeyError):
+                platform.metrics.rollout_gate_failures.remove(tenant, name, gate.value)
         for device in await _devices(platform, namespace):
             target = device.firmware.get("target")
             if device.firmware.get("release") != name or device.current == target:
@@ -285,6 +297,16 @@ def _counts(plan: RolloutPlan, state: RolloutState, previous_status: Mapping[str
     return counts.model_copy(update={"rolled_back": handed_back})
 
 
+def _gate_status(plan: RolloutPlan, before: RolloutState, previous_status: Mapping[str, Any]
+                 ) -> dict[str, Any] | None:
+    """The gate's latest verdict; while a wave is under way, the previous wave's stays shown
+    (unless the rollout started over)."""
+    if plan.gate is not None:
+        return gate_wire(plan.gate)
+    previous = previous_status.get("healthGate")
+    return dict(previous) if before.wave_starts and isinstance(previous, Mapping) else None
+
+
 def _record_metrics(platform: Platform, tenant: str, release: str, counts: RolloutCounts) -> None:
     for state in COUNT_STATES:
         platform.metrics.rollout_devices.labels(tenant, release, state).set(
@@ -296,6 +318,11 @@ def _announce(outcome: Outcome, plan: RolloutPlan, state: RolloutState,
               release: str) -> None:
     """Events (and the abort counter) for what changed in this reconcile."""
     phase, was = plan.phase, state.phase
+    gate_before = gate_verdict(previous_status.get("healthGate"))
+    if plan.gate is not None and plan.gate.state is GateState.PASSED and gate_before is not None \
+            and gate_before.state is GateState.SOAKING:
+        outcome.normal("HealthGatePassed", f"the {plan.gate.checked} devices updated so far "
+                       f"stayed healthy through the soak of wave {plan.gate.wave}")
     started_before = len(state.wave_starts) if previous_status.get("phase") else 0
     if phase in (ReleasePhase.PROGRESSING, ReleasePhase.PAUSED) and \
             len(plan.wave_starts) > started_before:
@@ -307,6 +334,10 @@ def _announce(outcome: Outcome, plan: RolloutPlan, state: RolloutState,
     if phase is ReleasePhase.ABORTED:
         platform.metrics.rollouts_aborted.labels(tenant, release).inc()
         outcome.warning("RolloutAborted", plan.message)
+        failed = plan.gate.failed_gate if plan.gate is not None else None
+        if failed is not None:
+            platform.metrics.rollout_gate_failures.labels(tenant, release, failed.value).inc()
+            outcome.warning(HEALTH_GATE_FAILED, plan.message)
     elif phase is ReleasePhase.SUCCEEDED:
         outcome.normal("RolloutSucceeded", plan.message)
     elif phase is ReleasePhase.PAUSED:
@@ -323,6 +354,14 @@ def _conditions(plan: RolloutPlan, handed_back: int, stranded: int) -> list[Cond
         ConditionUpdate(PROGRESSING, plan.phase is ReleasePhase.PROGRESSING, plan.reason,
                         plan.message),
     ]
+    if plan.gate is not None:
+        passing = plan.gate.state is not GateState.FAILED
+        updates.append(ConditionUpdate(
+            HEALTH_GATE, passing, plan.gate.state.value if passing else HEALTH_GATE_FAILED,
+            plan.gate.summary() if not passing else
+            f"wave {plan.gate.wave}: {plan.gate.checked - plan.gate.unhealthy_count} of "
+            f"{plan.gate.checked} updated devices healthy ({plan.gate.budget} unhealthy "
+            "allowed)"))
     if plan.roll_back:
         updates.append(ConditionUpdate(
             ROLLED_BACK, stranded == 0, "NoPreviousRelease" if stranded else "PreviousReleaseSent",

@@ -15,6 +15,7 @@ from kubiot_operator.controllers.adapters import Messenger, Objects, TrustPublis
 from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.pki import TenantAuthority
+from kubiot_operator.reconcile.health import HealthTracker
 from kubiot_operator.reconcile.identity import BrokerEndpoint
 from kubiot_operator.reconcile.tenant import IngestEnvironment
 
@@ -46,6 +47,9 @@ class Platform:
     # fleet are answered here, never by listing the API.
     fleet: FleetIndex = field(default_factory=FleetIndex)
     clock: Callable[[], datetime] = utc_now
+    # Each device's presence and telemetry health, fed by the report pump: what a release's
+    # health gate judges.
+    health: HealthTracker = field(default_factory=lambda: HealthTracker(utc_now()))
     token: Callable[[], str] = run_token
     # Called when a namespace's devices change, so gateways serving them are brought up to date.
     gateway_refresh: Callable[[str], None] = field(default=lambda namespace: None)

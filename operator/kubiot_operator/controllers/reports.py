@@ -1,4 +1,5 @@
-"""Device reports (presence, reported state, firmware progress) into status, rate-limited."""
+"""Device reports (presence, reported state, firmware progress) and the ingest's health reports
+into status, rate-limited; presence and health also into the platform's health tracker."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.models.device import DeviceStatus
 from kubiot_operator.models.gateway import GatewayStatus
 from kubiot_operator.models.tenant import TenantSpec
+from kubiot_operator.reconcile.conditions import set_conditions
+from kubiot_operator.reconcile.health import HealthTracker
 from kubiot_operator.reconcile.reports import (
     PendingReport,
     ReportBuffer,
@@ -24,7 +27,7 @@ from kubiot_operator.reconcile.reports import (
 from kubiot_operator.reconcile.tenant import tenant_namespace
 
 from .adapters import Objects
-from .objects import parse_spec
+from .objects import conditions_wire, current_conditions, generation, parse_spec
 from .platform import utc_now
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,15 @@ class ReportPump:
     """Collects reports as they arrive and patches status in batches at a bounded rate."""
 
     def __init__(self, objects: Objects, metrics: OperatorMetrics, *, flush_seconds: float,
-                 patches_per_second: float, clock: Callable[[], datetime] = utc_now) -> None:
+                 patches_per_second: float, clock: Callable[[], datetime] = utc_now,
+                 health: HealthTracker | None = None, health_seconds: float = 30.0) -> None:
         self._objects = objects
         self._metrics = metrics
         self._flush_seconds = flush_seconds
         self._bucket = TokenBucket(patches_per_second, burst=patches_per_second * 2,
                                    now=time.monotonic())
         self._clock = clock
-        self._buffer = ReportBuffer()
+        self._buffer = ReportBuffer(health, health_seconds=health_seconds)
         self._namespaces: dict[str, str] = {}
         self._online: dict[str, set[str]] = {}
         self.ignored = 0
@@ -64,9 +68,11 @@ class ReportPump:
 
     async def flush(self) -> int:
         """Patch as many pending reports as the rate allows; returns how many were written."""
+        now = self._clock()
+        self._buffer.promote(now)
         allowed = self._bucket.take(len(self._buffer), time.monotonic())
         written = 0
-        for key, report in self._buffer.drain(allowed):
+        for key, report in self._buffer.drain(allowed, now):
             if await self._patch(key, report):
                 written += 1
         return written
@@ -87,9 +93,21 @@ class ReportPump:
         if not patch:
             return False
         try:
+            if report.health_condition is not None:
+                # A merge patch replaces the whole conditions list: start from the Device's.
+                # (A Device reconcile writing its own conditions meanwhile may drop this one
+                # until the next health change; it never loses its own.)
+                body = await self._objects.get(DEVICES, key.name, namespace)
+                if body is None:  # deleted meanwhile: nothing to record
+                    self._buffer.forget(key)
+                    return False
+                patch["conditions"] = conditions_wire(set_conditions(
+                    current_conditions(body), [report.health_condition], self._clock(),
+                    generation(body)))
             await self._objects.patch(kind, key.name, {"status": patch}, namespace,
                                       subresource="status")
         except NotFound:  # deleted meanwhile: nothing to record
+            self._buffer.forget(key)
             return False
         except KubeError as exc:
             log.warning("status patch for %s/%s failed: %s", namespace, key.name, exc)

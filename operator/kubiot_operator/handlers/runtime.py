@@ -20,7 +20,7 @@ from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.fleet import FleetIndex
 from kubiot_operator.controllers.gateway import GatewayRefresher
 from kubiot_operator.controllers.kinds import apply_outcome
-from kubiot_operator.controllers.platform import Event, Outcome, Platform
+from kubiot_operator.controllers.platform import Event, Outcome, Platform, utc_now
 from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import resync_forever
@@ -30,6 +30,7 @@ from kubiot_operator.kube.secrets import SecretMaterialStore, SecretTrustPublish
 from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.mqtt import OperatorMqtt
 from kubiot_operator.pki import TenantAuthority
+from kubiot_operator.reconcile.health import HealthTracker
 from kubiot_operator.reconcile.identity import BrokerEndpoint
 from kubiot_operator.reconcile.tenant import IngestEnvironment
 from kubiot_operator.settings import OperatorSettings
@@ -68,9 +69,11 @@ class Runtime:
         settings = self.settings
         self.kube = await KubeClient(self.connection, relogin=self._relogin).__aenter__()
         broker = self._broker or backend_from_settings(settings)
+        health = HealthTracker(utc_now())
         self.reports = ReportPump(self.kube, self.metrics,
                                   flush_seconds=settings.status_flush_seconds,
-                                  patches_per_second=settings.status_patches_per_second)
+                                  patches_per_second=settings.status_patches_per_second,
+                                  health=health, health_seconds=settings.status_health_seconds)
         self.mqtt = OperatorMqtt(
             settings.broker_admin_host, settings.broker_admin_port,
             settings.broker_admin_username, settings.broker_admin_password.get_secret_value(),
@@ -98,7 +101,7 @@ class Runtime:
                 monitoring_namespace=settings.monitoring_namespace,
                 monitor_labels=settings.ingest_monitor_labels),
             ca_namespace=settings.namespace, broker_kind=settings.broker.value,
-            fleet=self.fleet)
+            fleet=self.fleet, health=health)
         self.results.attach(self.platform)
         refresher = GatewayRefresher(self.platform, self.apply)
         self.platform.gateway_refresh = refresher.request

@@ -5,6 +5,10 @@ Credential bundles are also exported to `.kubiot/devices/<namespace>/<name>/`, t
 firmware engineer would flash, and claim bundles to `.kubiot/claims/<namespace>/<claim>/`, what
 manufacturing flashes onto factory-fresh devices (`kubiot local factory` runs such devices).
 Devices whose key never left them (CSR) are not simulated here: they simulate themselves.
+
+A Device annotated `kubiot.io/simulate: silent@2.0.0` (or `anomalous@…`, `offline@…`; see
+`simulator/faults.py`) acknowledges an update to that version and then shows the fault, so a
+release's health gate can be tried; the annotation is read again on every pass.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from kubiot_operator.kube.client import DEVICES, GATEWAYS, SECRETS
 from kubiot_operator.kube.secrets import secret_data
 from kubiot_operator.reconcile.identity import KIND_LABEL
 from kubiot_operator.simulator import BundleIncomplete, DeviceCredentials, SimulatedDevice
+from kubiot_operator.simulator.faults import SIMULATE_ANNOTATION, Faults, parse_faults
 from kubiot_operator.simulator.gateway import SimulatedGateway, gateway_credentials
 
 from .credentials import export_bundle
@@ -33,6 +38,7 @@ log = logging.getLogger("kubiot.local")
 class Running:
     task: asyncio.Task[None]
     fingerprint: tuple[Any, ...]
+    device: SimulatedDevice | None = None  # None for a gateway
 
 
 class Simulation:
@@ -47,6 +53,8 @@ class Simulation:
         # What each bundle folder was last written from: with ten thousand devices, comparing
         # every file on disk every second would be most of the stack's work.
         self._exported: dict[tuple[str, str, str], int] = {}
+        self._faults: dict[tuple[str, str, str], Faults] = {}
+        self._refused: dict[tuple[str, str, str], str] = {}  # the bad annotation last logged
 
     async def run(self, poll_seconds: float = 1.0) -> None:
         while True:
@@ -81,32 +89,54 @@ class Simulation:
                     continue  # its gateway speaks for it
                 children = tuple(status.get("children") or ()) if kind == "gateway" else ()
                 key = (kind, namespace, name)
+                self._faults[key] = self._faults_of(key, meta)
                 wanted[key] = ((files["tls.crt"], children), (files, children))
         for key in set(self.running) - set(wanted):
             await self._stop(key)
         for key, (fingerprint, (files, children)) in wanted.items():
             current = self.running.get(key)
             if current is not None and current.fingerprint == fingerprint:
+                if current.device is not None:
+                    current.device.faults = self._faults.get(key, Faults())
                 continue
             if current is not None:
                 await self._stop(key)
             try:
-                runner = self._runner(key[0], files, children)
+                runner, device = self._runner(key[0], files, children)
             except BundleIncomplete as exc:
                 log.warning("cannot simulate %s/%s: %s", key[1], key[2], exc)
                 continue
+            if device is not None:
+                device.faults = self._faults.get(key, Faults())
             task = asyncio.create_task(runner, name=f"simulated-{key[0]}-{key[2]}")
-            self.running[key] = Running(task, fingerprint)
+            self.running[key] = Running(task, fingerprint, device)
             log.info("simulating %s %s/%s", key[0], key[1], key[2])
 
-    def _runner(self, kind: str, files: dict[str, bytes], children: tuple[str, ...]) -> Any:
+    def _faults_of(self, key: tuple[str, str, str], meta: dict[str, Any]) -> Faults:
+        """The faults the Device's annotation asks for; a bad one is logged (once) and ignored."""
+        text = (meta.get("annotations") or {}).get(SIMULATE_ANNOTATION) or ""
+        try:
+            faults = parse_faults(text)
+        except ValueError as exc:
+            if self._refused.get(key) != text:
+                log.warning("%s/%s: annotation %s ignored: %s", key[1], key[2],
+                            SIMULATE_ANNOTATION, exc)
+                self._refused[key] = text
+            return Faults()
+        self._refused.pop(key, None)
+        if str(faults) != str(self._faults.get(key, Faults())):
+            log.info("simulated %s/%s shows faults %r", key[1], key[2], str(faults) or "none")
+        return faults
+
+    def _runner(self, kind: str, files: dict[str, bytes], children: tuple[str, ...]
+                ) -> tuple[Any, SimulatedDevice | None]:
         if kind == "gateway":
             gateway = SimulatedGateway(gateway_credentials(files), children,
                                        telemetry_seconds=self.interval, check_hostname=False)
-            return gateway.run()
+            return gateway.run(), None
         device = SimulatedDevice(DeviceCredentials.from_secret_data(files),
                                  telemetry_seconds=self.interval, check_hostname=False)
-        return device.run()
+        return device.run(), device
 
     async def _stop(self, key: tuple[str, str, str]) -> None:
         running = self.running.pop(key)

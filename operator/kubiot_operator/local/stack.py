@@ -31,7 +31,7 @@ from kubiot_operator.brokers import BrokerIdentity, MosquittoDynsecBackend
 from kubiot_operator.brokers.statistics import STATISTICS_FILTER, BrokerStatistics
 from kubiot_operator.controllers.commands import CommandResults
 from kubiot_operator.controllers.fleet import FleetIndex
-from kubiot_operator.controllers.platform import Platform
+from kubiot_operator.controllers.platform import Platform, utc_now
 from kubiot_operator.controllers.provisioning import ProvisioningDesk, route_messages
 from kubiot_operator.controllers.reports import ReportPump
 from kubiot_operator.controllers.resync import identities_wanted, resync_all, resync_forever
@@ -42,6 +42,7 @@ from kubiot_operator.metrics import OperatorMetrics
 from kubiot_operator.models.tenant import TenantSpec
 from kubiot_operator.mqtt import OperatorMqtt
 from kubiot_operator.pki import FileMaterialStore, TenantAuthority
+from kubiot_operator.reconcile.health import HealthTracker
 from kubiot_operator.reconcile.identity import BrokerEndpoint
 from kubiot_operator.reconcile.tenant import IngestEnvironment, ingest_name, tenant_namespace
 
@@ -69,6 +70,8 @@ OPERATOR_NAMESPACE = "local"
 OPERATOR_JOB = "kubiot"
 #: How often Mosquitto publishes its `$SYS` statistics here (its default is 10 s).
 BROKER_STATISTICS_SECONDS = 2
+#: A device's telemetry health is written to its status at most this often.
+HEALTH_PATCH_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,10 @@ class LocalStack:
         backend = MosquittoDynsecBackend("127.0.0.1", options.ports.service, OPERATOR_USERNAME,
                                          password)
         await backend.__aenter__()
+        health = HealthTracker(utc_now())
         reports = ReportPump(self.objects, self.metrics, flush_seconds=1.0,
-                             patches_per_second=200)
+                             patches_per_second=200, health=health,
+                             health_seconds=HEALTH_PATCH_SECONDS)
         results = CommandResults()
         desk = ProvisioningDesk()
         route = route_messages(reports.on_message, desk)
@@ -209,7 +214,7 @@ class LocalStack:
                                      broker_port=options.ports.service,
                                      platform_database_secret=DATABASE_SECRET,
                                      platform_database_key="dsn"),
-            ca_namespace="local", fleet=self.objects.fleet)
+            ca_namespace="local", fleet=self.objects.fleet, health=health)
         reconciler.attach(platform, database_dsn=self.postgres.dsn)
         results.attach(platform)
         ingest = IngestSupervisor(self.objects, options.root / "ingest")

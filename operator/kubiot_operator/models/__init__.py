@@ -119,6 +119,8 @@ DEVICE = ResourceKind(
         PrinterColumn("Model", ".spec.model", priority=1),
         PrinterColumn("Gateway", ".status.gateway", priority=1),
         PrinterColumn("Last-Seen", ".status.lastSeen", "date", priority=1),
+        PrinterColumn("Telemetry", _condition("TelemetryHealthy"), priority=1,
+                      description="TelemetryHealthy: the ingest's verdict on its telemetry."),
         AGE,
     ),
 )
@@ -150,6 +152,8 @@ FIRMWARE_RELEASE = ResourceKind(
         PrinterColumn("Progress", ".status.progress"),
         PrinterColumn("Failed", ".status.counts.failed", "integer"),
         PrinterColumn("Paused", ".spec.paused", "boolean", priority=1),
+        PrinterColumn("Gate", ".status.healthGate.state", priority=1,
+                      description="The health gate: Soaking, Passed or Failed."),
         AGE,
     ),
 )

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints, field_validator
 
+from kubiot_contract.health import AnomalyRule
 from kubiot_operator.models.common import CertificateSummary, Conditions, KubiotModel
 from kubiot_operator.models.identity import IdentitySpec
 
@@ -60,6 +61,36 @@ class FirmwareStatus(KubiotModel):
         None, description="Why the last firmware job failed, as the device reported it.")
 
 
+class LatestAnomaly(KubiotModel):
+    """The newest anomaly the tenant's ingest found in the device's telemetry."""
+
+    rule: AnomalyRule
+    metric: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="The metric; none for a silent device.")
+    value: float | None = Field(None, allow_inf_nan=False)
+    low: float | None = Field(None, allow_inf_nan=False, description="Expected range, low end.")
+    high: float | None = Field(None, allow_inf_nan=False,
+                               description="Expected range, high end.")
+    time: datetime
+
+
+class DeviceHealth(KubiotModel):
+    """The device's telemetry health, from the health reports of its tenant's ingest."""
+
+    silent: bool | None = Field(None, description="No telemetry for longer than the tenant's "
+                                "silence rule allows.")
+    last_telemetry: datetime | None = Field(
+        None, description="When the newest telemetry message arrived (updated with the other "
+        "fields, not on every message).")
+    latest_anomaly: LatestAnomaly | None = None
+    anomaly_count: int | None = Field(
+        None, ge=0, description="Anomalies reported since `countedSince`.")
+    counted_since: datetime | None = Field(
+        None, description="Since when the operator counts (its start, or the device's first "
+        "report).")
+    reported_at: datetime | None = Field(None, description="Time of the health report shown.")
+
+
 class DeviceStatus(KubiotModel):
     observed_generation: int | None = None
     phase: DevicePhase | None = None
@@ -73,3 +104,6 @@ class DeviceStatus(KubiotModel):
     firmware: FirmwareStatus | None = None
     reported: dict[str, Any] | None = Field(
         None, description="Last state the device reported on `state/reported`.")
+    health: DeviceHealth | None = Field(
+        None, description="Telemetry health as the tenant's ingest reports it (silence, "
+        "anomalies); the TelemetryHealthy condition summarises it.")

@@ -15,16 +15,26 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from kubiot_operator.models.firmware import (
     DeviceSelector,
     FirmwareReleaseSpec,
+    GateState,
+    HealthGateStatus,
     ReleasePhase,
     RolloutCounts,
+    UnhealthyDevice,
 )
 from kubiot_operator.pki import canonical_manifest, sign_manifest
 from kubiot_operator.pki.firmware import SIGNATURE_FIELD
-from kubiot_operator.reconcile.rollout import DeviceFirmware, RolloutPlan, RolloutState
+from kubiot_operator.reconcile.health import TelemetryHealth, Unhealthy
+from kubiot_operator.reconcile.rollout import (
+    DeviceFirmware,
+    GateVerdict,
+    RolloutPlan,
+    RolloutState,
+)
 from kubiot_operator.reconcile.selectors import device_selected
 
 RECHECK_SECONDS = 2.0  # while devices of a wave are still working
@@ -62,10 +72,10 @@ class DeviceView:
         """Whether this device already has `release`'s job."""
         return self.firmware.get("release") == release and self.firmware.get("target") == version
 
-    def as_rollout_input(self) -> DeviceFirmware:
+    def as_rollout_input(self, health: TelemetryHealth | None = None) -> DeviceFirmware:
         state, version = self.firmware.get("state"), self.firmware.get("stateVersion")
         return DeviceFirmware(self.name, self.current, str(state) if state else None,
-                              str(version) if version else None)
+                              str(version) if version else None, health)
 
     def selected_by(self, selector: DeviceSelector) -> bool:
         return device_selected(selector, self.labels, self.model)
@@ -143,9 +153,38 @@ def rollout_state(status: Mapping[str, Any], digest: str) -> RolloutState:
         return RolloutState()
     starts = tuple(_parse_time(t) for t in status.get("waveStartTimes") or [])
     completed = status.get("waveCompletedAt")
+    gate = gate_verdict(status.get("healthGate"))
     return RolloutState(phase=phase, current_wave=int(status.get("currentWave") or 0),
                         wave_starts=starts,
-                        wave_completed_at=_parse_time(completed) if completed else None)
+                        wave_completed_at=_parse_time(completed) if completed else None,
+                        gate_failure=gate if phase is ReleasePhase.ABORTED and gate is not None
+                        and gate.state is GateState.FAILED else None)
+
+
+def gate_wire(verdict: GateVerdict) -> dict[str, Any]:
+    """The gate verdict as the release's `status.healthGate`."""
+    return HealthGateStatus(
+        state=verdict.state, wave=verdict.wave, soak_started_at=verdict.soak_started_at,
+        soak_until=verdict.soak_until, checked=verdict.checked,
+        unhealthy=verdict.unhealthy_count, budget=verdict.budget,
+        failed_gate=verdict.failed_gate,
+        devices=[UnhealthyDevice(name=u.device, gate=u.gate, message=u.message[:256])
+                 for u in verdict.unhealthy]).to_wire()
+
+
+def gate_verdict(wire: Any) -> GateVerdict | None:
+    """`status.healthGate` read back; None when absent or unreadable."""
+    if not isinstance(wire, Mapping):
+        return None
+    try:
+        gate = HealthGateStatus.model_validate(wire)
+    except ValidationError:
+        return None
+    return GateVerdict(state=gate.state, wave=gate.wave, soak_started_at=gate.soak_started_at,
+                       soak_until=gate.soak_until, checked=gate.checked, budget=gate.budget,
+                       unhealthy=tuple(Unhealthy(d.name, d.gate, d.message)
+                                       for d in gate.devices),
+                       unhealthy_count=gate.unhealthy)
 
 
 def retry_after(plan: RolloutPlan, spec: FirmwareReleaseSpec, now: datetime) -> float | None:
@@ -154,6 +193,8 @@ def retry_after(plan: RolloutPlan, spec: FirmwareReleaseSpec, now: datetime) -> 
         return None
     if plan.wave_completed_at is None:
         return RECHECK_SECONDS
+    if plan.gate is not None and plan.gate.state is GateState.SOAKING:
+        return RECHECK_SECONDS  # the devices updated so far are watched through the soak
     next_wave = plan.wave_completed_at.timestamp() + spec.strategy.pause_between_waves_seconds
     return max(0.1, next_wave - now.timestamp())
 

@@ -16,12 +16,20 @@ from enum import StrEnum
 
 from kubiot_contract.ota import OtaState
 from kubiot_operator.models.firmware import (
+    MAX_NAMED_DEVICES,
     Amount,
     FailureAction,
     FirmwareReleaseSpec,
+    GateName,
+    GateState,
+    HealthGate,
     ReleasePhase,
     RolloutCounts,
 )
+from kubiot_operator.reconcile.health import TelemetryHealth, Unhealthy, judge_device
+
+#: The reason (condition, status) of a release aborted by its health gate.
+HEALTH_GATE_FAILED = "HealthGateFailed"
 
 
 class DeviceOutcome(StrEnum):
@@ -53,6 +61,38 @@ class DeviceFirmware:
     current: str | None = None
     ota_state: str | None = None  # last `ota/status` state for this release's version
     ota_version: str | None = None  # the version that `ota_state` is about
+    health: TelemetryHealth | None = None  # what the health tracker knows (for the gate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateVerdict:
+    """The health gate of one wave: soaking, passed or failed, and on which devices."""
+
+    state: GateState
+    wave: int
+    soak_started_at: datetime | None = None
+    soak_until: datetime | None = None
+    checked: int = 0
+    budget: int = 0
+    unhealthy: tuple[Unhealthy, ...] = ()
+    unhealthy_count: int = 0  # may exceed the devices named
+
+    @property
+    def failed_gate(self) -> GateName | None:
+        """The gate most unhealthy devices failed (the first in gate order on a tie)."""
+        if not self.unhealthy:
+            return None
+        tally = Counter(u.gate for u in self.unhealthy)
+        return max(GateName, key=lambda g: (tally[g], -list(GateName).index(g)))
+
+    def summary(self) -> str:
+        """`Telemetry gate failed on 2 of 5 updated devices (budget 0): pump-03 (silent: …)`."""
+        named = ", ".join(f"{u.device} ({u.gate.value}: {u.message})"
+                          for u in self.unhealthy[:5])
+        more = self.unhealthy_count - min(5, len(self.unhealthy))
+        return (f"{self.failed_gate.value if self.failed_gate else 'health'} gate failed on "
+                f"{self.unhealthy_count} of {self.checked} updated devices (budget "
+                f"{self.budget}): {named}" + (f" and {more} more" if more > 0 else ""))
 
 
 @dataclass(frozen=True)
@@ -63,6 +103,7 @@ class RolloutState:
     current_wave: int = 0
     wave_starts: tuple[datetime, ...] = ()  # when each wave up to the current one started
     wave_completed_at: datetime | None = None
+    gate_failure: GateVerdict | None = None  # the gate verdict an abort was decided on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +119,7 @@ class RolloutPlan:
     outcomes: dict[str, DeviceOutcome] = field(default_factory=dict)
     reason: str = ""
     message: str = ""
+    gate: GateVerdict | None = None
 
     @property
     def progress(self) -> str:
@@ -113,10 +155,34 @@ def cumulative_waves(spec: FirmwareReleaseSpec, total: int) -> list[int]:
 
 def failure_budget(spec: FirmwareReleaseSpec, attempted: int) -> int:
     """How many failed or timed-out devices are tolerated among those attempted so far."""
-    budget = spec.strategy.failure_budget
+    return _budget(spec.strategy.failure_budget, attempted)
+
+
+def _budget(budget: Amount, among: int) -> int:
     if budget.count is not None:
         return budget.count
-    return math.floor((budget.percent or 0) * attempted / 100)
+    return math.floor((budget.percent or 0) * among / 100)
+
+
+def judge_wave(gate: HealthGate, wave: int, updated: list[DeviceFirmware],
+               completed_at: datetime, observed_since: datetime, now: datetime) -> GateVerdict:
+    """The health gate after a wave completed, over every device updated so far.
+
+    The soak runs `soakSeconds` from the wave's completion, or from when the operator began
+    watching health if that is later (after a restart it watches a full soak again)."""
+    start = max(completed_at, observed_since)
+    until = start + timedelta(seconds=gate.soak_seconds)
+    over = now >= until
+    unhealthy = [u for d in updated if (u := judge_device(
+        gate, d.name, d.health, updated_by=completed_at, soak_start=start,
+        soak_over=over)) is not None]
+    budget = _budget(gate.unhealthy_budget, len(updated))
+    state = GateState.FAILED if len(unhealthy) > budget else \
+        GateState.PASSED if over else GateState.SOAKING
+    return GateVerdict(state=state, wave=wave, soak_started_at=start, soak_until=until,
+                       checked=len(updated), budget=budget,
+                       unhealthy=tuple(unhealthy[:MAX_NAMED_DEVICES]),
+                       unhealthy_count=len(unhealthy))
 
 
 def outcome(device: DeviceFirmware, version: str, started: bool, deadline_passed: bool
@@ -145,8 +211,12 @@ def _reported_state(device: DeviceFirmware) -> OtaState | None:
 
 
 def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[DeviceFirmware],
-                 state: RolloutState, now: datetime) -> RolloutPlan:
-    """Decide the rollout's next step from what the devices report."""
+                 state: RolloutState, now: datetime, *,
+                 health_observed_since: datetime | None = None) -> RolloutPlan:
+    """Decide the rollout's next step from what the devices report.
+
+    With a health gate, `health_observed_since` is when the health tracker the devices'
+    `health` comes from began watching (None: as long as anyone can tell)."""
     ordered = rollout_order(release_uid, [d.name for d in devices])
     by_name = {d.name: d for d in devices}
     waves = cumulative_waves(spec, len(ordered))
@@ -169,14 +239,21 @@ def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[Devi
 
     def plan(phase: ReleasePhase, send: tuple[str, ...], reason: str, message: str,
              completed: datetime | None = state.wave_completed_at,
-             back: tuple[str, ...] = ()) -> RolloutPlan:
+             back: tuple[str, ...] = (), gate: GateVerdict | None = None) -> RolloutPlan:
         return RolloutPlan(phase=phase, current_wave=wave, waves_total=len(waves),
                            wave_starts=starts, wave_completed_at=completed, send_job=send,
                            roll_back=back, counts=counts, outcomes=outcomes, reason=reason,
-                           message=message)
+                           message=message, gate=gate)
 
+    # Past the health gate, every device that got the job goes back, not only the failed ones:
+    # they all run (or may run) the firmware the gate found unhealthy.
+    updated_back = tuple(n for n in ordered if outcomes[n] is not DeviceOutcome.WAITING) \
+        if spec.strategy.on_failure is FailureAction.ROLLBACK else ()
     if state.phase is ReleasePhase.SUPERSEDED:
         return plan(state.phase, (), "Superseded", "a newer release targets these devices")
+    if state.phase is ReleasePhase.ABORTED and state.gate_failure is not None:
+        return plan(ReleasePhase.ABORTED, (), HEALTH_GATE_FAILED, state.gate_failure.summary(),
+                    state.wave_completed_at or now, updated_back, state.gate_failure)
     if state.phase is ReleasePhase.ABORTED or bad > failure_budget(spec, attempted):
         # Level-triggered: an aborted rollout keeps asking for the rollback until it is done.
         return plan(ReleasePhase.ABORTED, (), "FailureBudgetExceeded",
@@ -185,13 +262,34 @@ def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[Devi
                     state.wave_completed_at or now, roll_back)
     wave_done = all(outcomes[n].terminal for n in in_wave)
     completed_at = state.wave_completed_at or (now if wave_done else None)
-    if state.phase is ReleasePhase.SUCCEEDED or (wave_done and wave == len(waves) - 1):
+    if state.phase is ReleasePhase.SUCCEEDED:
         return plan(ReleasePhase.SUCCEEDED, in_wave, "RolloutComplete",
                     f"{counts.succeeded} of {len(ordered)} devices run {spec.version}",
                     completed_at)
+    gate = spec.strategy.health_gate
+    verdict = None
+    if gate is not None and completed_at is not None:
+        updated = [by_name[n] for n in in_wave if outcomes[n] is DeviceOutcome.SUCCEEDED]
+        verdict = judge_wave(gate, wave, updated, completed_at,
+                             health_observed_since or completed_at, now)
+        if verdict.state is GateState.FAILED:
+            return plan(ReleasePhase.ABORTED, (), HEALTH_GATE_FAILED, verdict.summary(),
+                        completed_at, updated_back, verdict)
+    soaking = verdict is not None and verdict.state is GateState.SOAKING
+    if wave_done and wave == len(waves) - 1 and not soaking:
+        return plan(ReleasePhase.SUCCEEDED, in_wave, "RolloutComplete",
+                    f"{counts.succeeded} of {len(ordered)} devices run {spec.version}",
+                    completed_at, gate=verdict)
     if spec.paused:
         return plan(ReleasePhase.PAUSED, in_wave, "Paused",
-                    f"paused in wave {wave}; no new wave starts", completed_at)
+                    f"paused in wave {wave}; no new wave starts", completed_at, gate=verdict)
+    if soaking:
+        assert verdict is not None and verdict.soak_until is not None
+        return plan(ReleasePhase.PROGRESSING, in_wave, "SoakingWave",
+                    f"wave {wave} of {len(waves) - 1} complete; the {verdict.checked} devices "
+                    f"updated so far must stay healthy until {_wire(verdict.soak_until)} "
+                    f"({verdict.unhealthy_count} unhealthy, {verdict.budget} allowed)",
+                    completed_at, gate=verdict)
     pause = timedelta(seconds=spec.strategy.pause_between_waves_seconds)
     if completed_at is not None and now >= completed_at + pause:
         wave += 1
@@ -204,7 +302,11 @@ def plan_rollout(spec: FirmwareReleaseSpec, release_uid: str, devices: list[Devi
     return plan(ReleasePhase.PROGRESSING, in_wave,
                 "WaveInProgress" if completed_at is None else "PausingBetweenWaves",
                 f"wave {wave} of {len(waves) - 1}: {waves[wave]} devices have the job",
-                completed_at)
+                completed_at, gate=verdict)
+
+
+def _wire(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def _outcomes(spec: FirmwareReleaseSpec, ordered: list[str], by_name: dict[str, DeviceFirmware],

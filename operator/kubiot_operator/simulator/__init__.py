@@ -9,6 +9,12 @@ from kubiot_operator.simulator.artifacts import (
 )
 from kubiot_operator.simulator.credentials import BundleIncomplete, DeviceCredentials
 from kubiot_operator.simulator.device import OtaReport, SimulatedDevice
+from kubiot_operator.simulator.faults import (
+    SIMULATE_ANNOTATION,
+    Faults,
+    HealthFault,
+    parse_faults,
+)
 from kubiot_operator.simulator.fleet import Fleet
 from kubiot_operator.simulator.ota import (
     FirmwareJob,
@@ -20,12 +26,15 @@ from kubiot_operator.simulator.ota import (
 from kubiot_operator.simulator.scenario import InstallResult, Scenario
 
 __all__ = [
+    "SIMULATE_ANNOTATION",
     "ArtifactSource",
     "ArtifactUnavailable",
     "BundleIncomplete",
     "DeviceCredentials",
+    "Faults",
     "FirmwareJob",
     "Fleet",
+    "HealthFault",
     "InstallResult",
     "JobRefused",
     "OtaReport",
@@ -35,6 +44,7 @@ __all__ = [
     "SyntheticArtifacts",
     "UrlArtifacts",
     "check_image",
+    "parse_faults",
     "parse_job",
     "synthetic_image",
 ]

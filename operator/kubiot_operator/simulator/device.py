@@ -8,6 +8,9 @@ command's correlation data, keeping each answer until a PUBACK with reason 0, as
 
 Telemetry is sampled at a steady rate whether or not the device is connected, and kept in an
 outbox until a PUBACK with reason 0 (see `outbox.py`); reconnection and resending both back off.
+
+`faults` make it go silent, anomalous or offline once it runs a given version (`faults.py`),
+so a release's health gate can be tried on a fleet that acknowledges a bad update.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from kubiot_contract.topics import (
 from .artifacts import ArtifactSource, ArtifactUnavailable, SyntheticArtifacts
 from .commands import Effect, Received
 from .credentials import DeviceCredentials
+from .faults import ANOMALOUS_TEMPERATURE, Faults, HealthFault
 from .ota import FirmwareJob, JobRefused, Refusal, check_image, parse_job, status_payload
 from .outbox import DEFAULT_CAPACITY, PendingTelemetry, RetryPolicy, TelemetryOutbox
 from .puback import PubackPublisher
@@ -82,9 +86,12 @@ class SimulatedDevice:
                  reconnect: RetryPolicy = RECONNECT,
                  outbox_capacity: int = DEFAULT_CAPACITY,
                  jitter: Callable[[], float] = random.random,
-                 reboot_seconds: float = 1.0, command_seconds: float = 0.0) -> None:
+                 reboot_seconds: float = 1.0, command_seconds: float = 0.0,
+                 faults: Faults | None = None) -> None:
         self.credentials = credentials
-        self.firmware = firmware
+        self._fault_changed = asyncio.Event()
+        self._firmware = firmware
+        self._faults = faults or Faults()
         self.scenario = scenario or Scenario()
         self._artifacts = artifacts or SyntheticArtifacts()
         self._telemetry_seconds = telemetry_seconds
@@ -136,6 +143,7 @@ class SimulatedDevice:
         try:
             while True:
                 before = self.connects
+                await self._until_fault(offline=False)
                 try:
                     await self._session()
                 except aiomqtt.MqttError as exc:
@@ -179,7 +187,8 @@ class SimulatedDevice:
                 # Any of these ending ends the session: a lost connection, a PUBACK that never
                 # came, or a reboot asked for by a command.
                 await until_one_ends(self._receive(client), self._telemetry.run(publisher),
-                                     self.commands.deliver(publisher), self._until_reboot())
+                                     self.commands.deliver(publisher), self._until_reboot(),
+                                     self._until_offline())
             finally:
                 await self._cancel_job()
         finally:
@@ -220,22 +229,52 @@ class SimulatedDevice:
             self.desired = {k: v for k, v in desired.items() if k != "firmware"}
             await self._report_state()
 
+    @property
+    def firmware(self) -> str:
+        """The version the device runs."""
+        return self._firmware
+
+    @firmware.setter
+    def firmware(self, version: str) -> None:
+        self._firmware = version
+        self._fault_changed.set()
+
+    @property
+    def faults(self) -> Faults:
+        """The health faults it shows by firmware version (see `faults.py`)."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        self._fault_changed.set()
+
+    @property
+    def fault(self) -> HealthFault | None:
+        """The health fault the device shows with the firmware it runs now."""
+        return self.faults.active(self.firmware)
+
     def telemetry_sample(self, seq: int) -> dict[str, Any]:
         """One telemetry payload in the platform's format."""
+        temperature = ANOMALOUS_TEMPERATURE if self.fault is HealthFault.ANOMALOUS else \
+            round(21.0 + 3.0 * math.sin(seq / 10), 3)
         return {"v": CURRENT_VERSION, "ts": self._clock().isoformat(), "seq": seq,
-                "values": {"temperature": round(21.0 + 3.0 * math.sin(seq / 10), 3),
-                           "firmware": self.firmware}}
+                "values": {"temperature": temperature, "firmware": self.firmware}}
 
     async def _sample_telemetry(self) -> None:
-        """One sample every `telemetry_seconds`, on a fixed schedule, connected or not."""
+        """One sample every `telemetry_seconds`, on a fixed schedule, connected or not (none
+        while the device shows the silent fault)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        ticks = self.telemetry_sampled  # the schedule counts samples, and ticks left out
         while True:
-            seq = self.telemetry_sampled
-            sample = json.dumps(self.telemetry_sample(seq)).encode()
-            self._telemetry.add(PendingTelemetry(seq, telemetry_topic(self.root), sample))
-            self.telemetry_sampled += 1
-            await asyncio.sleep(max(0.0, started + self.telemetry_sampled * self._telemetry_seconds
+            ticks += 1
+            if self.fault is not HealthFault.SILENT:
+                seq = self.telemetry_sampled
+                sample = json.dumps(self.telemetry_sample(seq)).encode()
+                self._telemetry.add(PendingTelemetry(seq, telemetry_topic(self.root), sample))
+                self.telemetry_sampled += 1
+            await asyncio.sleep(max(0.0, started + ticks * self._telemetry_seconds
                                     - loop.time()))
     # --- firmware ----------------------------------------------------------------------------
 
@@ -281,6 +320,19 @@ class SimulatedDevice:
     async def _until_reboot(self) -> None:
         """Ends the session when a reboot was asked for (and answered): offline, then back."""
         await self._reboot.wait()
+        await self._publish(presence_topic(self.root), PRESENCE_OFFLINE.encode(), retain=True)
+
+    async def _until_fault(self, *, offline: bool) -> None:
+        """Until the firmware it runs (or its faults) make the device offline, or not."""
+        while (self.fault is HealthFault.OFFLINE) is not offline:
+            self._fault_changed.clear()
+            await self._fault_changed.wait()
+
+    async def _until_offline(self) -> None:
+        """Ends the session when the firmware it runs makes the device go offline for good."""
+        await self._until_fault(offline=True)
+        log.info("device %s goes offline (simulated fault of firmware %s)", self.name,
+                 self.firmware)
         await self._publish(presence_topic(self.root), PRESENCE_OFFLINE.encode(), retain=True)
 
     def _spawn_side(self, work: Any) -> None:
