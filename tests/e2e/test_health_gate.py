@@ -1,7 +1,8 @@
 """Health-gated rollouts end to end on the operator's side: kopf on the Kubernetes emulator, a
 real Mosquitto, simulated devices that acknowledge an update and then go silent, send
-anomalous values or go offline, and health reports published as the tenant's ingest publishes them (a
-stand-in, `tests/support/health_reporter.py`; the local-stack test runs the real ingest).
+anomalous values or go offline, and health reports published as the tenant's ingest publishes
+them (a stand-in, `tests/support/health_reporter.py`; the local-stack test runs the real
+ingest).
 The tests run in order on one fleet."""
 
 from __future__ import annotations
