@@ -10,11 +10,13 @@ fault, which sets this test's length (about 6 minutes).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import ssl
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -168,9 +170,20 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
     client = _device_client(stack, "flood-probe", key).connect()
     try:
         assert client.publish(presence_topic(root), PRESENCE_ONLINE, retain=True).accepted
+        # First a few good samples a second apart, the last far above the example Tenant's
+        # temperature bounds: an anomaly.
+        for temperature in (21.0, 21.5, 22.0, 500.0):
+            assert client.publish(telemetry_topic(root), _sample(temperature)).accepted
+            await asyncio.sleep(1)
         for _ in range(300):
             client.publish(telemetry_topic(root), b"{not json")
-        await _fires(prometheus, stack, "KubiotIngestRejectingMessages")
+        await _fires(prometheus, stack, "KubiotIngestRejectingMessages",
+                     "KubiotTelemetryAnomalies")
+        # Then no telemetry at all while it stays connected: past the Tenant's silence rule
+        # (five of its one-second intervals, and at least 30 s) it is silent, until it sends.
+        await _fires(prometheus, stack, "KubiotDevicesSilent")
+        assert client.publish(telemetry_topic(root), _sample(21.0)).accepted
+        await _resolved(prometheus, "KubiotDevicesSilent")
         assert client.publish(presence_topic(root), PRESENCE_OFFLINE, retain=True).accepted
     finally:
         client.close()
@@ -250,7 +263,7 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
     # The alerts on 5-minute rates resolve once their faults have left the window; then no
     # alert is left at all.
     await _resolved(prometheus, "KubiotIngestRejectingMessages", "KubiotIngestDatabaseErrors",
-                    "KubiotIngestLagHigh", seconds=RESOLVE_SECONDS)
+                    "KubiotIngestLagHigh", "KubiotTelemetryAnomalies", seconds=RESOLVE_SECONDS)
     await async_wait_until(lambda: _no_alerts(prometheus), timeout=RESOLVE_SECONDS, interval=1,
                            message="no alert active")
 
@@ -263,6 +276,11 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
     await async_wait_until(lambda: none_alive(children | {prometheus_pid}), timeout=10,
                            interval=0.2, message="every process of the stack exited")
     print(f"faults fired and resolved in {time.monotonic() - started:.0f} s")
+
+
+def _sample(temperature: float) -> bytes:
+    return json.dumps({"ts": datetime.now(UTC).isoformat(),
+                       "values": {"temperature": temperature}}).encode()
 
 
 async def _ready(stack: Stack) -> bool:

@@ -95,3 +95,18 @@ def test_promtool_tests_cover_firing_and_silence(alert: dict[str, Any]) -> None:
     firing, silent = _promtool_cases().get(alert["alert"], (0, 0))
     assert firing >= 1, f"no promtool case where {alert['alert']} fires"
     assert silent >= 1, f"no promtool case where {alert['alert']} stays silent"
+
+
+@pytest.mark.parametrize("alert", ALERTS, ids=lambda a: a["alert"])
+def test_the_alert_table_lists_each_alert_and_says_how_the_local_e2e_treats_it(
+        alert: dict[str, Any]) -> None:
+    name = alert["alert"]
+    rows = [line for line in OPERATIONS_DOC.read_text().splitlines()
+            if line.startswith(f"| [{name}](#{name.lower()}) |")]
+    assert len(rows) == 1, f"docs/operations.md's alert table has no single row for {name}"
+    e2e = rows[0].rstrip(" |").rsplit(" | ", 1)[-1]
+    if e2e.startswith("not caused"):
+        assert f"\n| {name} | " in OPERATIONS_DOC.read_text(), (
+            f"{name} is not caused locally, but the table of such alerts does not say why")
+    else:
+        assert e2e.startswith("fires and resolves: "), e2e
