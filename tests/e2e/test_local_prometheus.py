@@ -10,6 +10,7 @@ fault, which sets this test's length (about 6 minutes).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from kubiot_contract.topics import (
 from kubiot_operator.local.broker import ADMIN_BUNDLE
 from kubiot_operator.local.postgres import PostgresServer
 from kubiot_operator.local.stack import postgres_home
+from kubiot_operator.simulator import SIMULATE_ANNOTATION, synthetic_image
 from tests.support.dashboards import dashboards, panel_queries
 from tests.support.dynsec import send_commands
 from tests.support.exported_metrics import metric_names_in
@@ -58,17 +60,47 @@ SIMULATED = 4
 #: Metrics of dashboard panels the local stack does not produce, and why: their queries are
 #: run but may come back empty.
 NOT_LOCAL = {
-    "kubiot_rollout_devices": "the local stack runs no FirmwareRelease rollouts",
-    "kubiot_rollouts_aborted_total": "the local stack runs no FirmwareRelease rollouts",
     "kubiot_operator_broker_errors_total":
         "a series appears with the first failed broker call; no fault here fails one for sure",
 }
 
 
+#: A firmware version that makes the simulated pressure sensors send temperatures far above the
+#: example Tenant's bounds once they run it (see simulator/faults.py).
+BAD_VERSION = "9.9.9"
+
+
+def _faulty_firmware(stack: Stack) -> None:
+    """The pressure sensors misbehave on BAD_VERSION (Device annotation kubiot.io/simulate)."""
+    path = stack.manifests / "devices.yaml"
+    devices = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for device in devices:
+        if device["metadata"]["name"] in ("pressure-01", "pressure-02"):
+            device["metadata"].setdefault("annotations", {})[SIMULATE_ANNOTATION] = \
+                f"anomalous@{BAD_VERSION}"
+    path.write_text(yaml.safe_dump_all(devices, sort_keys=False))
+
+
+def _bad_release() -> dict[str, object]:
+    """A release of BAD_VERSION for the pressure sensors, gated on their health."""
+    url = f"https://firmware.acme.example/ps-10/{BAD_VERSION}/ps-10-{BAD_VERSION}.bin"
+    image = synthetic_image(url)
+    return {"apiVersion": "kubiot.io/v1alpha1", "kind": "FirmwareRelease",
+            "metadata": {"name": f"ps-10-{BAD_VERSION}", "namespace": TENANT},
+            "spec": {"version": BAD_VERSION,
+                     "artifact": {"url": url, "sha256": hashlib.sha256(image).hexdigest(),
+                                  "size": len(image)},
+                     "selector": {"model": "ps-10"},
+                     "strategy": {"canary": {"count": 1}, "waves": [100],
+                                  "failureBudget": {"count": 0},
+                                  "healthGate": {"soakSeconds": 30}}}}
+
+
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     with running_stack("--alert-for", str(ALERT_FOR_SECONDS),
-                       "--resync-seconds", str(RESYNC_SECONDS)) as started:
+                       "--resync-seconds", str(RESYNC_SECONDS),
+                       prepare=_faulty_firmware) as started:
         yield started
 
 
@@ -194,6 +226,12 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
     flood_manifest.unlink()
     stray_manifest.unlink()
 
+    # A firmware release whose canary installs it and then sends anomalous values: its health
+    # gate aborts it and the canary is rolled back. Kept until the panels are checked.
+    release_manifest = _write_manifest(stack, "bad-release", _bad_release())
+    await _fires(prometheus, stack, "KubiotRolloutAborted")
+    assert await _has_series(prometheus, "kubiot_rollout_health_gate_failures_total")
+
     # PostgreSQL stops: the ingest reports the database down and counts failed writes.
     database = PostgresServer(postgres_home(stack.root), port=stack.postgres_port, durable=True)
     database.stop()
@@ -259,6 +297,10 @@ async def test_every_dashboard_query_answers_and_faults_fire_and_resolve_alerts(
             if not await prometheus.query(query.expr):
                 empty.append(f"{query}: {query.expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+    # The aborted release is deleted: its series go, and its alert with them.
+    release_manifest.unlink()
+    await _resolved(prometheus, "KubiotRolloutAborted")
 
     # The alerts on 5-minute rates resolve once their faults have left the window; then no
     # alert is left at all.
