@@ -30,6 +30,10 @@ from kubiot_operator.settings import OperatorSettings
 from .runtime import Runtime, post_event
 
 FINALIZER = f"{API_GROUP}/cleanup"
+#: How a planned recheck's TemporaryError starts (see PlannedRecheckFilter).
+PLANNED_RECHECK = "recheck planned"
+#: The logger kopf reports handler outcomes on, and posts events from.
+KOPF_OBJECTS_LOGGER = "kopf.objects"
 RETRY_SECONDS = 10.0
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
 TRANSIENT = (BrokerError, MessengerUnavailable, KubeError, OSError)
@@ -164,8 +168,25 @@ class Operator:
         if outcome.retry_after is not None:
             if not outcome.planned:
                 self.runtime.metrics.reconcile_errors.labels(kind, outcome.retry_reason).inc()
-            # kopf re-runs a handler only after an exception; a planned recheck is one too.
-            raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
+                raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
+            # kopf re-runs a handler only after an exception; a planned recheck is one too,
+            # marked so that PlannedRecheckFilter keeps it out of the log and the events.
+            raise kopf.TemporaryError(f"{PLANNED_RECHECK}: {outcome.retry_reason}",
+                                      delay=outcome.retry_after)
+
+
+class PlannedRecheckFilter(logging.Filter):
+    """kopf logs every `TemporaryError` at ERROR and posts it as an Error event on the object.
+    A planned recheck (the next step of a rollout or a command) is no error: its record goes
+    down to DEBUG, so a rollout in progress does not post an Error event every few seconds;
+    it is kept only where DEBUG is enabled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and \
+                f"failed temporarily: {PLANNED_RECHECK}" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
 
 
 def _configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
@@ -176,6 +197,9 @@ def _configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSett
         prefix=API_GROUP, key="last-handled-configuration")
     kopf_settings.execution.max_workers = settings.max_workers
     kopf_settings.posting.level = logging.INFO
+    objects_logger = logging.getLogger(KOPF_OBJECTS_LOGGER)
+    if not any(isinstance(f, PlannedRecheckFilter) for f in objects_logger.filters):
+        objects_logger.addFilter(PlannedRecheckFilter())
     kopf_settings.watching.server_timeout = 600
     kopf_settings.networking.request_timeout = 60
 
@@ -185,4 +209,4 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     return {key: body[key] for key in body}
 
 
-__all__ = ["FINALIZER", "LoginFn", "Operator", "default_login"]
+__all__ = ["FINALIZER", "LoginFn", "Operator", "PlannedRecheckFilter", "default_login"]
