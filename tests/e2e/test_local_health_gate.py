@@ -6,7 +6,6 @@ soaks and completes."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +14,7 @@ import yaml
 
 from kubiot_operator.kube.client import DEVICES, FIRMWARERELEASES, KubeKind
 from kubiot_operator.local.objects import FileObjects
-from kubiot_operator.simulator import SIMULATE_ANNOTATION, synthetic_image
-from tests.support.local_stack import Stack, running_stack
+from tests.support.local_stack import Stack, pressure_sensor_release, running_stack
 from tests.support.waiting import async_wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -37,12 +35,7 @@ def prepare(stack: Stack) -> None:
         "reportSeconds": 1}
     tenant_file.write_text(yaml.safe_dump(tenant, sort_keys=False))
 
-    devices_file = stack.manifests / "devices.yaml"
-    devices = [d for d in yaml.safe_load_all(devices_file.read_text()) if d]
-    for device in devices:
-        if device["metadata"]["name"] in SENSORS:
-            device["metadata"].setdefault("annotations", {})[SIMULATE_ANNOTATION] = FAULTS
-    devices_file.write_text(yaml.safe_dump_all(devices, sort_keys=False))
+    stack.simulate_faults(SENSORS, FAULTS)
 
     release_file = stack.manifests / "firmware-release.yaml"
     release = yaml.safe_load(release_file.read_text())
@@ -52,18 +45,10 @@ def prepare(stack: Stack) -> None:
 
 def release(version: str, **gate: Any) -> dict[str, Any]:
     """A release of `version` for both sensors: the canary alone, then the other."""
-    url = f"https://firmware.acme.example/ps-10/{version}/ps-10-{version}.bin"
-    image = synthetic_image(url)
-    return {"apiVersion": "kubiot.io/v1alpha1", "kind": "FirmwareRelease",
-            "metadata": {"name": f"ps-10-{version}", "namespace": NAMESPACE},
-            "spec": {"version": version,
-                     "artifact": {"url": url, "sha256": hashlib.sha256(image).hexdigest(),
-                                  "size": len(image)},
-                     "selector": {"model": "ps-10"},
-                     "strategy": {"canary": {"count": 1}, "waves": [100],
-                                  "pauseBetweenWavesSeconds": 1, "failureBudget": {"count": 0},
-                                  "progressDeadlineSeconds": 60,
-                                  "healthGate": {"soakSeconds": 10, **gate}}}}
+    return pressure_sensor_release(version, NAMESPACE, {
+        "canary": {"count": 1}, "waves": [100], "pauseBetweenWavesSeconds": 1,
+        "failureBudget": {"count": 0}, "progressDeadlineSeconds": 60,
+        "healthGate": {"soakSeconds": 10, **gate}})
 
 
 @pytest.fixture

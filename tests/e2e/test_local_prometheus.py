@@ -10,7 +10,6 @@ fault, which sets this test's length (about 6 minutes).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -37,11 +36,16 @@ from kubiot_contract.topics import (
 from kubiot_operator.local.broker import ADMIN_BUNDLE
 from kubiot_operator.local.postgres import PostgresServer
 from kubiot_operator.local.stack import postgres_home
-from kubiot_operator.simulator import SIMULATE_ANNOTATION, synthetic_image
 from tests.support.dashboards import dashboards, panel_queries
 from tests.support.dynsec import send_commands
 from tests.support.exported_metrics import metric_names_in
-from tests.support.local_stack import Stack, descendants, none_alive, running_stack
+from tests.support.local_stack import (
+    Stack,
+    descendants,
+    none_alive,
+    pressure_sensor_release,
+    running_stack,
+)
 from tests.support.mqtt_client import MqttTestClient
 from tests.support.pki import make_csr
 from tests.support.prometheus_api import PrometheusApi
@@ -72,28 +76,14 @@ BAD_VERSION = "9.9.9"
 
 def _faulty_firmware(stack: Stack) -> None:
     """The pressure sensors misbehave on BAD_VERSION (Device annotation kubiot.io/simulate)."""
-    path = stack.manifests / "devices.yaml"
-    devices = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for device in devices:
-        if device["metadata"]["name"] in ("pressure-01", "pressure-02"):
-            device["metadata"].setdefault("annotations", {})[SIMULATE_ANNOTATION] = \
-                f"anomalous@{BAD_VERSION}"
-    path.write_text(yaml.safe_dump_all(devices, sort_keys=False))
+    stack.simulate_faults(("pressure-01", "pressure-02"), f"anomalous@{BAD_VERSION}")
 
 
 def _bad_release() -> dict[str, object]:
     """A release of BAD_VERSION for the pressure sensors, gated on their health."""
-    url = f"https://firmware.acme.example/ps-10/{BAD_VERSION}/ps-10-{BAD_VERSION}.bin"
-    image = synthetic_image(url)
-    return {"apiVersion": "kubiot.io/v1alpha1", "kind": "FirmwareRelease",
-            "metadata": {"name": f"ps-10-{BAD_VERSION}", "namespace": TENANT},
-            "spec": {"version": BAD_VERSION,
-                     "artifact": {"url": url, "sha256": hashlib.sha256(image).hexdigest(),
-                                  "size": len(image)},
-                     "selector": {"model": "ps-10"},
-                     "strategy": {"canary": {"count": 1}, "waves": [100],
-                                  "failureBudget": {"count": 0},
-                                  "healthGate": {"soakSeconds": 30}}}}
+    return pressure_sensor_release(BAD_VERSION, TENANT, {
+        "canary": {"count": 1}, "waves": [100], "failureBudget": {"count": 0},
+        "healthGate": {"soakSeconds": 30}})
 
 
 @pytest.fixture

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from kubiot_operator.local.ports import free_port
+from kubiot_operator.simulator import SIMULATE_ANNOTATION, synthetic_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,8 +88,33 @@ class Stack:
                 document["spec"]["suspended"] = suspended
         path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
 
+    def simulate_faults(self, devices: tuple[str, ...], faults: str) -> None:
+        """Annotate Devices' manifests with what their simulation does on which firmware
+        (`kubiot.io/simulate`, see simulator/faults.py)."""
+        path = self.manifests / "devices.yaml"
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        for document in documents:
+            if document["metadata"]["name"] in devices:
+                document["metadata"].setdefault("annotations", {})[SIMULATE_ANNOTATION] = faults
+        path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+
     def device_files(self, device: str) -> Path:
         return self.root / "devices" / "acme" / device
+
+
+def pressure_sensor_release(version: str, namespace: str, strategy: Mapping[str, Any]
+                            ) -> dict[str, Any]:
+    """A FirmwareRelease of `version` for the example's pressure sensors (model ps-10), whose
+    artifact is the synthetic image the simulated devices download for its URL."""
+    url = f"https://firmware.acme.example/ps-10/{version}/ps-10-{version}.bin"
+    image = synthetic_image(url)
+    return {"apiVersion": "kubiot.io/v1alpha1", "kind": "FirmwareRelease",
+            "metadata": {"name": f"ps-10-{version}", "namespace": namespace},
+            "spec": {"version": version,
+                     "artifact": {"url": url, "sha256": hashlib.sha256(image).hexdigest(),
+                                  "size": len(image)},
+                     "selector": {"model": "ps-10"},
+                     "strategy": dict(strategy)}}
 
 
 @contextmanager
