@@ -1,9 +1,10 @@
 """Ingest throughput, latency and memory, beside a row-per-message baseline and the broker.
 
-    .venv/bin/python bench/bench_ingest.py [--seconds N] [--publishers P]
+    .venv/bin/python bench/bench_ingest.py [--seconds N] [--publishers P] [--live-devices D]
 
 Starts its own PostgreSQL and Mosquitto on free loopback ports, and `mosquitto_pub -l`
-publisher processes sending QoS 1 telemetry (one device each, three metrics per message).
+publisher processes sending QoS 1 telemetry for the backlogs (one device each, three metrics
+per message).
 
 Each consumer has a persistent session; while it is away, the publishers fill the broker with
 a backlog of the same size for each, then the consumer is started and timed while it takes
@@ -14,8 +15,9 @@ the backlog, so that only the broker, the consumer and PostgreSQL share the mach
      through the primary key on one connection (counting the rows would load the server);
 while (3) runs, the CPU time each party spends per message: the ingest process's event-loop
 thread and its other threads, its PostgreSQL backend, and the broker; then, live:
-  4. end-to-end latency (device timestamp to row written) with the publishers sending at half
-     of (3);
+  4. end-to-end latency (device timestamp to row written) with devices sending at half of
+     (3), live: bench/paced_publisher.py, 30 devices by default, each stamping its samples
+     just before it publishes them (its docstring says why it is not `mosquitto_pub -l`);
   5. the ingest process's peak RSS over the whole run;
 then, without MQTT, in this process, on messages built like the published ones:
   6. the database ceiling: how fast the product's PostgreSQL sink (same settings, schema,
@@ -145,30 +147,6 @@ class Publishers:
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for i in range(count)]
         self.sent = 0
-
-    def paced(self, seconds: float, rate: float, seq_base: int) -> None:
-        """`rate` messages per second in total, each stamped with the time it is written."""
-        tick = 0.005
-        per_tick = rate * tick / len(self.processes)
-        owed = [0.0] * len(self.processes)
-        seqs = [seq_base + i * 100_000_000 for i in range(len(self.processes))]
-        started = time.monotonic()
-        next_tick = started
-        while time.monotonic() - started < seconds:
-            for index, process in enumerate(self.processes):
-                assert process.stdin is not None
-                owed[index] += per_tick
-                n = int(owed[index])
-                owed[index] -= n
-                if n:
-                    now = time.time()
-                    process.stdin.write(b"".join(payload_line(seqs[index] + k, now)
-                                                 for k in range(n)))
-                    process.stdin.flush()
-                    seqs[index] += n
-                    self.sent += n
-            next_tick += tick
-            time.sleep(max(0.0, next_tick - time.monotonic()))
 
     def close(self) -> None:
         """Close stdin so each publisher sends what it has read, waits for PUBACKs, and exits."""
@@ -474,8 +452,18 @@ class CpuProbe:
                 for name in last if name in first}
 
 
+def paced_publishers(access: BrokerAccess, devices: int, rate: float, seconds: float) -> int:
+    """Run bench/paced_publisher.py; returns how many messages it sent (all acknowledged)."""
+    answer = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("paced_publisher.py")), access.host,
+         str(access.port), access.publisher_username, access.publisher_password, TENANT,
+         "latency", str(devices), f"{rate:.1f}", str(seconds)],
+        check=True, stdout=subprocess.PIPE, timeout=seconds + 120)
+    return int(answer.stdout)
+
+
 def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
-                   seconds: float, workdir: Path, figures: Figures,
+                   seconds: float, live_devices: int, workdir: Path, figures: Figures,
                    broker_pid: int | None) -> None:
     prepare_latency_column(dsn)
     env = ingest_env(access, dsn)
@@ -502,10 +490,8 @@ def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
                                "WHERE device LIKE 'peak-%'")
         assert stored == total * METRICS_PER_MESSAGE, f"{stored} rows for {total} messages"
         figures.latency_rate = figures.ingest / 2
-        pubs = Publishers(access, publishers, "latency")
-        pubs.paced(seconds, figures.latency_rate, 0)
-        pubs.close()
-        figures.latency_sent = pubs.sent
+        figures.latency_sent = paced_publishers(access, live_devices, figures.latency_rate,
+                                                seconds)
         drain(dsn, f"SELECT count(*) FROM {SCHEMA}.telemetry", quiet_for=2.0)
 
         async def quantiles() -> tuple[float, float, int]:
@@ -776,7 +762,10 @@ def main() -> int:
                         help="longest a consumer is timed, and the length of the latency phase")
     parser.add_argument("--messages", type=int, default=90_000,
                         help="backlog per consumer (the broker queues at most 100000)")
-    parser.add_argument("--publishers", type=int, default=3, help="publisher processes")
+    parser.add_argument("--publishers", type=int, default=3,
+                        help="publisher processes filling the backlogs")
+    parser.add_argument("--live-devices", type=int, default=30,
+                        help="devices (connections) sending the live phase's messages")
     parser.add_argument("--baseline-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -795,8 +784,8 @@ def main() -> int:
         print(f"  broker ceiling (mosquitto_sub)      {figures.ceiling:10.0f} msg/s", flush=True)
         figures.baseline = baseline(access, admin, pg.dsn, args.publishers, total, args.seconds)
         print(f"  baseline (INSERT per message)       {figures.baseline:10.0f} msg/s", flush=True)
-        ingest_figures(access, pg.dsn, args.publishers, total, args.seconds, workdir, figures,
-                       broker.pid)
+        ingest_figures(access, pg.dsn, args.publishers, total, args.seconds, args.live_devices,
+                       workdir, figures, broker.pid)
         print(f"  kubiot-ingest (committed + acked)   {figures.ingest:10.0f} msg/s "
               f"({figures.ingest * METRICS_PER_MESSAGE:.0f} rows/s)", flush=True)
         database_figures(access, pg.dsn, args.publishers, total, figures)
