@@ -10,16 +10,16 @@ messages sent once every one of them is acknowledged, and fails if the broker re
 
 Why not `mosquitto_pub -l`: a device sending thousands of messages a second through a window
 of 20 (Mosquitto's receive maximum) turns into one round trip per PUBACK, and the publisher's
-and the broker's cost of that ping-pong, on the two cores the ingest and PostgreSQL share,
+and the broker's cost of that ping-pong, on the two CPUs the ingest and PostgreSQL share,
 outweighs the ingest's own. Spreading the same rate over enough devices that the window never
-fills, and writing each tick's messages in one go, leaves the broker and the ingest the same
-messages to handle with much less said about them.
+fills, writing each tick's messages in one go, and reading the acknowledgements once a tick
+(plain sockets, one process, asleep between ticks) leaves the broker and the ingest the same
+messages to handle while the devices themselves cost the machine little.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import socket
 import sys
 import time
 from collections import deque
@@ -29,6 +29,12 @@ import mqtt5
 from kubiot_contract.topics import device_root
 
 TICK_S = 0.005
+CONNECT_TIMEOUT_S = 10.0
+#: How long the last acknowledgements may take once everything is sent.
+SETTLE_TIMEOUT_S = 60.0
+PUBLISH_QOS1 = 0x32
+PUBACK = 4
+#: Reason codes from 0x80 up say a request failed (MQTT 5, 2.4).
 REFUSED = 0x80
 
 
@@ -50,73 +56,96 @@ def _varint(n: int) -> bytes:
 def publish_packet(topic: bytes, packet_id: int, body: bytes) -> bytes:
     """A QoS 1 PUBLISH without properties (MQTT 5, 3.3), `topic` already length-prefixed."""
     rest = topic + packet_id.to_bytes(2, "big") + b"\x00" + body
-    return b"\x32" + _varint(len(rest)) + rest
+    return bytes([PUBLISH_QOS1]) + _varint(len(rest)) + rest
 
 
-class Device(asyncio.Protocol):
-    def __init__(self, topic: str) -> None:
+def split_packets(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The whole packets at the start of `buffer` as (type, variable header and payload), and
+    what is left of a packet still on its way."""
+    packets = []
+    at = 0
+    while at + 2 <= len(buffer):
+        length, shift, cursor = 0, 0, at + 1
+        while cursor < len(buffer):
+            byte = buffer[cursor]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            cursor += 1
+            if not byte & 0x80:
+                break
+        else:
+            break  # the length itself is not all here yet
+        if cursor + length > len(buffer):
+            break
+        packets.append((buffer[at] >> 4, buffer[cursor:cursor + length]))
+        at = cursor + length
+    return packets, buffer[at:]
+
+
+class Device:
+    """One device's connection: sends what the receive maximum allows, counts PUBACKs."""
+
+    def __init__(self, host: str, port: int, client_id: str, username: str, password: str,
+                 topic: str) -> None:
         encoded = topic.encode()
         self.topic = len(encoded).to_bytes(2, "big") + encoded
-        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.receive_max = 65535
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(mqtt5.ConnectPacket(client_id=client_id, username=username,
+                                              password=password.encode(),
+                                              clean_start=True).write())
+        self.receive_max = self._connack()
+        self.sock.setblocking(False)
         self.in_flight = 0
-        #: PUBACKs with a failure reason code (0x80 and up).
+        #: PUBACKs with a failure reason code.
         self.refused = 0
         self.waiting: deque[bytes] = deque()
         self._next_id = 1
-        self._idle = asyncio.Event()
         self._buffer = b""
-        self._transport: asyncio.Transport | None = None
+        self._unsent = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.connected.done():
-            self.connected.set_exception(ConnectionError("connection closed before CONNACK"))
-        elif self.waiting or self.in_flight:
-            print(f"connection lost with {self.in_flight + len(self.waiting)} messages "
-                  "unacknowledged", file=sys.stderr)
-
-    def send(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        used = 0
-        while used < len(buffer):
+    def _connack(self) -> int:
+        data = b""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the broker closed the connection before its CONNACK")
+            data += chunk
             try:
-                packet, size = mqtt5.read(memoryview(buffer)[used:])
+                answer, _ = mqtt5.read(memoryview(data))
             except IndexError:
-                break  # the rest of the packet is still on its way
-            used += size
-            if isinstance(packet, mqtt5.PubAckPacket):
-                self.in_flight -= 1
-                if int(packet.reason_code) >= REFUSED:
-                    self.refused += 1
-            elif isinstance(packet, mqtt5.ConnAckPacket):
-                if packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
-                    self.connected.set_exception(ConnectionError(
-                        f"the broker refused the connection: {packet.reason_code.name}"))
-                    return
-                self.receive_max = packet.receive_max or 65535
-                self.connected.set_result(None)
-            else:
-                raise RuntimeError(f"unexpected packet {packet!r}")
-        self._buffer = buffer[used:]
-        self.flush()
-        if not self.waiting and not self.in_flight:
-            self._idle.set()
+                continue  # the rest of the CONNACK is still on its way
+            if not isinstance(answer, mqtt5.ConnAckPacket):
+                raise ConnectionError(f"expected a CONNACK, got {answer!r}")
+            if answer.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+                raise ConnectionError(
+                    f"the broker refused the connection: {answer.reason_code.name}")
+            return int(answer.receive_max or 65535)
 
-    async def settled(self) -> None:
-        """Until everything given to this device is acknowledged."""
-        if self.waiting or self.in_flight:
-            self._idle.clear()
-            await self._idle.wait()
+    def read_acks(self) -> None:
+        """Take every acknowledgement that has arrived, without waiting for more."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise ConnectionError(f"the broker closed the connection with {self.in_flight} "
+                                      "messages unacknowledged")
+            self._buffer += chunk
+        packets, self._buffer = split_packets(self._buffer)
+        for kind, rest in packets:
+            if kind != PUBACK:
+                raise ConnectionError(f"unexpected packet of type {kind} from the broker")
+            self.in_flight -= 1
+            if len(rest) > 2 and rest[2] >= REFUSED:
+                self.refused += 1
 
-    def flush(self) -> None:
+    @property
+    def unsent(self) -> int:
+        return len(self._unsent)
+
+    def send(self) -> None:
         """Send what the receive maximum allows, in one write."""
         out = []
         while self.waiting and self.in_flight < self.receive_max:
@@ -124,21 +153,20 @@ class Device(asyncio.Protocol):
             self._next_id = self._next_id % 65535 + 1
             self.in_flight += 1
         if out:
-            self.send(b"".join(out))
+            self._unsent += b"".join(out)
+        if self._unsent:
+            try:
+                done = self.sock.send(self._unsent)
+            except BlockingIOError:
+                done = 0  # the socket's buffer is full: the rest goes with the next tick
+            self._unsent = self._unsent[done:]
 
 
-async def run(host: str, port: int, username: str, password: str, tenant: str, prefix: str,
-              devices: int, rate: float, seconds: float) -> int:
-    loop = asyncio.get_running_loop()
-    fleet: list[Device] = []
-    for index in range(devices):
-        name = f"{prefix}-{index}"
-        topic = f"{device_root(tenant, name)}/telemetry"
-        _, device = await loop.create_connection(functools.partial(Device, topic), host, port)
-        device.send(mqtt5.ConnectPacket(client_id=f"bench-{name}", username=username,
-                                        password=password.encode(), clean_start=True).write())
-        await device.connected
-        fleet.append(device)
+def run(host: str, port: int, username: str, password: str, tenant: str, prefix: str,
+        devices: int, rate: float, seconds: float) -> int:
+    fleet = [Device(host, port, f"bench-{prefix}-{index}", username, password,
+                    f"{device_root(tenant, f'{prefix}-{index}')}/telemetry")
+             for index in range(devices)]
     per_tick = rate * TICK_S / devices
     owed = [0.0] * devices
     seqs = [0] * devices
@@ -146,29 +174,38 @@ async def run(host: str, port: int, username: str, password: str, tenant: str, p
     started = next_tick = time.monotonic()
     while time.monotonic() - started < seconds:
         for index, device in enumerate(fleet):
+            device.read_acks()
             owed[index] += per_tick
             count = int(owed[index])
             if count:
                 owed[index] -= count
                 now = time.time()
                 device.waiting.extend(payload(seqs[index] + k, now) for k in range(count))
-                device.flush()
                 seqs[index] += count
                 sent += count
+            device.send()
         next_tick += TICK_S
-        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
-    await asyncio.gather(*(device.settled() for device in fleet))
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while any(device.waiting or device.in_flight or device.unsent for device in fleet):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the broker did not acknowledge every message")
+        time.sleep(TICK_S)
+        for device in fleet:
+            device.read_acks()
+            device.send()
     refused = sum(device.refused for device in fleet)
     if refused:
         raise RuntimeError(f"the broker refused {refused} of {sent} messages")
+    for device in fleet:
+        device.sock.close()
     return sent
 
 
 def main() -> int:
     host, port, username, password, tenant, prefix, devices, rate, seconds = sys.argv[1:10]
-    sent = asyncio.run(run(host, int(port), username, password, tenant, prefix, int(devices),
-                           float(rate), float(seconds)))
-    print(sent, flush=True)
+    print(run(host, int(port), username, password, tenant, prefix, int(devices), float(rate),
+              float(seconds)), flush=True)
     return 0
 
 
