@@ -39,6 +39,9 @@ class InboundMessage:
     payload: bytes
     received_at: datetime
     connection: int = 0
+    #: Why the MQTT codec could not read the packet (raw_publish.py), if it could not: the
+    #: message is then only kept as a dead letter.
+    unreadable: tuple[RejectReason, str] | None = None
 
     @property
     def receipt(self) -> Receipt:
@@ -133,6 +136,8 @@ def _parse_topic(topic: str) -> ParsedTopic | str:
 def classify(message: InboundMessage, tenant: str, max_payload_bytes: int,
              window: StoredWindow = DEFAULT_WINDOW) -> Outcome:
     """Decide what one message becomes; never raises for anything a device can send."""
+    if message.unreadable is not None:
+        return dead_letter(message, *message.unreadable)
     parsed = _parse_topic(message.topic)
     if isinstance(parsed, str):
         return dead_letter(message, RejectReason.BAD_TOPIC, parsed)

@@ -32,7 +32,9 @@ from datetime import UTC, datetime
 
 import mqtt5
 
+from kubiot_contract.telemetry import RejectReason
 from kubiot_ingest.config import IngestSettings
+from kubiot_ingest.raw_publish import NotAPublish, RawPublish, read_raw_publish
 from kubiot_ingest.records import InboundMessage, Receipt
 
 log = logging.getLogger(__name__)
@@ -231,13 +233,18 @@ class Subscriber:
 
     # --- messages ------------------------------------------------------------------------
 
-    def deliver(self, connection: _BrokerConnection, message: mqtt5.PublishPacket,
+    def deliver(self, connection: _BrokerConnection, message: mqtt5.PublishPacket | RawPublish,
                 received_at: datetime) -> None:
         if not self._taking or connection is not self._live:
             return  # left unacknowledged: the broker delivers it again to this session
         # A QoS 0 message needs no acknowledgement: packet id 0 is never acknowledged.
-        self.inbox.put(InboundMessage(message.packet_id or 0, message.topic, message.payload,
-                                      received_at, connection.number))
+        if isinstance(message, RawPublish):
+            self.inbox.put(InboundMessage(
+                message.packet_id, message.topic_text, message.payload, received_at,
+                connection.number, unreadable=_why_unreadable(message)))
+        else:
+            self.inbox.put(InboundMessage(message.packet_id or 0, message.topic,
+                                          message.payload, received_at, connection.number))
         if self.inbox.full:
             connection.pause_reading()
 
@@ -376,23 +383,35 @@ class _BrokerConnection(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         used = 0
-        packets = []
+        packets: list[object] = []
         with memoryview(buffer) as view:
             while used < len(buffer):
                 try:
-                    packet, size = mqtt5.read(view[used:])
+                    decoded, size = mqtt5.read(view[used:])
                 except IndexError:
                     break  # the rest of the packet is still on its way
-                except Exception as exc:
-                    self._fail(f"the broker sent a malformed packet ({exc})")
-                    return
-                packets.append(packet)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # the codec panics (a BaseException) on bad UTF-8
+                    try:
+                        raw, size = read_raw_publish(view[used:])
+                    except IndexError:
+                        break
+                    except NotAPublish as why:
+                        self._fail(f"the broker sent a malformed packet ({exc}; {why})")
+                        return
+                    log.warning("the MQTT codec could not read a PUBLISH on %r (%s: %s); it "
+                                "is kept as a dead letter", raw.topic_text,
+                                type(exc).__name__, exc)
+                    packets.append(raw)
+                else:
+                    packets.append(decoded)
                 used += size
         del buffer[:used]
         subscriber = self.subscriber
         received_at = datetime.now(UTC)  # one read, one arrival time for all it held
         for packet in packets:
-            if isinstance(packet, mqtt5.PublishPacket):
+            if isinstance(packet, mqtt5.PublishPacket | RawPublish):
                 subscriber.deliver(self, packet, received_at)
             elif isinstance(packet, mqtt5.ConnAckPacket):
                 subscriber.connection_accepted(self, packet)
@@ -438,6 +457,12 @@ class _BrokerConnection(asyncio.Protocol):
                 continue
             self._ping_sent_at = now
             self.send(mqtt5.PingReqPacket().write())
+
+
+def _why_unreadable(message: RawPublish) -> tuple[RejectReason, str]:
+    if not message.topic_is_utf8:
+        return RejectReason.BAD_TOPIC, "the topic is not valid UTF-8"
+    return RejectReason.BAD_SCHEMA, "the MQTT properties are not valid (a string not in UTF-8?)"
 
 
 def _following(packet_id: int) -> int:

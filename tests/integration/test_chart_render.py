@@ -302,6 +302,15 @@ def test_optional_subcharts_are_declared_off_by_default() -> None:
     assert dependencies["kubiot"]["version"] == kubiot_chart["version"]
 
 
+def test_the_platforms_emqx_binds_sessions_to_certificates_and_refuses_malformed_packets(
+        ) -> None:
+    emqx = yaml.safe_load((PLATFORM_CHART / "values.yaml").read_text())["emqx"]["emqxConfig"]
+    assert emqx["EMQX_MQTT__PEER_CERT_AS_USERNAME"] == emqx["EMQX_MQTT__PEER_CERT_AS_CLIENTID"] \
+        == "cn"
+    assert emqx["EMQX_MQTT__STRICT_MODE"] == "true"  # a topic that is not UTF-8 is refused
+    assert emqx["EMQX_AUTHORIZATION__NO_MATCH"] == "deny"
+
+
 def test_no_role_beyond_the_cluster_role(default_objects: list[dict[str, Any]]) -> None:
     """The operator's Secrets are read and written by name, never listed or watched: the
     ClusterRole covers its own namespace too."""

@@ -26,9 +26,10 @@ def remaining_length(value: int) -> bytes:
             return bytes(encoded)
 
 
-def publish_packet(mid: int, topic: str, payload: bytes, qos: int = 1) -> bytes:
-    """An MQTT 5 PUBLISH as a broker sends it (no properties)."""
-    name = topic.encode()
+def publish_packet(mid: int, topic: str | bytes, payload: bytes, qos: int = 1) -> bytes:
+    """An MQTT 5 PUBLISH as a broker sends it (no properties); a topic given as bytes is sent
+    as it is, UTF-8 or not."""
+    name = topic if isinstance(topic, bytes) else topic.encode()
     body = len(name).to_bytes(2, "big") + name
     body += (mid.to_bytes(2, "big") if qos else b"") + b"\x00" + payload
     return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body

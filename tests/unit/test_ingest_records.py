@@ -168,6 +168,18 @@ def test_dead_letter_text_is_always_storable() -> None:
     assert storable_text("a\x00b\udc80") == "a\ufffdb?"
 
 
+def test_a_message_the_codec_could_not_read_is_a_dead_letter_whatever_it_holds() -> None:
+    # Its topic (as text) and payload would make rows: the reason it was unreadable wins.
+    unreadable = InboundMessage(4, "acme/devices/pump-1/telemetry", b'{"ts":1,"values":{"a":1}}',
+                                RECEIVED, unreadable=(RejectReason.BAD_TOPIC,
+                                                      "the topic is not valid UTF-8"))
+    outcome = classify(unreadable, "acme", 4096)
+    assert isinstance(outcome, DeadLetter)
+    assert (outcome.reason, outcome.detail) == (RejectReason.BAD_TOPIC,
+                                                "the topic is not valid UTF-8")
+    assert outcome.payload == unreadable.payload
+
+
 WINDOW = StoredWindow(retention=timedelta(days=30), max_future_skew=timedelta(minutes=10))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kubiot_contract.telemetry import RejectReason
 from kubiot_ingest.config import IngestSettings
 from kubiot_ingest.records import InboundMessage
 from kubiot_ingest.subscriber import Inbox, Subscriber
@@ -113,6 +114,29 @@ async def test_messages_arrive_in_order_and_a_batch_is_acknowledged() -> None:
         await broker.wait_for("acks", 3)
         assert broker.acks == [(1, 1), (1, 2), (1, 3)]
     assert states[0] is True
+
+
+# The codec's panic leaves the UnicodeDecodeError it came from unraisable.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_publish_the_codec_cannot_read_is_taken_and_acknowledged_not_fatal() -> None:
+    # A broker that does not check UTF-8 passes on a device's `telemetry/<bytes>`: dropping
+    # the connection would have the broker send it again on the next one, for ever.
+    inbox, states = Inbox(100), []
+    bad_topic = b"acme/devices/pump-1/telemetry/\xff\xfe"
+    async with wire_broker() as broker, subscribed(broker, inbox, states) as subscriber:
+        broker.send(publish_packet(1, TOPIC, b"{}") + publish_packet(2, bad_topic, b"\x00raw")
+                    + publish_packet(3, TOPIC, b"[]"))
+        messages = await taken(inbox, 3)
+        assert [(m.mid, m.topic, m.payload) for m in messages] == [
+            (1, TOPIC, b"{}"), (2, "acme/devices/pump-1/telemetry/\\xff\\xfe", b"\x00raw"),
+            (3, TOPIC, b"[]")]
+        assert [m.unreadable for m in messages] == [
+            None, (RejectReason.BAD_TOPIC, "the topic is not valid UTF-8"), None]
+        assert subscriber.ack([m.receipt for m in messages]) == 3
+        await broker.wait_for("acks", 3)
+        assert broker.acks == [(1, 1), (1, 2), (1, 3)]
+        assert broker.connections == 1
+    assert states == [True, False]
 
 
 async def test_an_ack_goes_only_to_the_connection_the_message_came_on() -> None:
