@@ -144,9 +144,11 @@ async def test_a_canary_that_goes_silent_after_the_update_aborts_and_rolls_back(
 
     gate = status["healthGate"]
     assert (gate["state"], gate["failedGate"], gate["checked"]) == ("Failed", "Telemetry", CANARY)
+    # With a failure budget of 0 the first silent canary aborts the release: the other one may
+    # not have fallen silent yet, so the gate names one or both.
     named = {d["name"] for d in gate["devices"]}
-    assert named == set(canary) and all(d["gate"] == "Telemetry" and "silent" in d["message"]
-                         for d in gate["devices"])
+    assert named and named <= set(canary), named
+    assert all(d["gate"] == "Telemetry" and "silent" in d["message"] for d in gate["devices"])
     ready = condition({"status": status}, "Ready")
     assert ready["reason"] == "HealthGateFailed"
     assert all(name in ready["message"] for name in named)
