@@ -23,17 +23,19 @@ import socket
 import sys
 import time
 from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mqtt5
 
 from kubiot_contract.topics import device_root
+from tests.support.mqtt_wire import publish_packet
 
 TICK_S = 0.005
 CONNECT_TIMEOUT_S = 10.0
 #: How long the last acknowledgements may take once everything is sent.
 SETTLE_TIMEOUT_S = 60.0
-PUBLISH_QOS1 = 0x32
-PUBACK = 4
 #: Reason codes from 0x80 up say a request failed (MQTT 5, 2.4).
 REFUSED = 0x80
 
@@ -44,51 +46,12 @@ def payload(seq: int, ts: float) -> bytes:
             % (ts, seq, 20 + (seq % 100) / 10, 40 + seq % 20))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def publish_packet(topic: bytes, packet_id: int, body: bytes) -> bytes:
-    """A QoS 1 PUBLISH without properties (MQTT 5, 3.3), `topic` already length-prefixed."""
-    rest = topic + packet_id.to_bytes(2, "big") + b"\x00" + body
-    return bytes([PUBLISH_QOS1]) + _varint(len(rest)) + rest
-
-
-def split_packets(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
-    """The whole packets at the start of `buffer` as (type, variable header and payload), and
-    what is left of a packet still on its way."""
-    packets = []
-    at = 0
-    while at + 2 <= len(buffer):
-        length, shift, cursor = 0, 0, at + 1
-        while cursor < len(buffer):
-            byte = buffer[cursor]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            cursor += 1
-            if not byte & 0x80:
-                break
-        else:
-            break  # the length itself is not all here yet
-        if cursor + length > len(buffer):
-            break
-        packets.append((buffer[at] >> 4, buffer[cursor:cursor + length]))
-        at = cursor + length
-    return packets, buffer[at:]
-
-
 class Device:
     """One device's connection: sends what the receive maximum allows, counts PUBACKs."""
 
     def __init__(self, host: str, port: int, client_id: str, username: str, password: str,
                  topic: str) -> None:
-        encoded = topic.encode()
-        self.topic = len(encoded).to_bytes(2, "big") + encoded
+        self.topic = topic
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(mqtt5.ConnectPacket(client_id=client_id, username=username,
@@ -133,13 +96,20 @@ class Device:
                 raise ConnectionError(f"the broker closed the connection with {self.in_flight} "
                                       "messages unacknowledged")
             self._buffer += chunk
-        packets, self._buffer = split_packets(self._buffer)
-        for kind, rest in packets:
-            if kind != PUBACK:
-                raise ConnectionError(f"unexpected packet of type {kind} from the broker")
-            self.in_flight -= 1
-            if len(rest) > 2 and rest[2] >= REFUSED:
-                self.refused += 1
+        used = 0
+        with memoryview(self._buffer) as view:
+            while used < len(self._buffer):
+                try:
+                    packet, size = mqtt5.read(view[used:])
+                except IndexError:
+                    break  # the rest of the packet is still on its way
+                if not isinstance(packet, mqtt5.PubAckPacket):
+                    raise ConnectionError(f"unexpected packet from the broker: {packet!r}")
+                used += size
+                self.in_flight -= 1
+                if int(packet.reason_code) >= REFUSED:
+                    self.refused += 1
+        self._buffer = self._buffer[used:]
 
     @property
     def unsent(self) -> int:
@@ -149,7 +119,7 @@ class Device:
         """Send what the receive maximum allows, in one write."""
         out = []
         while self.waiting and self.in_flight < self.receive_max:
-            out.append(publish_packet(self.topic, self._next_id, self.waiting.popleft()))
+            out.append(publish_packet(self._next_id, self.topic, self.waiting.popleft()))
             self._next_id = self._next_id % 65535 + 1
             self.in_flight += 1
         if out:
