@@ -1,6 +1,7 @@
 """Ingest throughput, latency and memory, beside a row-per-message baseline and the broker.
 
     .venv/bin/python bench/bench_ingest.py [--seconds N] [--publishers P] [--live-devices D]
+                                           [--rounds R]
 
 Starts its own PostgreSQL and Mosquitto on free loopback ports, and `mosquitto_pub -l`
 publisher processes sending QoS 1 telemetry for the backlogs (one device each, three metrics
@@ -8,15 +9,21 @@ per message).
 
 Each consumer has a persistent session; while it is away, the publishers fill the broker with
 a backlog of the same size for each, then the consumer is started and timed while it takes
-the backlog, so that only the broker, the consumer and PostgreSQL share the machine:
+the backlog, so that only the broker, the consumer and PostgreSQL share the machine. Once a
+consumer is timed its session is ended, so that the broker does not go on queueing what the
+later phases publish for a client that is gone:
   1. the broker ceiling: how fast a plain `mosquitto_sub` receives the backlog;
   2. the baseline: a subscriber inserting one row per message with asyncpg;
   3. kubiot-ingest: messages per second committed to PostgreSQL (and acknowledged), watched
      through the primary key on one connection (counting the rows would load the server);
-while (3) runs, the CPU time each party spends per message: the ingest process's event-loop
-thread and its other threads, its PostgreSQL backend, and the broker; then, live:
+(1) and (3) are taken in turns, `--rounds` times (2 by default), each round with a new
+backlog and a new ingest process, and the ratio of (3) to (1) is the mean of each round's:
+a machine that is faster in one round than in the next moves both sides of a ratio together.
+While (3) runs, the CPU time each party spends per message: the ingest process's event-loop
+thread and its other threads, its PostgreSQL backend, and the broker; then, on the last
+round's ingest process, live:
   4. end-to-end latency (device timestamp to row written) with devices sending at half of
-     (3), live: bench/paced_publisher.py, 30 devices by default, each stamping its samples
+     (3), live: bench/paced_publisher.py, 10 devices by default, each stamping its samples
      just before it publishes them (its docstring says why it is not `mosquitto_pub -l`);
   5. the ingest process's peak RSS over the whole run;
 then, without MQTT, in this process, on messages built like the published ones:
@@ -87,6 +94,9 @@ from tests.support.mqtt_wire import WireBroker, publish_packet  # noqa: E402
 TENANT = "bench"
 SCHEMA = "tenant_bench"
 METRICS_PER_MESSAGE = 3
+#: The ingest's batch age limit here (the service's default is 200 ms): a backlog fills its
+#: batches by size long before, and live, half of it is the typical wait of a message.
+BATCH_MAX_DELAY_MS = 50
 MIN_CPU_WINDOW_S = 1.0
 #: What (8) evaluates: every rule kind, on every numeric metric of the published messages.
 BENCH_RULES = AnomalyRules(
@@ -98,9 +108,10 @@ BENCH_RULES = AnomalyRules(
 
 @dataclass
 class Figures:
-    ceiling: float = 0.0
+    #: The broker's ceiling and the ingest's rate of each round, taken in turns.
+    ceilings: list[float] = field(default_factory=list)
+    ingest_rates: list[float] = field(default_factory=list)
     baseline: float = 0.0
-    ingest: float = 0.0
     latency_rate: float = 0.0
     latency_sent: int = 0
     p50_ms: float = 0.0
@@ -123,11 +134,27 @@ class Figures:
     batches: tuple[float, float, float] = (0.0, 0.0, 0.0)
     db_batches: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
+    @property
+    def ceiling(self) -> float:
+        return sum(self.ceilings) / len(self.ceilings) if self.ceilings else 0.0
+
+    @property
+    def ingest(self) -> float:
+        return sum(self.ingest_rates) / len(self.ingest_rates) if self.ingest_rates else 0.0
+
+    @property
+    def share(self) -> float:
+        """Ingest ÷ broker ceiling: the mean of each round's ratio, so that a machine that is
+        faster in one round than in another moves both sides of a ratio together."""
+        pairs = zip(self.ingest_rates, self.ceilings, strict=True)
+        ratios = [rate / ceiling for rate, ceiling in pairs if ceiling]
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
 
 def ingest_env(access: BrokerAccess, dsn: str) -> dict[str, str]:
     """The ingest's configuration in every stage that runs the product's code."""
-    return ingest_environment(TENANT, access, dsn, BATCH_SIZE=5000, BATCH_MAX_DELAY_MS=100,
-                              LOG_LEVEL="WARNING")
+    return ingest_environment(TENANT, access, dsn, BATCH_SIZE=5000,
+                              BATCH_MAX_DELAY_MS=BATCH_MAX_DELAY_MS, LOG_LEVEL="WARNING")
 
 
 def payload_line(seq: int, ts: float) -> bytes:
@@ -267,6 +294,26 @@ def persistent_subscription(access: BrokerAccess, admin: tuple[str, str], client
         client.loop_stop()
 
 
+def end_session(access: BrokerAccess, login: tuple[str, str], client_id: str) -> None:
+    """Take over a consumer's session with a clean start and no expiry, and leave: the broker
+    forgets it, and stops queueing what later phases publish for a client that is gone."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.username_pw_set(*login)
+    client.on_connect = lambda *_: connected.set()
+    client.connect(access.host, access.port, clean_start=True)
+    client.loop_start()
+    try:
+        if not connected.wait(30):
+            raise RuntimeError(f"no CONNACK for {client_id}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def broker_ceiling(access: BrokerAccess, admin: tuple[str, str], publishers: int,
                    total: int, timeout: float) -> float:
     args = ["mosquitto_sub", "-h", access.host, "-p", str(access.port), "-V", "mqttv5",
@@ -289,6 +336,7 @@ def broker_ceiling(access: BrokerAccess, admin: tuple[str, str], publishers: int
     finally:
         sub.send_signal(signal.SIGTERM)
         sub.wait(10)
+        end_session(access, admin, "bench-ceiling")
 
 
 # --- 2. the baseline: one INSERT per message ---------------------------------------------------
@@ -347,6 +395,7 @@ def baseline(access: BrokerAccess, admin: tuple[str, str], dsn: str, publishers:
         watcher.close()
         worker.kill()
         worker.wait()
+        end_session(access, admin, "bench-baseline")
 
 
 # --- 3-5. kubiot-ingest ------------------------------------------------------------------------
@@ -371,8 +420,8 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def committed_messages(watcher: Watcher, publishers: int, total: int) -> float:
-    """Messages of the `peak` backlog committed so far.
+def committed_messages(watcher: Watcher, prefix: str, publishers: int, total: int) -> float:
+    """Messages of a backlog committed so far.
 
     Counting rows would cost the server more than the writes it watches, so this looks up the
     newest sample of each device through the primary key instead: a device's messages are
@@ -383,7 +432,7 @@ def committed_messages(watcher: Watcher, publishers: int, total: int) -> float:
     for index in range(publishers):
         newest = watcher.fetchval(
             f"SELECT seq FROM {SCHEMA}.telemetry WHERE device = $1 AND metric = 'temp' "
-            "AND stream = '' ORDER BY time DESC, seq DESC LIMIT 1", f"peak-{index}")
+            "AND stream = '' ORDER BY time DESC, seq DESC LIMIT 1", f"{prefix}-{index}")
         if newest is not None:
             committed += newest - index * per + 1
     return committed
@@ -464,54 +513,87 @@ def paced_publishers(access: BrokerAccess, devices: int, rate: float, seconds: f
 
 def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
                    seconds: float, live_devices: int, workdir: Path, figures: Figures,
-                   broker_pid: int | None) -> None:
+                   broker_pid: int | None, ceiling: Callable[[], float], rounds: int) -> None:
+    """(1) and (3) in turns, `rounds` times, then (4) and (5) on the last round's process."""
     prepare_latency_column(dsn)
     env = ingest_env(access, dsn)
-    first = IngestProcess(env, workdir / "ingest-first.log").start()
-    try:
-        wait_ready(first)
-        first.terminate()
-    finally:
-        first.stop()
-    publish_backlog(access, publishers, "peak", total)
-    process = IngestProcess(env, workdir / "ingest.log").start()
+    for round_ in range(1, rounds + 1):
+        # While no ingest session exists, so that it does not queue the ceiling's backlog too.
+        figures.ceilings.append(ceiling())
+        print(f"  round {round_}: broker ceiling (mosquitto_sub) {figures.ceilings[-1]:10.0f} "
+              "msg/s", flush=True)
+        # A first visit leaves the ingest's session and shared subscription at the broker.
+        first = IngestProcess(env, workdir / f"ingest-{round_}-first.log").start()
+        try:
+            wait_ready(first)
+            assert first.terminate() == 0
+        finally:
+            first.stop()
+        process = ingest_round(env, access, dsn, publishers, total, f"peak{round_}",
+                               workdir / f"ingest-{round_}.log", figures, broker_pid)
+        print(f"  round {round_}: kubiot-ingest (committed + acked) "
+              f"{figures.ingest_rates[-1]:10.0f} msg/s", flush=True)
+        try:
+            assert process.process is not None
+            figures.rss_mb = max(figures.rss_mb, peak_rss_mb(process.process.pid))
+            if round_ == rounds:
+                latency_figures(access, dsn, process, seconds, live_devices, figures)
+            assert process.terminate() == 0
+        finally:
+            process.stop()
+        settings = load_settings(env)
+        end_session(access, (access.ingest_username, access.ingest_password),
+                    settings.mqtt_client_id)
+
+
+def ingest_round(env: dict[str, str], access: BrokerAccess, dsn: str, publishers: int,
+                 total: int, prefix: str, log: Path, figures: Figures,
+                 broker_pid: int | None) -> IngestProcess:
+    """(3): a backlog queued in the ingest's session while it was away, taken by a new
+    process; returns the process, still running."""
+    publish_backlog(access, publishers, prefix, total)
+    process = IngestProcess(env, log).start()
     try:
         assert process.process is not None
         watcher = Watcher(dsn)
         probe = CpuProbe(process.process.pid, broker_pid, watcher)
         try:
-            figures.ingest = drain_rate(lambda: committed_messages(watcher, publishers, total),
-                                        total, 120, probe)
+            figures.ingest_rates.append(drain_rate(
+                lambda: committed_messages(watcher, prefix, publishers, total), total, 120,
+                probe))
         finally:
             watcher.close()
-        figures.cpu = probe.per_message()
+        figures.cpu = probe.per_message() or figures.cpu
         figures.batches = batch_figures(process.metrics_url)
         stored = db_count(dsn, f"SELECT count(*) FROM {SCHEMA}.telemetry "
-                               "WHERE device LIKE 'peak-%'")
+                               f"WHERE device LIKE '{prefix}-%'")
         assert stored == total * METRICS_PER_MESSAGE, f"{stored} rows for {total} messages"
-        figures.latency_rate = figures.ingest / 2
-        figures.latency_sent = paced_publishers(access, live_devices, figures.latency_rate,
-                                                seconds)
-        drain(dsn, f"SELECT count(*) FROM {SCHEMA}.telemetry", quiet_for=2.0)
-
-        async def quantiles() -> tuple[float, float, int]:
-            conn = await asyncpg.connect(dsn)
-            try:
-                row = await conn.fetchrow(
-                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
-                    "percentile_cont(0.99) WITHIN GROUP (ORDER BY d), count(*) FROM ("
-                    " SELECT extract(epoch FROM written_at - time) * 1000 AS d"
-                    f" FROM {SCHEMA}.telemetry WHERE device LIKE 'latency-%'"
-                    " AND metric = 'temp') AS lat")
-                return float(row[0]), float(row[1]), int(row[2])
-            finally:
-                await conn.close()
-        figures.p50_ms, figures.p99_ms, figures.latency_samples = asyncio.run(quantiles())
-        assert process.process is not None
-        figures.rss_mb = peak_rss_mb(process.process.pid)
-        assert process.terminate() == 0
-    finally:
+    except BaseException:
         process.stop()
+        raise
+    return process
+
+
+def latency_figures(access: BrokerAccess, dsn: str, process: IngestProcess, seconds: float,
+                    live_devices: int, figures: Figures) -> None:
+    """(4): devices sending live at half the ingest's mean rate, to the running process."""
+    figures.latency_rate = figures.ingest / 2
+    figures.latency_sent = paced_publishers(access, live_devices, figures.latency_rate, seconds)
+    drain(dsn, f"SELECT count(*) FROM {SCHEMA}.telemetry", quiet_for=2.0)
+
+    async def quantiles() -> tuple[float, float, int]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            row = await conn.fetchrow(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
+                "percentile_cont(0.99) WITHIN GROUP (ORDER BY d), count(*) FROM ("
+                " SELECT extract(epoch FROM written_at - time) * 1000 AS d"
+                f" FROM {SCHEMA}.telemetry WHERE device LIKE 'latency-%'"
+                " AND metric = 'temp') AS lat")
+            return float(row[0]), float(row[1]), int(row[2])
+        finally:
+            await conn.close()
+    figures.p50_ms, figures.p99_ms, figures.latency_samples = asyncio.run(quantiles())
 
 
 def wait_ready(process: IngestProcess, timeout: float = 30) -> None:
@@ -764,8 +846,10 @@ def main() -> int:
                         help="backlog per consumer (the broker queues at most 100000)")
     parser.add_argument("--publishers", type=int, default=3,
                         help="publisher processes filling the backlogs")
-    parser.add_argument("--live-devices", type=int, default=30,
+    parser.add_argument("--live-devices", type=int, default=10,
                         help="devices (connections) sending the live phase's messages")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times the broker ceiling and the ingest are measured, in turns")
     parser.add_argument("--baseline-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -780,14 +864,18 @@ def main() -> int:
         admin = (broker.config.admin_username, broker.config.admin_password)
         print(f"backlog {total} QoS 1 messages x 3 metrics from {args.publishers} publisher "
               f"processes; PostgreSQL with fsync on; {os.cpu_count()} CPUs", flush=True)
-        figures.ceiling = broker_ceiling(access, admin, args.publishers, total, args.seconds)
-        print(f"  broker ceiling (mosquitto_sub)      {figures.ceiling:10.0f} msg/s", flush=True)
         figures.baseline = baseline(access, admin, pg.dsn, args.publishers, total, args.seconds)
         print(f"  baseline (INSERT per message)       {figures.baseline:10.0f} msg/s", flush=True)
         ingest_figures(access, pg.dsn, args.publishers, total, args.seconds, args.live_devices,
-                       workdir, figures, broker.pid)
+                       workdir, figures, broker.pid,
+                       lambda: broker_ceiling(access, admin, args.publishers, total,
+                                              args.seconds),
+                       max(1, args.rounds))
+        print(f"  broker ceiling (mosquitto_sub)      {figures.ceiling:10.0f} msg/s "
+              "(mean of the rounds)", flush=True)
         print(f"  kubiot-ingest (committed + acked)   {figures.ingest:10.0f} msg/s "
-              f"({figures.ingest * METRICS_PER_MESSAGE:.0f} rows/s)", flush=True)
+              f"({figures.ingest * METRICS_PER_MESSAGE:.0f} rows/s; mean of the rounds)",
+              flush=True)
         database_figures(access, pg.dsn, args.publishers, total, figures)
     print(f"  database ceiling (sink, no MQTT)    {figures.db_ceiling:10.0f} msg/s "
           f"({figures.db_rows:.0f} rows/s)")
@@ -798,7 +886,7 @@ def main() -> int:
           f"({figures.latency_samples} of {figures.latency_sent} messages stored)")
     print(f"  ingest peak RSS                     {figures.rss_mb:10.1f} MB")
     ratio = figures.ingest / figures.baseline if figures.baseline else float("inf")
-    share = figures.ingest / figures.ceiling if figures.ceiling else 0.0
+    share = figures.share
     db_share = figures.ingest / figures.db_ceiling if figures.db_ceiling else 0.0
     sink_share = figures.db_ceiling / figures.raw_copy if figures.raw_copy else 0.0
     print_breakdown(figures)

@@ -11,10 +11,14 @@ messages sent once every one of them is acknowledged, and fails if the broker re
 Why not `mosquitto_pub -l`: a device sending thousands of messages a second through a window
 of 20 (Mosquitto's receive maximum) turns into one round trip per PUBACK, and the publisher's
 and the broker's cost of that ping-pong, on the two CPUs the ingest and PostgreSQL share,
-outweighs the ingest's own. Spreading the same rate over enough devices that the window never
-fills, writing each tick's messages in one go, and reading the acknowledgements once a tick
-(plain sockets, one process, asleep between ticks) leaves the broker and the ingest the same
-messages to handle while the devices themselves cost the machine little.
+outweighs the ingest's own. Spreading the same rate over enough devices that one tick's
+messages fit in the window, writing each tick's messages in one go, and reading the
+acknowledgements once a tick (plain sockets, one process, asleep between ticks) leaves the
+broker and the ingest the same messages to handle while the devices themselves cost the
+machine little. Each device costs two system calls a tick whatever it sends, so more devices
+than that cost more: at 15,000 msg/s against a bare broker this process measured 20 µs of CPU
+a message with 30 devices, 14 µs with 10 and 9 µs with 5 (where a tick's 15 messages per
+device come close to Mosquitto's window of 20). bench_ingest.py runs 10.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ def test_the_ingest_benchmark_runs_and_reports_its_figures() -> None:
     ingest = figure("kubiot-ingest (committed + acked)")
     baseline = figure("baseline (INSERT per message)")
     assert figure("broker ceiling (mosquitto_sub)") > 0
+    # The broker and the ingest are measured in turns, twice each.
+    assert re.findall(r"round (\d): broker ceiling.*\n.*round \1: kubiot-ingest", out) == \
+        ["1", "2"], out
     assert ingest > baseline > 0
     assert figure("ingest peak RSS") > 0
     assert re.search(r"p50 \d+ ms, p99 \d+ ms \((\d+) of \1 messages stored\)", out), out
