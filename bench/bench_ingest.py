@@ -56,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,49 +269,51 @@ def drain_rate(count: Callable[[], float], total: float, timeout: float,
 
 # --- 1. the broker ceiling ---------------------------------------------------------------------
 
-def persistent_subscription(access: BrokerAccess, admin: tuple[str, str], client_id: str,
-                            topic_filter: str) -> None:
-    """Create a session that outlives its connection, subscribed, and wait for the SUBACK."""
+@contextlib.contextmanager
+def mqtt_session(access: BrokerAccess, login: tuple[str, str], client_id: str,
+                 expiry_s: int) -> Iterator[Any]:
+    """A paho client connected with a clean start and this session expiry (0: the session
+    ends with the connection), once the broker has answered; disconnected on leaving."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    subscribed = threading.Event()
+    connected = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(*admin)
-    client.on_subscribe = lambda *_: subscribed.set()
-    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = 3600
+    client.username_pw_set(*login)
+    client.on_connect = lambda *_: connected.set()
+    properties = None
+    if expiry_s:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = expiry_s
     client.connect(access.host, access.port, clean_start=True, properties=properties)
     client.loop_start()
     try:
-        client.subscribe(topic_filter, qos=1)
-        if not subscribed.wait(30):
-            raise RuntimeError(f"no SUBACK for {topic_filter}")
+        if not connected.wait(30):
+            raise RuntimeError(f"no CONNACK for {client_id}")
+        yield client
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def persistent_subscription(access: BrokerAccess, admin: tuple[str, str], client_id: str,
+                            topic_filter: str) -> None:
+    """Create a session that outlives its connection, subscribed, and wait for the SUBACK."""
+    subscribed = threading.Event()
+    with mqtt_session(access, admin, client_id, expiry_s=3600) as client:
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(30):
+            raise RuntimeError(f"no SUBACK for {topic_filter}")
 
 
 def end_session(access: BrokerAccess, login: tuple[str, str], client_id: str) -> None:
     """Take over a consumer's session with a clean start and no expiry, and leave: the broker
     forgets it, and stops queueing what later phases publish for a client that is gone."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    connected = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(*login)
-    client.on_connect = lambda *_: connected.set()
-    client.connect(access.host, access.port, clean_start=True)
-    client.loop_start()
-    try:
-        if not connected.wait(30):
-            raise RuntimeError(f"no CONNACK for {client_id}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    with mqtt_session(access, login, client_id, expiry_s=0):
+        pass
 
 
 def broker_ceiling(access: BrokerAccess, admin: tuple[str, str], publishers: int,
@@ -517,6 +519,8 @@ def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
     """(1) and (3) in turns, `rounds` times, then (4) and (5) on the last round's process."""
     prepare_latency_column(dsn)
     env = ingest_env(access, dsn)
+    ingest_login = (access.ingest_username, access.ingest_password)
+    ingest_client_id = load_settings(env).mqtt_client_id
     for round_ in range(1, rounds + 1):
         # While no ingest session exists, so that it does not queue the ceiling's backlog too.
         figures.ceilings.append(ceiling())
@@ -541,9 +545,7 @@ def ingest_figures(access: BrokerAccess, dsn: str, publishers: int, total: int,
             assert process.terminate() == 0
         finally:
             process.stop()
-        settings = load_settings(env)
-        end_session(access, (access.ingest_username, access.ingest_password),
-                    settings.mqtt_client_id)
+        end_session(access, ingest_login, ingest_client_id)
 
 
 def ingest_round(env: dict[str, str], access: BrokerAccess, dsn: str, publishers: int,

@@ -56,9 +56,9 @@ def export_bundle(secret: dict[str, Any], folder: Path) -> Path:
     for name in BUNDLE_FILES:
         if name in files:
             _link(folder / name, f"{DATA_LINK}/{name}")
-        elif (folder / name).is_symlink() or (folder / name).exists():
+        elif os.path.lexists(folder / name):
             (folder / name).unlink()
-    if previous is not None and previous != version:
+    if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     return folder
 
@@ -82,12 +82,13 @@ def _current_files(folder: Path, attempts: int = 5) -> dict[str, bytes]:
             # A folder written before bundles had versions: its files are plain files.
             return _files_in(folder)
         try:
-            files = _files_in(version, strict=True)
+            files = _files_in(version)
         except FileNotFoundError:
             continue
+        # A version is removed only once `..data` points past it: if the link has not moved,
+        # nothing was removed while it was read.
         if _version_of(folder) == version:
             return files
-        # Replaced by a newer version while being read, and perhaps removed half-way.
     raise FileNotFoundError(f"the bundle in {folder} kept changing while it was read")
 
 
@@ -98,9 +99,7 @@ def _version_of(folder: Path) -> Path | None:
         return None
 
 
-def _files_in(folder: Path, *, strict: bool = False) -> dict[str, bytes]:
-    if strict and not folder.is_dir():
-        raise FileNotFoundError(folder)
+def _files_in(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in BUNDLE_FILES
             if (folder / name).is_file()}
 
